@@ -1,5 +1,7 @@
 //! The chart's example objects and the report wire type round-trip through the Rust types.
 
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
 use std::{fs, path::Path};
 
 use portsentry_crds::{

@@ -1,5 +1,7 @@
 //! Durations and source prefixes: Go/Kubernetes syntax in, the same syntax out.
 
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
 use std::time::Duration as Std;
 
 use portsentry_crds::{Duration, SourcePrefix};
