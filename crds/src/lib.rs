@@ -21,7 +21,9 @@ pub use policy::{
     Detection, Enforcement, Escalation, PolicyRules, PolicyStatus, PortSentryPolicy,
     PortSentryPolicySpec, Response, WebhookTarget,
 };
-pub use ports::{PORT_RANGE_RULE, PortError, PortRange, expand, parse_port_list};
+pub use ports::{
+    PORT_RANGE_PATTERN, PORT_RANGE_RULE, PortError, PortRange, expand, parse_port_list,
+};
 pub use presets::Preset;
 
 /// The API group of every portsentry-k8s resource.

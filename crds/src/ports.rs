@@ -153,12 +153,32 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
-/// CEL rule applied by the API server to each item: an integer 1-65535, or a string that is
-/// one such number or an ordered range `low-high`.
-pub const PORT_RANGE_RULE: &str = "type(self) == int ? (self >= 1 && self <= 65535) : \
-(self.matches('^[0-9]{1,5}(-[0-9]{1,5})?$') && int(self.split('-')[0]) >= 1 && \
-int(self.split('-')[size(self.split('-')) - 1]) <= 65535 && \
-int(self.split('-')[0]) <= int(self.split('-')[size(self.split('-')) - 1]))";
+/// A port 1-65535 without leading zeros, as a regular expression fragment.
+macro_rules! port_regex {
+    () => {
+        "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+    };
+}
+
+/// Schema pattern for the string form: one port or a range `low-high`, each 1-65535 without
+/// leading zeros.
+pub const PORT_RANGE_PATTERN: &str = concat!("^", port_regex!(), "(-", port_regex!(), ")?$");
+
+/// CEL rule applied by the API server to each item: a range `low-high` must have low <= high.
+///
+/// Format and bounds are checked by the schema (`minimum`/`maximum` for numbers,
+/// [`PORT_RANGE_PATTERN`] for strings), because the API server sizes an int-or-string
+/// value as if it could be the whole request (~3 MiB): any CEL string function on it
+/// (`matches`, `split`, even `==` on `type(self)`) is estimated at ~300k per item, and
+/// 1024 items blow the per-rule cost budget. So this rule only uses constant-cost
+/// operations: `type(self) in [int]`, `size`, `charAt` and `int` of one character. It
+/// finds the `-` at index `d`, and compares the two halves by length, then digit by digit
+/// (the pattern forbids leading zeros, so a shorter number is a smaller one).
+pub const PORT_RANGE_RULE: &str = "type(self) in [int] || [1, 2, 3, 4, 5].all(d, \
+d >= size(self) || self.charAt(d) != '-' || d < size(self) - d - 1 || \
+(d == size(self) - d - 1 && [0, 1, 2, 3, 4].all(k, k >= d || \
+[0, 1, 2, 3, 4].exists(j, j < k && int(self.charAt(j)) != int(self.charAt(d + 1 + j))) || \
+int(self.charAt(k)) <= int(self.charAt(d + 1 + k)))))";
 
 impl JsonSchema for PortRange {
     fn schema_name() -> std::borrow::Cow<'static, str> {
@@ -173,9 +193,13 @@ impl JsonSchema for PortRange {
         json_schema!({
             "description": "A port (1-65535) or an inclusive range written \"low-high\", such as 30000-30010.",
             "x-kubernetes-int-or-string": true,
+            "minimum": 1,
+            "maximum": 65535,
+            "maxLength": 11,
+            "pattern": PORT_RANGE_PATTERN,
             "x-kubernetes-validations": [{
                 "rule": PORT_RANGE_RULE,
-                "message": "must be a port from 1 to 65535 or a range \"low-high\" with low <= high, such as \"30000-30010\""
+                "message": "a range \"low-high\" must have low <= high, such as \"30000-30010\""
             }]
         })
     }

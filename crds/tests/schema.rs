@@ -158,6 +158,11 @@ fn port_items_are_int_or_string_with_a_cel_rule() {
         rules(item),
         vec![portsentry_crds::PORT_RANGE_RULE.to_owned()]
     );
+    // Format and bounds live in the schema, where they cost no CEL budget.
+    assert_eq!(item["pattern"], portsentry_crds::PORT_RANGE_PATTERN);
+    assert_eq!(item["minimum"].as_f64(), Some(1.0));
+    assert_eq!(item["maximum"].as_f64(), Some(65535.0));
+    assert_eq!(item["maxLength"], 11);
 }
 
 #[test]

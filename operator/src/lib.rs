@@ -1,0 +1,17 @@
+//! portsentry-operator: turns sensors' reports into PortSentryBans and bans into enforcement.
+//! Pure build/validate functions here; the controllers and servers are thin I/O around them.
+#![forbid(unsafe_code)]
+
+pub mod bans;
+pub mod controller;
+pub mod error;
+pub mod intake;
+pub mod metrics;
+pub mod names;
+pub mod netpol;
+pub mod prefixes;
+pub mod server;
+pub mod status;
+pub mod widen;
+
+pub use error::{Error, Result};

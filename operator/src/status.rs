@@ -1,0 +1,320 @@
+//! Status as users read it: the `Ready`, `Enforced` and `BanCapReached` conditions of a
+//! policy and the `Enforced` condition of a ban, kept stable so unchanged state writes nothing.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use serde_json::{Value, json};
+
+use crate::{bans::Protection, widen};
+
+pub const READY: &str = "Ready";
+pub const ENFORCED: &str = "Enforced";
+pub const BAN_CAP_REACHED: &str = "BanCapReached";
+
+/// What enforcement came to for one policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Enforcement {
+    /// Generated NetworkPolicies hold the bans.
+    Applied { objects: usize, prefixes: usize },
+    /// Safe to enforce, but no ban is in force.
+    NothingToEnforce,
+    /// Other NetworkPolicies select the pods; enforcing would widen them.
+    Refused { existing: Vec<String> },
+    /// Older PortSentryPolicies protect some of the same pods; they enforce there.
+    Yielded { to: Vec<String> },
+    /// None of the policy's backends can enforce for this kind of policy.
+    NoBackend,
+}
+
+impl Enforcement {
+    /// True when the policy's bans drop traffic (or would, had it any).
+    pub fn is_safe(&self) -> bool {
+        matches!(
+            self,
+            Enforcement::Applied { .. } | Enforcement::NothingToEnforce
+        )
+    }
+}
+
+/// A condition; its transition time is kept from `previous` when its status did not change.
+pub fn condition(
+    previous: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_owned();
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: type_.to_owned(),
+        status,
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// The conditions of a policy after a reconcile.
+pub fn policy_conditions(
+    previous: &[Condition],
+    enforcement: &Enforcement,
+    active_bans: usize,
+    max_active_bans: u32,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let (enforced, reason, message) = match enforcement {
+        Enforcement::Applied { objects, prefixes } => (
+            true,
+            "NetworkPolicyApplied",
+            format!("{prefixes} banned prefixes in {objects} generated NetworkPolicies"),
+        ),
+        Enforcement::NothingToEnforce => (
+            true,
+            "NoActiveBans",
+            "no ban is in force; generated NetworkPolicies appear with the first".to_owned(),
+        ),
+        Enforcement::Refused { existing } => (
+            false,
+            widen::EXISTING_NETWORK_POLICIES,
+            widen::refusal_message(existing),
+        ),
+        Enforcement::Yielded { to } => (
+            false,
+            widen::OVERLAPPING_POLICIES,
+            format!(
+                "not enforcing: older PortSentryPolicies protect some of the same pods and enforce there: {}",
+                to.join(", ")
+            )
+            .chars()
+            .take(1024)
+            .collect(),
+        ),
+        Enforcement::NoBackend => (
+            false,
+            "NoUsableBackend",
+            "none of spec.enforcement.backends can enforce bans of this policy".to_owned(),
+        ),
+    };
+    let cap = active_bans >= max_active_bans as usize;
+    vec![
+        condition(
+            previous,
+            READY,
+            true,
+            "Reconciled",
+            "bans and enforcement are up to date".into(),
+            generation,
+            now,
+        ),
+        condition(
+            previous, ENFORCED, enforced, reason, message, generation, now,
+        ),
+        condition(
+            previous,
+            BAN_CAP_REACHED,
+            cap,
+            if cap {
+                "MaxActiveBans"
+            } else {
+                "BelowMaxActiveBans"
+            },
+            format!("{active_bans} of at most {max_active_bans} bans in force"),
+            generation,
+            now,
+        ),
+    ]
+}
+
+/// Server-side apply body for a policy's status: only the fields this operator owns.
+pub fn policy_status_patch(
+    api_version: &str,
+    kind: &str,
+    conditions: &[Condition],
+    active_bans: usize,
+    generation: Option<i64>,
+) -> Value {
+    json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "status": {
+            "observedGeneration": generation,
+            "conditions": conditions,
+            "activeBans": active_bans,
+        }
+    })
+}
+
+/// Whether one ban drops traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BanEnforcement {
+    Enforced,
+    /// The source may never be banned (loopback, node, ignore list...).
+    Protected(Protection),
+    /// Its policy cannot enforce (see the policy's `Enforced` condition).
+    PolicyNotEnforced,
+}
+
+/// The `Enforced` condition of a ban.
+pub fn ban_condition(previous: &[Condition], state: BanEnforcement, now: Timestamp) -> Condition {
+    let (status, reason, message) = match state {
+        BanEnforcement::Enforced => (
+            true,
+            "NetworkPolicy",
+            "dropped by the policy's generated NetworkPolicies".to_owned(),
+        ),
+        BanEnforcement::Protected(why) => (
+            false,
+            "ProtectedSource",
+            format!("never enforced: the source is protected ({})", why.as_str()),
+        ),
+        BanEnforcement::PolicyNotEnforced => (
+            false,
+            "PolicyNotEnforced",
+            "the policy cannot enforce bans; see its Enforced condition".to_owned(),
+        ),
+    };
+    condition(previous, ENFORCED, status, reason, message, None, now)
+}
+
+/// True when writing `desired` would change what `previous` says.
+pub fn differs(previous: &[Condition], desired: &Condition) -> bool {
+    !previous.iter().any(|c| {
+        c.type_ == desired.type_
+            && c.status == desired.status
+            && c.reason == desired.reason
+            && c.message == desired.message
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    fn find<'a>(conditions: &'a [Condition], type_: &str) -> &'a Condition {
+        conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn applied_enforcement_is_enforced_true() {
+        let c = policy_conditions(
+            &[],
+            &Enforcement::Applied {
+                objects: 2,
+                prefixes: 1500,
+            },
+            1500,
+            10_000,
+            Some(3),
+            at(100),
+        );
+        let enforced = find(&c, ENFORCED);
+        assert_eq!(
+            (enforced.status.as_str(), enforced.reason.as_str()),
+            ("True", "NetworkPolicyApplied")
+        );
+        assert_eq!(enforced.observed_generation, Some(3));
+        assert_eq!(find(&c, READY).status, "True");
+        assert_eq!(find(&c, BAN_CAP_REACHED).status, "False");
+    }
+
+    #[test]
+    fn refusal_is_enforced_false_with_reason_existing_network_policies() {
+        let refused = Enforcement::Refused {
+            existing: vec!["allow-lb".into()],
+        };
+        let c = policy_conditions(&[], &refused, 1, 10, None, at(100));
+        let enforced = find(&c, ENFORCED);
+        assert_eq!(enforced.status, "False");
+        assert_eq!(enforced.reason, "ExistingNetworkPolicies");
+        assert!(enforced.message.contains("allow-lb"));
+    }
+
+    #[test]
+    fn yielding_to_an_older_policy_is_enforced_false_naming_it() {
+        let yielded = Enforcement::Yielded {
+            to: vec!["web".into()],
+        };
+        let c = policy_conditions(&[], &yielded, 0, 10, None, at(100));
+        let enforced = find(&c, ENFORCED);
+        assert_eq!(
+            (enforced.status.as_str(), enforced.reason.as_str()),
+            ("False", "OverlappingPortSentryPolicies")
+        );
+        assert!(enforced.message.ends_with(": web"));
+    }
+
+    #[test]
+    fn reaching_the_cap_sets_ban_cap_reached() {
+        let c = policy_conditions(&[], &Enforcement::NothingToEnforce, 10, 10, None, at(100));
+        assert_eq!(find(&c, BAN_CAP_REACHED).status, "True");
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_status_changes() {
+        let first = policy_conditions(&[], &Enforcement::NothingToEnforce, 0, 10, None, at(100));
+        let same = policy_conditions(
+            &first,
+            &Enforcement::Applied {
+                objects: 1,
+                prefixes: 1,
+            },
+            1,
+            10,
+            None,
+            at(200),
+        );
+        assert_eq!(find(&same, ENFORCED).last_transition_time, Time(at(100)));
+        let flipped = policy_conditions(
+            &same,
+            &Enforcement::Refused {
+                existing: vec!["x".into()],
+            },
+            1,
+            10,
+            None,
+            at(300),
+        );
+        assert_eq!(find(&flipped, ENFORCED).last_transition_time, Time(at(300)));
+    }
+
+    #[test]
+    fn status_patch_carries_only_owned_fields() {
+        let c = policy_conditions(&[], &Enforcement::NothingToEnforce, 0, 10, Some(1), at(100));
+        let patch =
+            policy_status_patch("portsentry.io/v1alpha1", "PortSentryPolicy", &c, 0, Some(1));
+        let status = patch["status"].as_object().unwrap();
+        let mut keys: Vec<&str> = status.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(keys, vec!["activeBans", "conditions", "observedGeneration"]);
+        assert_eq!(patch["kind"], "PortSentryPolicy");
+    }
+
+    #[test]
+    fn an_unchanged_ban_condition_needs_no_write() {
+        let c = ban_condition(&[], BanEnforcement::Enforced, at(100));
+        assert!(!differs(
+            std::slice::from_ref(&c),
+            &ban_condition(std::slice::from_ref(&c), BanEnforcement::Enforced, at(200))
+        ));
+        let protected = ban_condition(
+            std::slice::from_ref(&c),
+            BanEnforcement::Protected(Protection::Node),
+            at(200),
+        );
+        assert!(differs(&[c], &protected));
+        assert!(protected.message.contains("node"));
+    }
+}

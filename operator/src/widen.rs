@@ -1,0 +1,654 @@
+//! The never-widen rule: a generated allow-all-except-bans policy is only safe when no other
+//! NetworkPolicy selects the same pods for ingress (policies are additive and allow-only).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::networking::v1::NetworkPolicy, apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
+use kube::core::{Selector, SelectorExt};
+
+use crate::{Error, Result, netpol};
+
+/// Reason of `Enforced=False` when other NetworkPolicies select the protected pods.
+pub const EXISTING_NETWORK_POLICIES: &str = "ExistingNetworkPolicies";
+
+/// Whether the generated policies may be applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// No other ingress policy selects the pods: enforcing only narrows.
+    Enforce,
+    /// These NetworkPolicies (sorted names) select the pods for ingress; enforcing would widen.
+    Refuse { existing: Vec<String> },
+}
+
+/// True when `labels` satisfy `selector`.
+pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> Result<bool> {
+    let selector =
+        Selector::try_from(selector.clone()).map_err(|e| Error::InvalidSelector(e.to_string()))?;
+    Ok(selector.matches(labels))
+}
+
+/// True when `policy` restricts ingress: `policyTypes` names Ingress, or is absent (Ingress
+/// is then implied, whatever the rules say).
+pub fn restricts_ingress(policy: &NetworkPolicy) -> bool {
+    match policy.spec.as_ref().and_then(|s| s.policy_types.as_ref()) {
+        Some(types) if !types.is_empty() => types.iter().any(|t| t == "Ingress"),
+        _ => true,
+    }
+}
+
+fn selects_every_pod(selector: Option<&LabelSelector>) -> bool {
+    selector.is_none_or(|s| {
+        s.match_labels.as_ref().is_none_or(BTreeMap::is_empty)
+            && s.match_expressions.as_ref().is_none_or(Vec::is_empty)
+    })
+}
+
+/// True when `policy` selects a pod with `labels`. A selector that cannot be read is taken
+/// to select everything: doubt must never lead to widening.
+pub fn selects(policy: &NetworkPolicy, labels: &BTreeMap<String, String>) -> bool {
+    let selector = policy.spec.as_ref().and_then(|s| s.pod_selector.as_ref());
+    match selector {
+        None => true,
+        Some(selector) => matches(selector, labels).unwrap_or(true),
+    }
+}
+
+/// Decides whether the policy owned by `owner_uid` may enforce, given every NetworkPolicy of
+/// its namespace and the labels of the pods it selects. Any other policy restricting ingress
+/// that selects one of those pods (or every pod, including pods not yet created) refuses.
+pub fn decide(
+    owner_uid: &str,
+    selected_pods: &[BTreeMap<String, String>],
+    network_policies: &[NetworkPolicy],
+) -> Decision {
+    let mut existing: Vec<String> = network_policies
+        .iter()
+        .filter(|np| !netpol::is_controlled_by(np, owner_uid))
+        .filter(|np| restricts_ingress(np))
+        .filter(|np| {
+            selects_every_pod(np.spec.as_ref().and_then(|s| s.pod_selector.as_ref()))
+                || selected_pods.iter().any(|labels| selects(np, labels))
+        })
+        .map(|np| np.metadata.name.clone().unwrap_or_default())
+        .collect();
+    if existing.is_empty() {
+        return Decision::Enforce;
+    }
+    existing.sort();
+    existing.dedup();
+    Decision::Refuse { existing }
+}
+
+/// Reason of `Enforced=False` when an older PortSentryPolicy protects some of the same pods.
+pub const OVERLAPPING_POLICIES: &str = "OverlappingPortSentryPolicies";
+
+/// A PortSentryPolicy of the namespace, as far as precedence between policies goes.
+#[derive(Clone, Debug)]
+pub struct Rival<'a> {
+    pub name: &'a str,
+    pub created: Option<jiff::Timestamp>,
+    pub pod_selector: &'a LabelSelector,
+}
+
+impl Rival<'_> {
+    /// Older first, then by name: a total order every reconcile agrees on.
+    fn precedes(&self, other: &Rival<'_>) -> bool {
+        match (self.created, other.created) {
+            (Some(a), Some(b)) if a != b => a < b,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            _ => self.name < other.name,
+        }
+    }
+}
+
+/// The policies `ours` yields to: those that precede it and select one of its pods (or
+/// every pod). Two generated allow-all-except policies on one pod would re-allow each
+/// other's bans, so only the first in precedence enforces there; deciding by the policies
+/// themselves (not by which generated objects exist yet) keeps the outcome stable.
+pub fn outranked_by(
+    ours: &Rival<'_>,
+    rivals: &[Rival<'_>],
+    selected_pods: &[BTreeMap<String, String>],
+) -> Vec<String> {
+    let mut names: Vec<String> = rivals
+        .iter()
+        .filter(|r| r.name != ours.name && r.precedes(ours))
+        .filter(|r| {
+            selects_every_pod(Some(r.pod_selector))
+                || selected_pods
+                    .iter()
+                    .any(|labels| matches(r.pod_selector, labels).unwrap_or(true))
+        })
+        .map(|r| r.name.to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The condition message naming the policies in the way, bounded in length.
+pub fn refusal_message(existing: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut message = format!(
+        "not enforcing: other NetworkPolicies select these pods for ingress and an allow-all-except-bans policy would widen them: {}",
+        existing
+            .iter()
+            .take(SHOWN)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if existing.len() > SHOWN {
+        message.push_str(&format!(" and {} more", existing.len() - SHOWN));
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use ipnet::IpNet;
+    use k8s_openapi::{
+        api::networking::v1::{
+            IPBlock, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicySpec,
+        },
+        apimachinery::pkg::apis::meta::v1::{LabelSelectorRequirement, ObjectMeta, OwnerReference},
+    };
+    use portsentry_crds::SourcePrefix;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::prefixes::BannedPrefixes;
+
+    const OURS: &str = "uid-ours";
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
+
+    fn selector(pairs: &[(&str, &str)]) -> LabelSelector {
+        LabelSelector {
+            match_labels: (!pairs.is_empty()).then(|| labels(pairs)),
+            match_expressions: None,
+        }
+    }
+
+    fn np(name: &str, select: LabelSelector, types: Option<&[&str]>) -> NetworkPolicy {
+        NetworkPolicy {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(select),
+                policy_types: types.map(|t| t.iter().map(|s| (*s).to_owned()).collect()),
+                ..NetworkPolicySpec::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn no_other_policies_means_enforce() {
+        assert_eq!(
+            decide(OURS, &[labels(&[("app", "web")])], &[]),
+            Decision::Enforce
+        );
+    }
+
+    #[test]
+    fn an_ingress_policy_selecting_a_protected_pod_refuses_naming_it() {
+        let others = [np(
+            "allow-lb",
+            selector(&[("app", "web")]),
+            Some(&["Ingress"]),
+        )];
+        assert_eq!(
+            decide(OURS, &[labels(&[("app", "web")])], &others),
+            Decision::Refuse {
+                existing: vec!["allow-lb".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn a_policy_without_policy_types_restricts_ingress() {
+        let others = [np("legacy", selector(&[("app", "web")]), None)];
+        assert!(matches!(
+            decide(OURS, &[labels(&[("app", "web")])], &others),
+            Decision::Refuse { .. }
+        ));
+    }
+
+    #[test]
+    fn an_egress_only_policy_does_not_matter() {
+        let others = [np("egress", selector(&[("app", "web")]), Some(&["Egress"]))];
+        assert_eq!(
+            decide(OURS, &[labels(&[("app", "web")])], &others),
+            Decision::Enforce
+        );
+    }
+
+    #[test]
+    fn a_policy_selecting_other_pods_does_not_matter() {
+        let others = [np("db", selector(&[("app", "db")]), Some(&["Ingress"]))];
+        assert_eq!(
+            decide(OURS, &[labels(&[("app", "web")])], &others),
+            Decision::Enforce
+        );
+    }
+
+    #[test]
+    fn a_default_deny_selecting_every_pod_refuses_even_without_pods() {
+        let others = [np(
+            "default-deny",
+            LabelSelector::default(),
+            Some(&["Ingress"]),
+        )];
+        assert!(matches!(
+            decide(OURS, &[], &others),
+            Decision::Refuse { .. }
+        ));
+    }
+
+    #[test]
+    fn match_expressions_are_honoured() {
+        let select = LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "In".into(),
+                values: Some(vec!["front".into()]),
+            }]),
+        };
+        let others = [np("front", select, Some(&["Ingress"]))];
+        assert!(matches!(
+            decide(OURS, &[labels(&[("tier", "front")])], &others),
+            Decision::Refuse { .. }
+        ));
+        assert_eq!(
+            decide(OURS, &[labels(&[("tier", "back")])], &others),
+            Decision::Enforce
+        );
+    }
+
+    #[test]
+    fn an_unreadable_selector_is_taken_to_select_everything() {
+        let select = LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "Sometimes".into(),
+                values: None,
+            }]),
+        };
+        let others = [np("odd", select, Some(&["Ingress"]))];
+        assert!(matches!(
+            decide(OURS, &[labels(&[("app", "web")])], &others),
+            Decision::Refuse { .. }
+        ));
+    }
+
+    #[test]
+    fn our_own_generated_policies_do_not_count() {
+        let mut ours = np(
+            "web-portsentry-0",
+            selector(&[("app", "web")]),
+            Some(&["Ingress"]),
+        );
+        ours.metadata.owner_references = Some(vec![OwnerReference {
+            controller: Some(true),
+            uid: OURS.into(),
+            ..OwnerReference::default()
+        }]);
+        assert_eq!(
+            decide(OURS, &[labels(&[("app", "web")])], &[ours]),
+            Decision::Enforce
+        );
+    }
+
+    #[test]
+    fn refusal_message_is_bounded() {
+        let names: Vec<String> = (0..50).map(|i| format!("policy-{i}")).collect();
+        let message = refusal_message(&names);
+        assert!(message.contains("policy-0"));
+        assert!(message.ends_with("and 40 more"));
+    }
+
+    fn rival<'a>(name: &'a str, created: i64, selector: &'a LabelSelector) -> Rival<'a> {
+        Rival {
+            name,
+            created: Some(jiff::Timestamp::from_second(created).unwrap()),
+            pod_selector: selector,
+        }
+    }
+
+    #[test]
+    fn an_older_policy_on_the_same_pods_takes_precedence() {
+        let web = selector(&[("app", "web")]);
+        let pods = [labels(&[("app", "web")])];
+        let old = rival("old", 100, &web);
+        let new = rival("new", 200, &web);
+        let all = [old.clone(), new.clone()];
+        assert_eq!(outranked_by(&new, &all, &pods), vec!["old".to_owned()]);
+        assert!(outranked_by(&old, &all, &pods).is_empty());
+    }
+
+    #[test]
+    fn policies_created_in_the_same_second_are_ordered_by_name() {
+        let web = selector(&[("app", "web")]);
+        let pods = [labels(&[("app", "web")])];
+        let (a, b) = (rival("a", 100, &web), rival("b", 100, &web));
+        let all = [a.clone(), b.clone()];
+        assert_eq!(outranked_by(&b, &all, &pods), vec!["a".to_owned()]);
+        assert!(outranked_by(&a, &all, &pods).is_empty());
+    }
+
+    #[test]
+    fn policies_on_disjoint_pods_do_not_rank() {
+        let (web, db) = (selector(&[("app", "web")]), selector(&[("app", "db")]));
+        let all = [rival("db", 100, &db), rival("web", 200, &web)];
+        assert!(outranked_by(&all[1], &all, &[labels(&[("app", "web")])]).is_empty());
+    }
+
+    // ---- A model of NetworkPolicy semantics, independent of the code under test. ----
+
+    #[derive(Clone, Debug)]
+    struct Pod {
+        namespace: &'static str,
+        labels: BTreeMap<String, String>,
+        ip: IpAddr,
+    }
+
+    #[derive(Clone, Debug)]
+    enum Source {
+        External(IpAddr),
+        Pod(Pod),
+    }
+
+    impl Source {
+        fn ip(&self) -> IpAddr {
+            match self {
+                Source::External(ip) => *ip,
+                Source::Pod(pod) => pod.ip,
+            }
+        }
+    }
+
+    /// matchLabels-only selectors (what the generator makes); empty selects everything.
+    fn model_selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+        selector
+            .and_then(|s| s.match_labels.as_ref())
+            .is_none_or(|want| want.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    }
+
+    fn model_peer(peer: &NetworkPolicyPeer, source: &Source, ipblock_sees_pods: bool) -> bool {
+        if let Some(block) = &peer.ip_block {
+            if matches!(source, Source::Pod(_)) && !ipblock_sees_pods {
+                return false;
+            }
+            let cidr: IpNet = block.cidr.parse().unwrap();
+            let ip = source.ip();
+            return cidr.contains(&ip)
+                && !block
+                    .except
+                    .iter()
+                    .flatten()
+                    .any(|e| e.parse::<IpNet>().unwrap().contains(&ip));
+        }
+        let Source::Pod(pod) = source else {
+            return false;
+        };
+        let namespace_ok = match &peer.namespace_selector {
+            Some(_) => true, // the generator only makes `{}`
+            None => pod.namespace == "shop",
+        };
+        namespace_ok && model_selects(peer.pod_selector.as_ref(), &pod.labels)
+    }
+
+    fn model_allows(
+        policies: &[NetworkPolicy],
+        source: &Source,
+        to: &Pod,
+        ipblock_sees_pods: bool,
+    ) -> bool {
+        let selecting: Vec<&NetworkPolicy> = policies
+            .iter()
+            .filter(|p| {
+                let spec = p.spec.as_ref().unwrap();
+                let ingress = match &spec.policy_types {
+                    None => true,
+                    Some(types) => types.iter().any(|t| t == "Ingress"),
+                };
+                ingress && model_selects(spec.pod_selector.as_ref(), &to.labels)
+            })
+            .collect();
+        if selecting.is_empty() {
+            return true;
+        }
+        selecting.iter().any(|p| {
+            p.spec
+                .as_ref()
+                .unwrap()
+                .ingress
+                .iter()
+                .flatten()
+                .any(|rule| match &rule.from {
+                    None => true,
+                    Some(peers) if peers.is_empty() => true,
+                    Some(peers) => peers
+                        .iter()
+                        .any(|peer| model_peer(peer, source, ipblock_sees_pods)),
+                })
+        })
+    }
+
+    // ---- Generators. ----
+
+    fn arb_labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+        (
+            prop::option::of(prop::sample::select(vec!["a", "b", "c"])),
+            prop::option::of(prop::sample::select(vec!["x", "y"])),
+        )
+            .prop_map(|(app, tier)| {
+                let mut l = BTreeMap::new();
+                if let Some(app) = app {
+                    l.insert("app".into(), app.into());
+                }
+                if let Some(tier) = tier {
+                    l.insert("tier".into(), tier.into());
+                }
+                l
+            })
+    }
+
+    fn arb_selector() -> impl Strategy<Value = LabelSelector> {
+        arb_labels().prop_map(|l| LabelSelector {
+            match_labels: (!l.is_empty()).then_some(l),
+            match_expressions: None,
+        })
+    }
+
+    const EXTERNAL: [&str; 8] = [
+        "203.0.113.1",
+        "203.0.113.2",
+        "203.0.113.3",
+        "203.0.113.130",
+        "198.51.100.1",
+        "2001:db8::1",
+        "2001:db8::2",
+        "2001:db8:1::1",
+    ];
+    const CIDRS: [&str; 8] = [
+        "0.0.0.0/0",
+        "203.0.113.0/24",
+        "203.0.113.0/25",
+        "198.51.100.0/30",
+        "10.0.0.0/8",
+        "::/0",
+        "2001:db8::/32",
+        "2001:db8::/64",
+    ];
+
+    fn arb_peer() -> impl Strategy<Value = NetworkPolicyPeer> {
+        prop_oneof![
+            (
+                prop::sample::select(CIDRS.to_vec()),
+                prop::collection::vec(prop::sample::select(EXTERNAL.to_vec()), 0..3)
+            )
+                .prop_map(|(cidr, excepts)| {
+                    let net: IpNet = cidr.parse().unwrap();
+                    let except: Vec<String> = excepts
+                        .iter()
+                        .map(|e| IpNet::from(e.parse::<IpAddr>().unwrap()))
+                        .filter(|e| net.contains(e) && *e != net)
+                        .map(|e| e.to_string())
+                        .collect();
+                    NetworkPolicyPeer {
+                        ip_block: Some(IPBlock {
+                            cidr: cidr.into(),
+                            except: (!except.is_empty()).then_some(except),
+                        }),
+                        ..NetworkPolicyPeer::default()
+                    }
+                }),
+            arb_selector().prop_map(|s| NetworkPolicyPeer {
+                pod_selector: Some(s),
+                ..NetworkPolicyPeer::default()
+            }),
+            prop::option::of(arb_selector()).prop_map(|s| NetworkPolicyPeer {
+                namespace_selector: Some(LabelSelector::default()),
+                pod_selector: s,
+                ..NetworkPolicyPeer::default()
+            }),
+        ]
+    }
+
+    fn arb_policy() -> impl Strategy<Value = NetworkPolicy> {
+        let types = prop::sample::select(vec![
+            None,
+            Some(vec!["Ingress"]),
+            Some(vec!["Egress"]),
+            Some(vec!["Ingress", "Egress"]),
+        ]);
+        let rule = prop::option::of(prop::collection::vec(arb_peer(), 0..3))
+            .prop_map(|from| NetworkPolicyIngressRule { from, ports: None });
+        (
+            arb_selector(),
+            types,
+            prop::collection::vec(rule, 0..3),
+            0u32..1000,
+        )
+            .prop_map(|(select, types, rules, n)| NetworkPolicy {
+                metadata: ObjectMeta {
+                    name: Some(format!("existing-{n}")),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(NetworkPolicySpec {
+                    pod_selector: Some(select),
+                    policy_types: types.map(|t| t.iter().map(|s| (*s).to_owned()).collect()),
+                    ingress: (!rules.is_empty()).then_some(rules),
+                    egress: None,
+                }),
+            })
+    }
+
+    fn pods(namespace: &'static str, base: u32, labels: Vec<BTreeMap<String, String>>) -> Vec<Pod> {
+        labels
+            .into_iter()
+            .enumerate()
+            .map(|(i, labels)| Pod {
+                namespace,
+                labels,
+                ip: IpAddr::from(std::net::Ipv4Addr::from(base + i as u32 + 1)),
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// For random pre-existing policies, pods and bans: whatever the operator decides,
+        /// no (source, pod) pair can connect that could not before; and when it enforces,
+        /// banned external sources are cut off from the protected pods while others are not.
+        #[test]
+        fn reachability_never_grows_and_enforcement_cuts_banned_sources(
+            existing in prop::collection::vec(arb_policy(), 0..4),
+            shop_labels in prop::collection::vec(arb_labels(), 1..6),
+            other_labels in prop::collection::vec(arb_labels(), 0..3),
+            our_selector in arb_selector(),
+            bans in prop::collection::vec(
+                prop_oneof![
+                    prop::sample::select(EXTERNAL.to_vec()).prop_map(String::from),
+                    (1u32..6).prop_map(|i| format!("10.0.0.{i}")),
+                    Just("203.0.113.0/30".to_owned()),
+                ],
+                0..5,
+            ),
+            limit in 1usize..4,
+        ) {
+            let shop = pods("shop", 0x0a00_0000, shop_labels);
+            let other = pods("other", 0x0a01_0000, other_labels);
+            let selected: Vec<&Pod> = shop
+                .iter()
+                .filter(|p| model_selects(Some(&our_selector), &p.labels))
+                .collect();
+            let selected_labels: Vec<BTreeMap<String, String>> =
+                selected.iter().map(|p| p.labels.clone()).collect();
+
+            let decision = decide(OURS, &selected_labels, &existing);
+            let sources: Vec<SourcePrefix> = bans.iter().map(|b| b.parse().unwrap()).collect();
+            let banned = BannedPrefixes::aggregate(&sources);
+            let owner = OwnerReference {
+                api_version: "portsentry.io/v1alpha1".into(),
+                kind: "PortSentryPolicy".into(),
+                name: "web".into(),
+                uid: OURS.into(),
+                ..OwnerReference::default()
+            };
+            let target = netpol::Target {
+                namespace: "shop",
+                policy_name: "web",
+                pod_selector: &our_selector,
+                owner,
+            };
+            let mut after = existing.clone();
+            if decision == Decision::Enforce {
+                after.extend(netpol::build(&target, &banned, limit));
+            }
+
+            let all_sources: Vec<Source> = EXTERNAL
+                .iter()
+                .map(|e| Source::External(e.parse().unwrap()))
+                .chain(shop.iter().chain(&other).cloned().map(Source::Pod))
+                .collect();
+            for ipblock_sees_pods in [true, false] {
+                for source in &all_sources {
+                    for to in &shop {
+                        let was = model_allows(&existing, source, to, ipblock_sees_pods);
+                        let is = model_allows(&after, source, to, ipblock_sees_pods);
+                        prop_assert!(was || !is, "widened {:?} -> {:?}", source, to.labels);
+                    }
+                }
+            }
+            if decision == Decision::Enforce {
+                for source in all_sources.iter().filter(|s| matches!(s, Source::External(_))) {
+                    let is_banned = banned.contains(&source.ip());
+                    for to in &selected {
+                        prop_assert_eq!(model_allows(&after, source, to, true), !is_banned);
+                    }
+                }
+                for source in all_sources.iter().filter(|s| matches!(s, Source::Pod(_))) {
+                    for to in &selected {
+                        prop_assert!(model_allows(&after, source, to, false));
+                    }
+                }
+            }
+        }
+    }
+}

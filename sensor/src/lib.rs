@@ -1,0 +1,20 @@
+//! portsentry-sensor: PortSentry's job on one host (decoy listeners, detection engine,
+//! stealth/advanced packet capture, responses, logs, metrics), with PortSentry 1.2's formats.
+#![forbid(unsafe_code)]
+
+pub mod alert;
+pub mod capture;
+pub mod check;
+pub mod classify;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod listen;
+pub mod metrics;
+pub mod nft;
+pub mod respond;
+pub mod run;
+pub mod sockets;
+pub mod stealth;
+
+pub use error::{Error, Result};

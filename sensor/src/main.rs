@@ -1,0 +1,196 @@
+//! `portsentry-sensor`: runs PortSentry's job on this host from a classic `portsentry.conf`
+//! (`-tcp -udp -stcp -sudp -atcp -audp`, several at once), or explains a config with `check`.
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use portsentry_sensor::{
+    alert::Alerts,
+    check::{Level, check},
+    config::{Config, Mode},
+    run::{Options, run},
+    stealth::RawMode,
+};
+
+/// Decoy-port scan sensor: PortSentry's job on this host, with IPv6, ban expiry and
+/// native nftables bans.
+#[derive(Debug, Parser)]
+#[command(name = "portsentry-sensor", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// The classic PortSentry config file.
+    #[arg(long, default_value = "/etc/portsentry/portsentry.conf")]
+    config: PathBuf,
+    /// Watch TCP_PORTS (PortSentry's `-tcp`). Without -tcp/-udp both are watched.
+    #[arg(long)]
+    tcp: bool,
+    /// Watch UDP_PORTS (PortSentry's `-udp`).
+    #[arg(long)]
+    udp: bool,
+    /// Stealth TCP (`-stcp`): capture SYN/FIN/NULL/XMAS/ACK/Maimon probes to TCP_PORTS
+    /// without binding them. Needs root or CAP_NET_RAW.
+    #[arg(long)]
+    stcp: bool,
+    /// Stealth UDP (`-sudp`): capture datagrams to UDP_PORTS without binding them.
+    #[arg(long)]
+    sudp: bool,
+    /// Advanced TCP (`-atcp`): every unused TCP port below ADVANCED_PORTS_TCP.
+    #[arg(long)]
+    atcp: bool,
+    /// Advanced UDP (`-audp`): every unused UDP port below ADVANCED_PORTS_UDP.
+    #[arg(long)]
+    audp: bool,
+    /// Send PortSentry's log lines to syslog (/dev/log, ident portsentry, facility daemon).
+    #[arg(long)]
+    syslog: bool,
+    /// `classic`: PortSentry's lines as they are; `json`: one JSON event a line with fields.
+    #[arg(long, value_enum, default_value_t = LogFormat::Classic)]
+    log_format: LogFormat,
+    /// Serve /metrics, /healthz and /readyz on this address, e.g. 127.0.0.1:9720.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Classic,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Explain in plain words what a config will really do; exit 1 on errors.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// Accepts PortSentry's single-dash mode flags (`-tcp`, `-stcp`, ...) as clap's `--tcp`, ...
+fn portsentry_args() -> Vec<String> {
+    std::env::args()
+        .map(|arg| match arg.as_str() {
+            "-tcp" | "-udp" | "-stcp" | "-sudp" | "-atcp" | "-audp" => format!("-{arg}"),
+            _ => arg,
+        })
+        .collect()
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(match format {
+            LogFormat::Classic => "warn",
+            LogFormat::Json => "warn,portsentry_sensor::alert=info",
+        })
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Classic => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(portsentry_args());
+    init_tracing(cli.log_format);
+    if let Some(Command::Check { config }) = &cli.command {
+        return run_check(config);
+    }
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!(
+                "portsentry-sensor: {error}\nportsentry-sensor: not starting; `portsentry-sensor check --config {}` explains the config",
+                cli.config.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let raw: Vec<RawMode> = [
+        (cli.stcp, RawMode::Stcp),
+        (cli.sudp, RawMode::Sudp),
+        (cli.atcp, RawMode::Atcp),
+        (cli.audp, RawMode::Audp),
+    ]
+    .into_iter()
+    .filter_map(|(on, mode)| on.then_some(mode))
+    .collect();
+    let mut modes = Vec::new();
+    let none = !cli.tcp && !cli.udp && raw.is_empty();
+    if cli.tcp || none {
+        modes.push(Mode::Tcp);
+    }
+    if cli.udp || none {
+        modes.push(Mode::Udp);
+    }
+    let alerts = if cli.syslog {
+        match Alerts::syslog(std::path::Path::new("/dev/log")) {
+            Ok(alerts) => alerts,
+            Err(error) => {
+                eprintln!("portsentry-sensor: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else if cli.log_format == LogFormat::Json {
+        Alerts::json()
+    } else {
+        Alerts::stderr()
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("portsentry-sensor: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = Options {
+        config,
+        modes,
+        raw,
+        alerts: Arc::new(alerts),
+        metrics_addr: cli.metrics_addr,
+    };
+    match runtime.block_on(run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("portsentry-sensor: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_check(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            println!("ERROR: {error}");
+            println!("The sensor would not start with this config.");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{}: what this config will do", path.display());
+    let findings = check(&config);
+    for finding in &findings {
+        println!("{finding}");
+    }
+    let errors = findings.iter().filter(|f| f.level == Level::Error).count();
+    let warnings = findings
+        .iter()
+        .filter(|f| f.level == Level::Warning)
+        .count();
+    println!("{errors} error(s), {warnings} warning(s)");
+    if errors > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,470 @@
+//! Prometheus metrics of the sensor and the `/metrics`, `/healthz`, `/readyz` endpoints.
+//! Labels are bounded: ports come from the configured decoy list, actions from a fixed set.
+//!
+//! The HTTP side is a tiny HTTP/1.1 responder on tokio rather than `hyper`: three fixed
+//! GET routes with `Connection: close` need no router or keep-alive, and it keeps the
+//! sensor's dependency tree and resident memory small (it runs as a sidecar in every pod).
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use portsentry_crds::Protocol;
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::error::{Error, Result};
+
+/// Action names used as the `action` label.
+pub const ACTIONS: &[&str] = &["hosts_deny", "route", "command", "nftables", "record"];
+
+/// The sensor's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    hits: IntCounterVec,
+    alarms: IntCounterVec,
+    protected: IntCounterVec,
+    bans_active: IntGauge,
+    bans_added: IntCounter,
+    bans_expired: IntCounter,
+    sources_tracked: IntGauge,
+    evictions: IntCounter,
+    evictions_seen: AtomicU64,
+    action_failures: IntCounterVec,
+    probes: IntCounterVec,
+    captured: IntCounterVec,
+    capture_drops: IntCounter,
+    alarms_suppressed: IntCounter,
+    alarms_dropped: IntCounter,
+    /// Ports with their own `hits_total` series; other ports (advanced modes) share `other`.
+    known_ports: HashSet<(Protocol, u16)>,
+    ready: AtomicBool,
+}
+
+impl Metrics {
+    /// Registers every metric; hit series of the decoy ports start at zero.
+    pub fn new(tcp_ports: &[u16], udp_ports: &[u16]) -> Result<Self> {
+        let registry = Registry::new_custom(Some("portsentry_sensor".into()), None)?;
+        let hits = IntCounterVec::new(
+            Opts::new("hits_total", "Probes seen on decoy ports"),
+            &["protocol", "port"],
+        )?;
+        let alarms = IntCounterVec::new(
+            Opts::new("alarms_total", "Sources that crossed the scan trigger"),
+            &["protocol"],
+        )?;
+        let protected = IntCounterVec::new(
+            Opts::new(
+                "protected_hits_total",
+                "Hits from sources never acted on (ignore list, loopback, own address)",
+            ),
+            &["reason"],
+        )?;
+        let bans_active = IntGauge::new("bans_active", "Sources banned now")?;
+        let bans_added = IntCounter::new("bans_added_total", "Bans carried out")?;
+        let bans_expired = IntCounter::new("bans_expired_total", "Bans lifted on expiry")?;
+        let sources_tracked =
+            IntGauge::new("sources_tracked", "Sources with detection state kept")?;
+        let evictions = IntCounter::new(
+            "source_evictions_total",
+            "Sources evicted to keep state within STATE_MAX_SOURCES",
+        )?;
+        let action_failures = IntCounterVec::new(
+            Opts::new("action_failures_total", "Response actions that failed"),
+            &["action"],
+        )?;
+        let probes = IntCounterVec::new(
+            Opts::new(
+                "probes_total",
+                "Probes seen, by kind (connect, datagram, syn, fin, ...)",
+            ),
+            &["kind"],
+        )?;
+        let captured = IntCounterVec::new(
+            Opts::new(
+                "captured_packets_total",
+                "Packets read by the stealth/advanced capture, by what became of them",
+            ),
+            &["outcome"],
+        )?;
+        let capture_drops = IntCounter::new(
+            "capture_drops_total",
+            "Packets the kernel dropped because the capture socket's receive buffer was full",
+        )?;
+        let alarms_suppressed = IntCounter::new(
+            "alarms_suppressed_total",
+            "Alarms of first-seen sources with unverified evidence beyond the rate limit (spoofed floods)",
+        )?;
+        let alarms_dropped = IntCounter::new(
+            "alarms_dropped_total",
+            "Alarms dropped because the response queue was full",
+        )?;
+        registry.register(Box::new(probes.clone()))?;
+        registry.register(Box::new(captured.clone()))?;
+        registry.register(Box::new(capture_drops.clone()))?;
+        registry.register(Box::new(alarms_suppressed.clone()))?;
+        registry.register(Box::new(alarms_dropped.clone()))?;
+        for outcome in crate::stealth::Examined::OUTCOMES {
+            captured.with_label_values(&[outcome]);
+        }
+        registry.register(Box::new(hits.clone()))?;
+        registry.register(Box::new(alarms.clone()))?;
+        registry.register(Box::new(protected.clone()))?;
+        registry.register(Box::new(bans_active.clone()))?;
+        registry.register(Box::new(bans_added.clone()))?;
+        registry.register(Box::new(bans_expired.clone()))?;
+        registry.register(Box::new(sources_tracked.clone()))?;
+        registry.register(Box::new(evictions.clone()))?;
+        registry.register(Box::new(action_failures.clone()))?;
+        let mut known_ports = HashSet::new();
+        for (protocol, ports) in [(Protocol::Tcp, tcp_ports), (Protocol::Udp, udp_ports)] {
+            alarms.with_label_values(&[protocol.as_str()]);
+            for port in ports {
+                hits.with_label_values(&[protocol.as_str(), &port.to_string()]);
+                known_ports.insert((protocol, *port));
+            }
+        }
+        for action in ACTIONS {
+            action_failures.with_label_values(&[action]);
+        }
+        Ok(Self {
+            registry,
+            hits,
+            alarms,
+            protected,
+            bans_active,
+            bans_added,
+            bans_expired,
+            sources_tracked,
+            evictions,
+            evictions_seen: AtomicU64::new(0),
+            action_failures,
+            probes,
+            captured,
+            capture_drops,
+            alarms_suppressed,
+            alarms_dropped,
+            known_ports,
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// A probe on a decoy port; ports not listed at start (advanced modes) count as `other`,
+    /// so the label stays bounded.
+    pub fn hit(&self, protocol: Protocol, port: u16) {
+        let label = if self.known_ports.contains(&(protocol, port)) {
+            port.to_string()
+        } else {
+            "other".to_owned()
+        };
+        self.hits
+            .with_label_values(&[protocol.as_str(), &label])
+            .inc();
+    }
+
+    /// A probe of a kind (the label is the kind's name in the ban evidence).
+    pub fn probe(&self, kind: portsentry_crds::ProbeKind) {
+        use portsentry_crds::ProbeKind as K;
+        let label = match kind {
+            K::Connect => "connect",
+            K::Datagram => "datagram",
+            K::Syn => "syn",
+            K::Fin => "fin",
+            K::Null => "null",
+            K::Xmas => "xmas",
+            K::Ack => "ack",
+            K::Window => "window",
+            K::Maimon => "maimon",
+            K::Unknown => "unknown",
+        };
+        self.probes.with_label_values(&[label]).inc();
+    }
+
+    /// A packet read by the capture, with what became of it (a fixed set of outcomes).
+    pub fn captured(&self, outcome: &'static str) {
+        self.captured.with_label_values(&[outcome]).inc();
+    }
+
+    /// Packets the kernel dropped on the capture socket.
+    pub fn capture_drops(&self, dropped: u64) {
+        if dropped > 0 {
+            self.capture_drops.inc_by(dropped);
+        }
+    }
+
+    pub fn alarm_suppressed(&self) {
+        self.alarms_suppressed.inc();
+    }
+
+    pub fn alarm_dropped(&self) {
+        self.alarms_dropped.inc();
+    }
+
+    pub fn alarm(&self, protocol: Protocol) {
+        self.alarms.with_label_values(&[protocol.as_str()]).inc();
+    }
+
+    pub fn protected(&self, reason: &'static str) {
+        self.protected.with_label_values(&[reason]).inc();
+    }
+
+    pub fn ban_added(&self) {
+        self.bans_added.inc();
+    }
+
+    pub fn ban_expired(&self) {
+        self.bans_expired.inc();
+    }
+
+    /// Copies the engine's gauges and eviction total in.
+    pub fn sample(&self, bans_active: usize, sources: usize, evictions_total: u64) {
+        self.bans_active.set(bans_active as i64);
+        self.sources_tracked.set(sources as i64);
+        let before = self.evictions_seen.swap(evictions_total, Ordering::Relaxed);
+        self.evictions
+            .inc_by(evictions_total.saturating_sub(before));
+    }
+
+    pub fn action_failure(&self, action: &'static str) {
+        self.action_failures.with_label_values(&[action]).inc();
+    }
+
+    /// Failures counted so far for one action.
+    pub fn action_failures(&self, action: &str) -> u64 {
+        self.action_failures.with_label_values(&[action]).get()
+    }
+
+    /// Marks the sensor ready (decoys bound) for `/readyz`.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into a Vec only fails on invalid metric families, which we never build.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+
+    /// The status, content type and body for a request path.
+    pub fn respond(&self, method: &str, path: &str) -> (u16, &'static str, String) {
+        if method != "GET" && method != "HEAD" {
+            return (405, "text/plain", "method not allowed: use GET\n".into());
+        }
+        match path.split('?').next().unwrap_or("") {
+            "/metrics" => (200, "text/plain; version=0.0.4", self.render()),
+            "/healthz" => (200, "text/plain", "ok\n".into()),
+            "/readyz" if self.ready.load(Ordering::Relaxed) => {
+                (200, "text/plain", "ready\n".into())
+            }
+            "/readyz" => (
+                503,
+                "text/plain",
+                "not ready: decoys not bound yet\n".into(),
+            ),
+            _ => (
+                404,
+                "text/plain",
+                "not found: try /metrics, /healthz or /readyz\n".into(),
+            ),
+        }
+    }
+}
+
+/// Binds `addr` and serves the endpoints until the process ends.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Metrics {
+            addr: addr.to_string(),
+            source,
+        })?;
+    Ok(tokio::spawn(accept_loop(listener, metrics)))
+}
+
+async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(answer(stream, metrics.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reads one request head (at most 8 KiB, 5 s) and writes one response.
+async fn answer(mut stream: TcpStream, metrics: Arc<Metrics>) {
+    let mut head = Vec::with_capacity(1024);
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&chunk[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    if !matches!(read, Ok(Ok(()))) {
+        return;
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut words = text.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let (status, content_type, body) = if path.is_empty() {
+        (400, "text/plain", "bad request\n".to_owned())
+    } else {
+        metrics.respond(method, path)
+    };
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if method != "HEAD" {
+        response.push_str(&body);
+    }
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_series_exist_for_every_decoy_port_from_the_start() {
+        let metrics = Metrics::new(&[1, 111], &[161]).expect("metrics");
+        let text = metrics.render();
+        assert!(
+            text.contains("portsentry_sensor_hits_total{port=\"111\",protocol=\"TCP\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portsentry_sensor_hits_total{port=\"161\",protocol=\"UDP\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_required_metric_is_exposed() {
+        let metrics = Metrics::new(&[1], &[1]).expect("metrics");
+        metrics.hit(Protocol::Tcp, 1);
+        metrics.alarm(Protocol::Tcp);
+        metrics.ban_added();
+        metrics.ban_expired();
+        metrics.sample(3, 7, 5);
+        metrics.action_failure("route");
+        let text = metrics.render();
+        for line in [
+            "portsentry_sensor_hits_total{port=\"1\",protocol=\"TCP\"} 1",
+            "portsentry_sensor_alarms_total{protocol=\"TCP\"} 1",
+            "portsentry_sensor_bans_active 3",
+            "portsentry_sensor_bans_added_total 1",
+            "portsentry_sensor_bans_expired_total 1",
+            "portsentry_sensor_sources_tracked 7",
+            "portsentry_sensor_source_evictions_total 5",
+            "portsentry_sensor_action_failures_total{action=\"route\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn hits_on_unlisted_ports_share_one_series() {
+        let metrics = Metrics::new(&[1], &[]).expect("metrics");
+        metrics.hit(Protocol::Tcp, 1);
+        metrics.hit(Protocol::Tcp, 2);
+        metrics.hit(Protocol::Tcp, 3);
+        let text = metrics.render();
+        assert!(
+            text.contains("portsentry_sensor_hits_total{port=\"other\",protocol=\"TCP\"} 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn capture_losses_and_suppressed_alarms_are_exposed() {
+        let metrics = Metrics::new(&[], &[]).expect("metrics");
+        metrics.capture_drops(7);
+        metrics.alarm_suppressed();
+        metrics.alarm_dropped();
+        metrics.captured("probe");
+        let text = metrics.render();
+        for line in [
+            "portsentry_sensor_capture_drops_total 7",
+            "portsentry_sensor_alarms_suppressed_total 1",
+            "portsentry_sensor_alarms_dropped_total 1",
+            "portsentry_sensor_captured_packets_total{outcome=\"probe\"} 1",
+            "portsentry_sensor_captured_packets_total{outcome=\"port_in_use\"} 0",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn evictions_follow_the_engines_running_total() {
+        let metrics = Metrics::new(&[], &[]).expect("metrics");
+        metrics.sample(0, 0, 5);
+        metrics.sample(0, 0, 8);
+        assert!(
+            metrics
+                .render()
+                .contains("portsentry_sensor_source_evictions_total 8")
+        );
+    }
+
+    #[test]
+    fn readyz_fails_until_decoys_are_bound() {
+        let metrics = Metrics::new(&[], &[]).expect("metrics");
+        assert_eq!(metrics.respond("GET", "/readyz").0, 503);
+        metrics.set_ready(true);
+        assert_eq!(metrics.respond("GET", "/readyz").0, 200);
+        assert_eq!(metrics.respond("GET", "/healthz").0, 200);
+        assert_eq!(metrics.respond("GET", "/nope").0, 404);
+        assert_eq!(metrics.respond("POST", "/metrics").0, 405);
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_answers_over_http() {
+        let metrics = Arc::new(Metrics::new(&[1], &[]).expect("metrics"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(accept_loop(listener, metrics));
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(
+            response.contains("portsentry_sensor_hits_total"),
+            "{response}"
+        );
+    }
+}

@@ -1,0 +1,623 @@
+//! Responses to an alarm with PortSentry's `BLOCK_*` semantics: hosts.deny, route, command
+//! (in 1.2's order), an optional native enforcer, and the history and blocked files.
+//!
+//! - `BLOCK_x="0"`: the alarm is logged; nothing runs and **no history line is written**.
+//!   1.2 writes "... Blocked" anyway, and fail2ban's portsentry filter reads that file, so
+//!   reproducing it would ban hosts the config said not to block (2.x fixed it too).
+//! - `BLOCK_x="1"`: `KILL_HOSTS_DENY`, `KILL_ROUTE`, the native ban, then `KILL_RUN_CMD`
+//!   (`KILL_RUN_CMD_FIRST="1"` runs the command first).
+//! - `BLOCK_x="2"`: `KILL_RUN_CMD` only.
+//!
+//! A host is recorded as blocked (history/blocked lines, "already blocked" state) only when
+//! at least one action ran and every action succeeded; 1.2 records failures as success.
+//! `$TARGET$`, `$PORT$`, `$MODE$` are replaced by a parsed address, a number and `tcp`/`udp`:
+//! nothing an attacker sends reaches the shell.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    net::IpAddr,
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use portsentry_crds::Protocol;
+
+use crate::{
+    alert::{Alerts, Fields, HostName, lines},
+    config::{BlockLevel, Config, Mode},
+    error::{Error, Result},
+    metrics::Metrics,
+};
+
+/// Longest a KILL_ROUTE / KILL_RUN_CMD may run before it is killed and counted as failed.
+pub const ACTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Something that drops a banned source's traffic and can be reconciled to a list of bans.
+pub trait Enforcer: Send + Sync + std::fmt::Debug {
+    /// Short name for logs, e.g. the nftables table.
+    fn name(&self) -> String;
+    fn ban(&self, address: IpAddr, timeout: Option<Duration>) -> Result<()>;
+    fn unban(&self, address: IpAddr) -> Result<()>;
+    /// Makes the enforced state equal to `active` (restores what someone else removed).
+    fn reconcile(&self, active: &[(IpAddr, Option<Duration>)]) -> Result<()>;
+}
+
+impl Enforcer for crate::nft::NftBans {
+    fn name(&self) -> String {
+        self.table().to_owned()
+    }
+
+    fn ban(&self, address: IpAddr, timeout: Option<Duration>) -> Result<()> {
+        crate::nft::NftBans::ban(self, address, timeout).map_err(|e| Error::Enforcer(e.to_string()))
+    }
+
+    fn unban(&self, address: IpAddr) -> Result<()> {
+        crate::nft::NftBans::unban(self, address).map_err(|e| Error::Enforcer(e.to_string()))
+    }
+
+    fn reconcile(&self, active: &[(IpAddr, Option<Duration>)]) -> Result<()> {
+        crate::nft::NftBans::reconcile(self, active).map_err(|e| Error::Enforcer(e.to_string()))
+    }
+}
+
+/// Replaces `$TARGET$`, `$PORT$` and `$MODE$` with validated values.
+pub fn substitute(template: &str, target: IpAddr, port: u16, mode: Mode) -> String {
+    template
+        .replace("$TARGET$", &target.to_string())
+        .replace("$PORT$", &port.to_string())
+        .replace("$MODE$", mode.as_str())
+}
+
+/// A history/blocked line: `%ld - %02d/%02d/%04d %02d:%02d:%02d Host: %s/%s Port: %d %s Blocked`,
+/// with the local time of `at`.
+pub fn record_line(at: &jiff::Zoned, host: &HostName, port: u16, protocol: Protocol) -> String {
+    format!(
+        "{} - {:02}/{:02}/{:04} {:02}:{:02}:{:02} Host: {host} Port: {port} {} Blocked",
+        at.timestamp().as_second(),
+        at.month(),
+        at.day(),
+        at.year(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        protocol.as_str()
+    )
+}
+
+/// What became of an alarm's ban.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every action ran and succeeded: the host is blocked.
+    Blocked,
+    /// No action is configured for this block level.
+    NothingToRun,
+    /// An action failed: the host is not recorded as blocked.
+    Failed,
+}
+
+/// Runs the configured actions and keeps the history and blocked files.
+#[derive(Debug)]
+pub struct Responder {
+    block_tcp: BlockLevel,
+    block_udp: BlockLevel,
+    kill_route: Option<String>,
+    kill_hosts_deny: Option<String>,
+    hosts_deny_file: PathBuf,
+    kill_run_cmd: Option<String>,
+    run_cmd_first: bool,
+    history_file: Option<PathBuf>,
+    blocked_files: BTreeMap<Mode, PathBuf>,
+    /// Lines of the hosts blocked now, per mode, to rewrite blocked files on expiry.
+    blocked: Mutex<BTreeMap<IpAddr, (Mode, String)>>,
+    enforcer: Option<Arc<dyn Enforcer>>,
+    alerts: Arc<Alerts>,
+    metrics: Arc<Metrics>,
+}
+
+enum Action {
+    HostsDeny(String),
+    Route(String),
+    Native,
+    Command(String),
+}
+
+impl Responder {
+    /// Builds the responder; empties the blocked files as 1.2 does at start-up.
+    pub fn new(
+        config: &Config,
+        enforcer: Option<Arc<dyn Enforcer>>,
+        alerts: Arc<Alerts>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let mut blocked_files = BTreeMap::new();
+        for mode in [Mode::Tcp, Mode::Udp] {
+            if let Some(path) = config.blocked_file(mode) {
+                std::fs::write(&path, "").map_err(|source| Error::WriteRecord {
+                    what: "blocked",
+                    path: path.clone(),
+                    source,
+                })?;
+                blocked_files.insert(mode, path);
+            }
+        }
+        Ok(Self {
+            block_tcp: config.block_tcp,
+            block_udp: config.block_udp,
+            kill_route: config.kill_route.clone(),
+            kill_hosts_deny: config.kill_hosts_deny.clone(),
+            hosts_deny_file: config.hosts_deny_file.clone(),
+            kill_run_cmd: config.kill_run_cmd.clone(),
+            run_cmd_first: config.kill_run_cmd_first,
+            history_file: config.history_file.clone(),
+            blocked_files,
+            blocked: Mutex::new(BTreeMap::new()),
+            enforcer,
+            alerts,
+            metrics,
+        })
+    }
+
+    fn plan(&self, mode: Mode, target: IpAddr, port: u16) -> Vec<Action> {
+        let level = match mode {
+            Mode::Tcp => self.block_tcp,
+            Mode::Udp => self.block_udp,
+        };
+        let command = self
+            .kill_run_cmd
+            .as_deref()
+            .map(|cmd| Action::Command(substitute(cmd, target, port, mode)));
+        let mut actions = Vec::new();
+        match level {
+            BlockLevel::LogOnly => {}
+            BlockLevel::RunCmdOnly => actions.extend(command),
+            BlockLevel::All => {
+                if let Some(text) = &self.kill_hosts_deny {
+                    actions.push(Action::HostsDeny(substitute(text, target, port, mode)));
+                }
+                if let Some(cmd) = &self.kill_route {
+                    actions.push(Action::Route(substitute(cmd, target, port, mode)));
+                }
+                if self.enforcer.is_some() {
+                    actions.push(Action::Native);
+                }
+                match command {
+                    Some(command) if self.run_cmd_first => actions.insert(0, command),
+                    Some(command) => actions.push(command),
+                    None => {}
+                }
+            }
+        }
+        actions
+    }
+
+    /// Carries out a planned ban of `host` for a hit on `port`; records it when it worked.
+    pub async fn block(
+        &self,
+        host: &HostName,
+        mode: Mode,
+        port: u16,
+        duration: Option<Duration>,
+    ) -> Outcome {
+        let target = host.address;
+        let actions = self.plan(mode, target, port);
+        if actions.is_empty() {
+            return Outcome::NothingToRun;
+        }
+        let mut failed = false;
+        for action in actions {
+            let (name, result) = match &action {
+                Action::HostsDeny(text) => ("hosts_deny", self.hosts_deny(text)),
+                Action::Route(cmd) => ("route", run_shell(cmd).await),
+                Action::Command(cmd) => ("command", run_shell(cmd).await),
+                Action::Native => ("nftables", self.native_ban(target, duration).await),
+            };
+            match result {
+                Ok(()) => {
+                    let line = match &action {
+                        Action::HostsDeny(text) => lines::wrappers(target, text),
+                        Action::Route(cmd) => lines::route(target, cmd),
+                        Action::Command(cmd) => lines::external(target, cmd),
+                        Action::Native => lines::native_ban(
+                            target,
+                            &self.enforcer.as_ref().map(|e| e.name()).unwrap_or_default(),
+                            duration,
+                        ),
+                    };
+                    self.alerts.emit(&line, Fields::new(name).source(target));
+                }
+                Err(error) => {
+                    failed = true;
+                    self.metrics.action_failure(name);
+                    self.alerts.emit(
+                        &lines::action_failed(name, target, &error.to_string()),
+                        Fields::new("action_failed").source(target),
+                    );
+                }
+            }
+        }
+        if failed {
+            self.alerts.emit(
+                &lines::could_not_block(host),
+                Fields::new("could_not_block").source(target),
+            );
+            return Outcome::Failed;
+        }
+        if let Err(error) = self.record(host, mode, port) {
+            self.metrics.action_failure("record");
+            self.alerts.emit(
+                &format!("adminalert: ERROR: {error}"),
+                Fields::new("record_failed").source(target),
+            );
+        }
+        Outcome::Blocked
+    }
+
+    async fn native_ban(&self, target: IpAddr, duration: Option<Duration>) -> Result<()> {
+        let Some(enforcer) = self.enforcer.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || enforcer.ban(target, duration))
+            .await
+            .map_err(|e| Error::Enforcer(e.to_string()))?
+    }
+
+    fn hosts_deny(&self, text: &str) -> Result<()> {
+        append(&self.hosts_deny_file, "hosts.deny", text)
+    }
+
+    /// Appends the history line and the mode's blocked line for a host just blocked.
+    fn record(&self, host: &HostName, mode: Mode, port: u16) -> Result<()> {
+        let line = record_line(&jiff::Zoned::now(), host, port, mode.protocol());
+        if let Some(path) = &self.history_file {
+            append(path, "history", &line)?;
+        }
+        if let Some(path) = self.blocked_files.get(&mode) {
+            append(path, "blocked", &line)?;
+        }
+        let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
+        blocked.insert(host.address, (mode, line));
+        Ok(())
+    }
+
+    /// Lifts an expired ban: the native enforcer drops it, the blocked file forgets it.
+    pub async fn lift(&self, address: IpAddr) {
+        if let Some(enforcer) = self.enforcer.clone() {
+            let result = tokio::task::spawn_blocking(move || enforcer.unban(address))
+                .await
+                .map_err(|e| Error::Enforcer(e.to_string()))
+                .and_then(|r| r);
+            if let Err(error) = result {
+                self.metrics.action_failure("nftables");
+                self.alerts.emit(
+                    &lines::action_failed("nftables unban", address, &error.to_string()),
+                    Fields::new("action_failed").source(address),
+                );
+            }
+        }
+        self.alerts.emit(
+            &lines::expired(address),
+            Fields::new("expired").source(address),
+        );
+        let remaining: Vec<(Mode, String)> = {
+            let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
+            blocked.remove(&address);
+            blocked.values().cloned().collect()
+        };
+        for (mode, path) in &self.blocked_files {
+            let text: String = remaining
+                .iter()
+                .filter(|(m, _)| m == mode)
+                .map(|(_, line)| format!("{line}\n"))
+                .collect();
+            if let Err(source) = std::fs::write(path, text) {
+                self.alerts.emit(
+                    &format!(
+                        "adminalert: ERROR: cannot rewrite blocked file {}: {source}",
+                        path.display()
+                    ),
+                    Fields::new("record_failed"),
+                );
+            }
+        }
+    }
+
+    /// Brings the native enforcer in line with `active`, if there is one.
+    pub async fn reconcile(&self, active: Vec<(IpAddr, Option<Duration>)>) -> Result<()> {
+        let Some(enforcer) = self.enforcer.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || enforcer.reconcile(&active))
+            .await
+            .map_err(|e| Error::Enforcer(e.to_string()))?
+    }
+}
+
+fn append(path: &PathBuf, what: &'static str, line: &str) -> Result<()> {
+    let error = |source| Error::WriteRecord {
+        what,
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(error)?;
+    writeln!(file, "{line}").map_err(error)
+}
+
+/// Runs `/bin/sh -c command` (as 1.2's `system()`), failing on a non-zero exit or timeout.
+pub async fn run_shell(command: &str) -> Result<()> {
+    let fail = |message: String| Error::Action {
+        action: "command",
+        message,
+    };
+    let child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| fail(format!("cannot start /bin/sh: {e}")))?;
+    let output = tokio::time::timeout(ACTION_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| {
+            fail(format!(
+                "`{command}` still running after {ACTION_TIMEOUT:?}; killed"
+            ))
+        })?
+        .map_err(|e| fail(format!("`{command}`: {e}")))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = stderr.trim();
+    Err(fail(format!(
+        "`{command}` exited with {}{}{}",
+        output.status,
+        if stderr.is_empty() { "" } else { ": " },
+        stderr.chars().take(200).collect::<String>()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("address")
+    }
+
+    #[test]
+    fn substitution_replaces_target_port_and_mode() {
+        assert_eq!(
+            substitute(
+                "/x $TARGET$ $PORT$ $MODE$ $TARGET$",
+                ip("192.0.2.1"),
+                111,
+                Mode::Udp
+            ),
+            "/x 192.0.2.1 111 udp 192.0.2.1"
+        );
+    }
+
+    #[test]
+    fn substitution_writes_ipv6_targets_in_canonical_form() {
+        assert_eq!(
+            substitute("$TARGET$", ip("2001:0db8:0000::0001"), 1, Mode::Tcp),
+            "2001:db8::1"
+        );
+    }
+
+    #[test]
+    fn substituted_values_carry_no_shell_syntax() {
+        let out = substitute(
+            "$TARGET$:$PORT$:$MODE$",
+            ip("::ffff:192.0.2.1"),
+            65535,
+            Mode::Tcp,
+        );
+        assert!(
+            out.chars()
+                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.' || c.is_ascii_lowercase()),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_record_line_has_portsentrys_exact_format() {
+        let at: jiff::Zoned = "1999-11-10T20:18:49-06:00[America/Chicago]"
+            .parse()
+            .expect("time");
+        assert_eq!(
+            record_line(
+                &at,
+                &HostName::unresolved(ip("192.168.2.12")),
+                111,
+                Protocol::Tcp
+            ),
+            "942286729 - 11/10/1999 20:18:49 Host: 192.168.2.12/192.168.2.12 Port: 111 TCP Blocked"
+        );
+    }
+
+    #[test]
+    fn a_record_line_pads_single_digit_fields() {
+        let at: jiff::Zoned = "2026-01-02T03:04:05+00:00[UTC]".parse().expect("time");
+        let line = record_line(&at, &HostName::unresolved(ip("fd00::2")), 7, Protocol::Udp);
+        assert_eq!(
+            line,
+            format!(
+                "{} - 01/02/2026 03:04:05 Host: fd00::2/fd00::2 Port: 7 UDP Blocked",
+                at.timestamp().as_second()
+            )
+        );
+    }
+
+    fn config(dir: &Path, body: &str) -> Config {
+        let text = format!(
+            "HISTORY_FILE=\"{d}/history\"\nBLOCKED_FILE=\"{d}/blocked\"\nHOSTS_DENY_FILE=\"{d}/hosts.deny\"\n{body}",
+            d = dir.display()
+        );
+        Config::parse(Path::new("/test.conf"), &text).expect("config")
+    }
+
+    fn responder(config: &Config) -> Responder {
+        Responder::new(
+            config,
+            None,
+            Arc::new(Alerts::stderr()),
+            Arc::new(Metrics::new(&[], &[]).expect("metrics")),
+        )
+        .expect("responder")
+    }
+
+    fn read(path: PathBuf) -> String {
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn block_1_runs_hosts_deny_route_then_command_in_that_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("order");
+        let config = config(
+            dir.path(),
+            &format!(
+                "BLOCK_TCP=\"1\"\nKILL_HOSTS_DENY=\"ALL: $TARGET$\"\nKILL_ROUTE=\"echo route $TARGET$ >> {l}\"\nKILL_RUN_CMD=\"test -s {h} && echo cmd $PORT$ $MODE$ >> {l}\"\n",
+                l = log.display(),
+                h = dir.path().join("hosts.deny").display()
+            ),
+        );
+        let outcome = responder(&config)
+            .block(&HostName::unresolved(ip("192.0.2.9")), Mode::Tcp, 111, None)
+            .await;
+        assert_eq!(outcome, Outcome::Blocked);
+        assert_eq!(read(dir.path().join("hosts.deny")), "ALL: 192.0.2.9\n");
+        assert_eq!(read(log), "route 192.0.2.9\ncmd 111 tcp\n");
+    }
+
+    #[tokio::test]
+    async fn kill_run_cmd_first_runs_the_command_before_the_route() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("order");
+        let config = config(
+            dir.path(),
+            &format!(
+                "BLOCK_TCP=\"1\"\nKILL_ROUTE=\"echo route >> {l}\"\nKILL_RUN_CMD=\"echo cmd >> {l}\"\nKILL_RUN_CMD_FIRST=\"1\"\n",
+                l = log.display()
+            ),
+        );
+        responder(&config)
+            .block(&HostName::unresolved(ip("192.0.2.9")), Mode::Tcp, 1, None)
+            .await;
+        assert_eq!(read(log), "cmd\nroute\n");
+    }
+
+    #[tokio::test]
+    async fn block_2_runs_only_the_command() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("order");
+        let config = config(
+            dir.path(),
+            &format!(
+                "BLOCK_UDP=\"2\"\nKILL_HOSTS_DENY=\"ALL: $TARGET$\"\nKILL_ROUTE=\"echo route >> {l}\"\nKILL_RUN_CMD=\"echo cmd >> {l}\"\n",
+                l = log.display()
+            ),
+        );
+        let outcome = responder(&config)
+            .block(&HostName::unresolved(ip("192.0.2.9")), Mode::Udp, 1, None)
+            .await;
+        assert_eq!(outcome, Outcome::Blocked);
+        assert_eq!(read(log), "cmd\n");
+        assert_eq!(read(dir.path().join("hosts.deny")), "");
+    }
+
+    #[tokio::test]
+    async fn block_2_without_a_command_blocks_nothing_and_records_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(dir.path(), "BLOCK_TCP=\"2\"\nKILL_ROUTE=\"/bin/true\"\n");
+        let outcome = responder(&config)
+            .block(&HostName::unresolved(ip("192.0.2.9")), Mode::Tcp, 1, None)
+            .await;
+        assert_eq!(outcome, Outcome::NothingToRun);
+        assert_eq!(read(dir.path().join("history")), "");
+    }
+
+    #[tokio::test]
+    async fn block_0_runs_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(dir.path(), "BLOCK_TCP=\"0\"\nKILL_RUN_CMD=\"/bin/true\"\n");
+        let outcome = responder(&config)
+            .block(&HostName::unresolved(ip("192.0.2.9")), Mode::Tcp, 1, None)
+            .await;
+        assert_eq!(outcome, Outcome::NothingToRun);
+    }
+
+    #[tokio::test]
+    async fn a_failed_action_is_not_recorded_as_blocked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(dir.path(), "BLOCK_TCP=\"1\"\nKILL_ROUTE=\"/bin/false\"\n");
+        let responder = responder(&config);
+        let outcome = responder
+            .block(&HostName::unresolved(ip("192.0.2.9")), Mode::Tcp, 1, None)
+            .await;
+        assert_eq!(outcome, Outcome::Failed);
+        assert_eq!(read(dir.path().join("history")), "");
+        assert_eq!(responder.metrics.action_failures("route"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_missing_command_is_a_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(
+            dir.path(),
+            "BLOCK_TCP=\"2\"\nKILL_RUN_CMD=\"/nonexistent/portsentry-script $TARGET$\"\n",
+        );
+        let outcome = responder(&config)
+            .block(&HostName::unresolved(ip("192.0.2.9")), Mode::Tcp, 1, None)
+            .await;
+        assert_eq!(outcome, Outcome::Failed);
+    }
+
+    #[tokio::test]
+    async fn a_block_writes_history_and_the_modes_blocked_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(dir.path(), "BLOCK_TCP=\"1\"\nKILL_ROUTE=\"/bin/true\"\n");
+        responder(&config)
+            .block(&HostName::unresolved(ip("192.0.2.9")), Mode::Tcp, 143, None)
+            .await;
+        let history = read(dir.path().join("history"));
+        assert!(
+            history.ends_with(" Host: 192.0.2.9/192.0.2.9 Port: 143 TCP Blocked\n"),
+            "{history}"
+        );
+        assert_eq!(read(dir.path().join("blocked.tcp")), history);
+        assert_eq!(read(dir.path().join("blocked.udp")), "");
+    }
+
+    #[tokio::test]
+    async fn blocked_files_are_emptied_at_start_and_forget_lifted_bans() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("blocked.tcp"), "old\n").expect("write");
+        let config = config(dir.path(), "BLOCK_TCP=\"1\"\nKILL_ROUTE=\"/bin/true\"\n");
+        let responder = responder(&config);
+        assert_eq!(read(dir.path().join("blocked.tcp")), "");
+        responder
+            .block(&HostName::unresolved(ip("192.0.2.9")), Mode::Tcp, 1, None)
+            .await;
+        responder
+            .block(&HostName::unresolved(ip("192.0.2.10")), Mode::Tcp, 1, None)
+            .await;
+        responder.lift(ip("192.0.2.9")).await;
+        let blocked = read(dir.path().join("blocked.tcp"));
+        assert!(!blocked.contains("192.0.2.9/"), "{blocked}");
+        assert!(blocked.contains("192.0.2.10/"), "{blocked}");
+        assert_eq!(read(dir.path().join("history")).lines().count(), 2);
+    }
+}

@@ -1,0 +1,595 @@
+//! Host mode wired together: binds the decoys, captures packets for the raw modes, feeds
+//! hits to the engine, runs responses in order on one task, and keeps state fresh.
+//!
+//! ```text
+//! listeners ----------+
+//!                     +--hit--> Core (engine; alarm gate) --alarm--> respond task --> Responder
+//! capture thread -----+                   ^                                             |
+//!      maintenance (1 s): expire, reconcile enforcer, re-read ignore file, metrics, flood summary
+//! ```
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use portsentry_crds::Protocol;
+use tokio::sync::mpsc;
+
+use crate::{
+    alert::{Alerts, Fields, HostName, lines},
+    capture::Capture,
+    classify,
+    config::{BanDuration, BlockLevel, Config, Mode, load_ignore},
+    engine::{Alarm, AlarmGate, BanPolicy, Engine, NoBan, Protection, Settings, Verdict},
+    error::{Error, Result},
+    listen::{self, Decoy, HitSink},
+    metrics::{self, Metrics},
+    respond::{Enforcer, Outcome, Responder},
+    stealth::{self, DEFAULT_ADVANCED_PORTS, RawMode, Watch},
+};
+
+/// Alarms waiting for their responses; beyond this, new alarms are logged but not acted on.
+const ALARM_QUEUE: usize = 4096;
+
+/// How the sensor is to run.
+#[derive(Debug)]
+pub struct Options {
+    pub config: Config,
+    /// Connect modes (`-tcp`, `-udp`).
+    pub modes: Vec<Mode>,
+    /// Raw-socket modes (`-stcp`, `-sudp`, `-atcp`, `-audp`).
+    pub raw: Vec<RawMode>,
+    pub alerts: Arc<Alerts>,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// The engine's settings for a config.
+pub fn settings(config: &Config) -> Settings {
+    Settings {
+        scan_trigger: config.scan_trigger,
+        window: config.scan_window,
+        distinct_ports: config.scan_distinct_ports,
+        max_sources: config.state_max_sources,
+        ban_unverified: config.ban_unverified,
+        ban_tcp: config.block_tcp != BlockLevel::LogOnly,
+        ban_udp: config.block_udp != BlockLevel::LogOnly,
+        ban: BanPolicy {
+            first: match config.ban_duration {
+                BanDuration::Forever => None,
+                BanDuration::For(duration) => Some(duration),
+            },
+            max: config.ban_max_duration,
+            escalation_window: config.ban_escalation_window,
+        },
+    }
+}
+
+/// Shared state the listeners report to.
+#[derive(Debug)]
+struct Core {
+    engine: Mutex<Engine>,
+    origin: Instant,
+    metrics: Arc<Metrics>,
+    alarms: mpsc::Sender<Alarm>,
+    alerts: Arc<Alerts>,
+    gate: Mutex<AlarmGate>,
+    suppressed: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Core {
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl HitSink for Core {
+    fn hit(&self, hit: crate::engine::Hit) -> bool {
+        self.metrics.hit(hit.protocol, hit.port);
+        self.metrics.probe(hit.kind);
+        let verdict = self.engine().observe(hit, self.now());
+        match verdict {
+            Verdict::Protected(protection) => {
+                self.metrics.protected(match protection {
+                    Protection::IgnoreList => "ignore_list",
+                    Protection::Loopback => "loopback",
+                    Protection::OwnAddress => "own_address",
+                });
+                tracing::debug!(source = %hit.source, port = hit.port, ?protection, "hit from a protected source");
+                false
+            }
+            Verdict::Counted { count, needed } => {
+                tracing::debug!(source = %hit.source, port = hit.port, count, needed, "hit below the scan trigger");
+                false
+            }
+            Verdict::AlreadyBanned => {
+                self.alerts.emit(
+                    &lines::already_blocked(hit.source),
+                    Fields::new("already_blocked")
+                        .source(hit.source)
+                        .port(hit.protocol, hit.port),
+                );
+                false
+            }
+            Verdict::Alarm(alarm) => {
+                self.metrics.alarm(hit.protocol);
+                let admitted = self
+                    .gate
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .admit(&alarm, self.now());
+                if !admitted {
+                    self.engine().abandon(hit.source);
+                    self.metrics.alarm_suppressed();
+                    self.suppressed.fetch_add(1, Ordering::Relaxed);
+                    return false;
+                }
+                if self.alarms.try_send(alarm).is_err() {
+                    self.engine().abandon(hit.source);
+                    self.metrics.alarm_dropped();
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(source = %hit.source, "alarm queue full: alarm dropped, source not banned");
+                }
+                true
+            }
+        }
+    }
+}
+
+/// Name for log lines: reverse DNS through NSS (`getent hosts`) when asked, else the address.
+async fn host_name(address: IpAddr, resolve: bool) -> HostName {
+    if !resolve {
+        return HostName::unresolved(address);
+    }
+    let lookup = tokio::process::Command::new("getent")
+        .arg("hosts")
+        .arg(address.to_string())
+        .kill_on_drop(true)
+        .output();
+    let name = match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+        Ok(Ok(output)) if output.status.success() => String::from_utf8_lossy(&output.stdout)
+            .split_whitespace()
+            .nth(1)
+            .map(str::to_owned),
+        _ => None,
+    };
+    HostName {
+        name: name.unwrap_or_else(|| address.to_string()),
+        address,
+    }
+}
+
+fn mode_of(protocol: Protocol) -> Mode {
+    match protocol {
+        Protocol::Tcp => Mode::Tcp,
+        Protocol::Udp => Mode::Udp,
+    }
+}
+
+/// Logs each alarm and carries out its response, one at a time, in arrival order.
+async fn respond_task(
+    mut alarms: mpsc::Receiver<Alarm>,
+    core: Arc<Core>,
+    responder: Arc<Responder>,
+    resolve: bool,
+) {
+    while let Some(alarm) = alarms.recv().await {
+        let hit = alarm.hit;
+        let host = host_name(hit.source, resolve).await;
+        let line = match (hit.protocol, hit.captured) {
+            (Protocol::Tcp, Some(captured)) => {
+                lines::probe_alarm(&classify::label(hit.kind, captured.flags), &host, hit.port)
+            }
+            _ => lines::alarm(&host, hit.protocol, hit.port),
+        };
+        core.alerts.emit(
+            &line,
+            Fields::new("alarm")
+                .source(hit.source)
+                .port(hit.protocol, hit.port),
+        );
+        if hit.captured.is_some_and(|c| c.ip_options) {
+            core.alerts.emit(
+                &lines::ip_options(&host, hit.protocol, hit.port),
+                Fields::new("ip_options")
+                    .source(hit.source)
+                    .port(hit.protocol, hit.port),
+            );
+        }
+        let plan = match alarm.outcome {
+            Ok(plan) => plan,
+            Err(NoBan::LogOnly) => continue,
+            Err(reason) => {
+                let why = match reason {
+                    NoBan::Unverified => {
+                        "no completed handshake proves the source (set BAN_UNVERIFIED=\"1\" to block on such evidence)"
+                    }
+                    _ => "as many bans as STATE_MAX_SOURCES are active",
+                };
+                core.alerts.emit(
+                    &lines::not_banned(&host, why),
+                    Fields::new("not_banned").source(hit.source),
+                );
+                continue;
+            }
+        };
+        let outcome = responder
+            .block(&host, mode_of(hit.protocol), hit.port, plan.duration)
+            .await;
+        match outcome {
+            Outcome::Blocked => {
+                core.engine().confirm(hit.source, core.now());
+                core.metrics.ban_added();
+            }
+            Outcome::NothingToRun => {
+                core.engine().abandon(hit.source);
+                core.alerts.emit(
+                    &lines::not_banned(&host, "no action is configured for this BLOCK level (see `portsentry-sensor check`)"),
+                    Fields::new("not_banned").source(hit.source),
+                );
+            }
+            Outcome::Failed => core.engine().abandon(hit.source),
+        }
+    }
+}
+
+/// File identity used to notice that the ignore file changed.
+fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Once a second: lift expired bans, reconcile the enforcer, refresh metrics; re-read the
+/// ignore file when it changes and the host's addresses every 30 s.
+async fn maintenance_task(core: Arc<Core>, responder: Arc<Responder>, config: Config) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut ignore_stamp = config.ignore_file.as_deref().and_then(stamp);
+    let mut last_reconcile_error: Option<String> = None;
+    let mut tick: u64 = 0;
+    loop {
+        ticker.tick().await;
+        tick += 1;
+        summarize_flood(&core);
+        let now = core.now();
+        let (expired, active, tracked, evictions) = {
+            let mut engine = core.engine();
+            let expired = engine.expire(now);
+            (
+                expired,
+                engine.active_bans(now),
+                engine.sources_tracked(),
+                engine.evictions(),
+            )
+        };
+        for address in expired {
+            responder.lift(address).await;
+            core.metrics.ban_expired();
+        }
+        core.metrics.sample(active.len(), tracked, evictions);
+        match responder.reconcile(active).await {
+            Ok(()) => last_reconcile_error = None,
+            Err(error) => {
+                let text = error.to_string();
+                if last_reconcile_error.as_deref() != Some(&text) {
+                    core.metrics.action_failure("nftables");
+                    core.alerts.emit(
+                        &format!("adminalert: ERROR: cannot reconcile bans: {text}"),
+                        Fields::new("reconcile_failed"),
+                    );
+                }
+                last_reconcile_error = Some(text);
+            }
+        }
+        if let Some(path) = &config.ignore_file {
+            let current = stamp(path);
+            if current != ignore_stamp {
+                ignore_stamp = current;
+                match load_ignore(path) {
+                    Ok(list) => {
+                        let list = list.unwrap_or_default();
+                        core.alerts.emit(
+                            &format!(
+                                "adminalert: Ignore file {} re-read: {} entries",
+                                path.display(),
+                                list.len()
+                            ),
+                            Fields::new("ignore_reloaded"),
+                        );
+                        let released = {
+                            let mut engine = core.engine();
+                            engine.set_ignore(list);
+                            engine.release_protected()
+                        };
+                        for address in released {
+                            responder.lift(address).await;
+                        }
+                    }
+                    Err(error) => core.alerts.emit(
+                        &format!("adminalert: ERROR: {error}; keeping the previous ignore list"),
+                        Fields::new("ignore_invalid"),
+                    ),
+                }
+            }
+        }
+        if tick % 30 == 0 {
+            core.engine().set_own_addresses(listen::own_addresses());
+        }
+    }
+}
+
+/// Says once a second how many alarms were suppressed or dropped, instead of one line each.
+fn summarize_flood(core: &Core) {
+    let suppressed = core.suppressed.swap(0, Ordering::Relaxed);
+    let dropped = core.dropped.swap(0, Ordering::Relaxed);
+    if suppressed + dropped > 0 {
+        core.alerts.emit(
+            &format!(
+                "adminalert: WARNING: {suppressed} alarm(s) of first-seen sources without a completed handshake were not logged in the last second (limit {} a second: source addresses are probably spoofed) and {dropped} alarm(s) were dropped with the response queue full; repeat and verified sources are always logged",
+                crate::engine::FIRST_SIGHT_ALARMS_PER_SECOND
+            ),
+            Fields::new("alarms_suppressed"),
+        );
+    }
+}
+
+/// Opens the packet capture and starts the raw modes on a thread of their own; the
+/// receiver hears why the capture stopped if it ever does.
+fn start_capture(
+    config: &Config,
+    raw: &[RawMode],
+    core: &Arc<Core>,
+) -> Result<tokio::sync::oneshot::Receiver<String>> {
+    let capture =
+        Capture::open(Duration::from_secs(1)).map_err(|error| Error::Capture(error.to_string()))?;
+    let watch = Watch::new(config, raw);
+    for mode in raw {
+        let protocol = mode.protocol();
+        if mode.advanced() {
+            let (below, exclude) = match protocol {
+                Protocol::Tcp => (config.advanced_ports_tcp, &config.advanced_exclude_tcp),
+                Protocol::Udp => (config.advanced_ports_udp, &config.advanced_exclude_udp),
+            };
+            core.alerts.emit(
+                &lines::advanced_monitoring(protocol, below.unwrap_or(DEFAULT_ADVANCED_PORTS)),
+                Fields::new("listening"),
+            );
+            for port in portsentry_crds::expand(exclude) {
+                core.alerts.emit(
+                    &lines::advanced_exclude(protocol, port),
+                    Fields::new("listening").port(protocol, port),
+                );
+            }
+        } else {
+            for port in portsentry_crds::expand(config.ports(mode_of(protocol))) {
+                core.alerts.emit(
+                    &lines::stealth_listening(protocol, port),
+                    Fields::new("listening").port(protocol, port),
+                );
+            }
+        }
+    }
+    if let Ok(size) = capture.receive_buffer() {
+        tracing::info!(bytes = size, "packet capture receive buffer");
+    }
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
+    let sink: Arc<dyn HitSink> = core.clone();
+    let metrics = core.metrics.clone();
+    std::thread::Builder::new()
+        .name("capture".into())
+        .spawn(move || {
+            let error = stealth::capture_loop(capture, watch, sink, metrics);
+            let _ = stopped_tx.send(error.to_string());
+        })
+        .map_err(|error| Error::Capture(format!("cannot start the capture thread: {error}")))?;
+    Ok(stopped_rx)
+}
+
+/// Opens the native nftables enforcer when the config asks for it.
+fn open_enforcer(config: &Config) -> Result<Option<Arc<crate::nft::NftBans>>> {
+    if !config.nft_ban {
+        return Ok(None);
+    }
+    crate::nft::NftBans::open(&config.nft_table)
+        .map(|bans| Some(Arc::new(bans)))
+        .map_err(|error| Error::Enforcer(format!("{error} (NFT_BAN=\"1\" needs root or CAP_NET_ADMIN; set NFT_BAN=\"0\" to run without it)")))
+}
+
+/// Runs the sensor until SIGINT or SIGTERM.
+pub async fn run(options: Options) -> Result<()> {
+    let Options {
+        config,
+        modes,
+        raw,
+        alerts,
+        metrics_addr,
+    } = options;
+    let ignore = match &config.ignore_file {
+        Some(path) => match load_ignore(path)? {
+            Some(list) => list,
+            None => {
+                alerts.emit(
+                    &format!("adminalert: WARNING: ignore file {} does not exist: nothing but loopback and this host's addresses is exempt; it is read when it appears", path.display()),
+                    Fields::new("ignore_missing"),
+                );
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
+    let decoys: Vec<(Protocol, u16)> = modes
+        .iter()
+        .flat_map(|mode| {
+            portsentry_crds::expand(config.ports(*mode))
+                .into_iter()
+                .map(move |port| (mode.protocol(), port))
+        })
+        .collect();
+    let ports_of = |protocol: Protocol| -> Vec<u16> {
+        let mut ports: Vec<u16> = decoys
+            .iter()
+            .filter(|(p, _)| *p == protocol)
+            .map(|(_, port)| *port)
+            .collect();
+        if raw
+            .iter()
+            .any(|m| !m.advanced() && m.protocol() == protocol)
+        {
+            ports.extend(portsentry_crds::expand(config.ports(mode_of(protocol))));
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    };
+    let metrics = Arc::new(Metrics::new(
+        &ports_of(Protocol::Tcp),
+        &ports_of(Protocol::Udp),
+    )?);
+    if let Some(addr) = metrics_addr {
+        metrics::serve(addr, metrics.clone()).await?;
+    }
+    let nft = open_enforcer(&config)?;
+    let enforcer: Option<Arc<dyn Enforcer>> = nft.clone().map(|n| n as Arc<dyn Enforcer>);
+    let responder = Arc::new(Responder::new(
+        &config,
+        enforcer,
+        alerts.clone(),
+        metrics.clone(),
+    )?);
+
+    let mut engine = Engine::new(settings(&config));
+    engine.set_ignore(ignore);
+    engine.set_own_addresses(listen::own_addresses());
+    let (alarm_tx, alarm_rx) = mpsc::channel(ALARM_QUEUE);
+    let core = Arc::new(Core {
+        engine: Mutex::new(engine),
+        origin: Instant::now(),
+        metrics: metrics.clone(),
+        alarms: alarm_tx,
+        alerts: alerts.clone(),
+        gate: Mutex::new(AlarmGate::default()),
+        suppressed: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+    });
+
+    let (bound, skipped) = listen::bind_all(&decoys);
+    for skip in &skipped {
+        alerts.emit(
+            &lines::cannot_bind(
+                skip.protocol,
+                skip.port,
+                skip.family.as_str(),
+                &skip.error.to_string(),
+            ),
+            Fields::new("cannot_bind").port(skip.protocol, skip.port),
+        );
+    }
+    if bound.is_empty() && raw.is_empty() {
+        return Err(Error::NothingBound(format!(
+            "{} decoy(s) configured for modes {:?}",
+            decoys.len(),
+            modes
+        )));
+    }
+    let banner: Option<Arc<str>> = config.port_banner.as_deref().map(Arc::from);
+    let mut tcp_bound = Vec::new();
+    let mut udp_bound = Vec::new();
+    for decoy in bound {
+        let sink: Arc<dyn HitSink> = core.clone();
+        match decoy {
+            Decoy::Tcp(port, _, listener) => {
+                if !tcp_bound.contains(&port) {
+                    alerts.emit(
+                        &lines::listening(Protocol::Tcp, port),
+                        Fields::new("listening").port(Protocol::Tcp, port),
+                    );
+                    tcp_bound.push(port);
+                }
+                let banner = banner.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = listen::serve_tcp(listener, port, banner, sink).await {
+                        tracing::error!(port, %error, "TCP decoy stopped");
+                    }
+                });
+            }
+            Decoy::Udp(port, _, socket) => {
+                if !udp_bound.contains(&port) {
+                    alerts.emit(
+                        &lines::listening(Protocol::Udp, port),
+                        Fields::new("listening").port(Protocol::Udp, port),
+                    );
+                    udp_bound.push(port);
+                }
+                tokio::spawn(async move {
+                    if let Err(error) = listen::serve_udp(socket, port, sink).await {
+                        tracing::error!(port, %error, "UDP decoy stopped");
+                    }
+                });
+            }
+        }
+    }
+    if let Some(nft) = &nft
+        && config.nft_tripwire
+        && config.block_tcp == BlockLevel::All
+        && modes.contains(&Mode::Tcp)
+    {
+        tcp_bound.sort_unstable();
+        let first = settings(&config).ban.first;
+        // Only ports this sensor really holds: a skipped port may be a real service.
+        nft.install_tripwire(&tcp_bound, first)
+            .map_err(|error| Error::Enforcer(error.to_string()))?;
+    }
+    let capture_stopped = if raw.is_empty() {
+        None
+    } else {
+        Some(start_capture(&config, &raw, &core)?)
+    };
+    tokio::spawn(respond_task(
+        alarm_rx,
+        core.clone(),
+        responder.clone(),
+        config.resolve_host,
+    ));
+    tokio::spawn(maintenance_task(core.clone(), responder, config.clone()));
+    metrics.set_ready(true);
+    alerts.emit(&lines::active(), Fields::new("active"));
+    if let Some(stopped) = capture_stopped {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            reason = stopped => {
+                let reason = reason.unwrap_or_else(|_| "the capture thread ended".into());
+                return Err(Error::Capture(format!("packet capture stopped: {reason}")));
+            }
+        }
+    } else {
+        shutdown_signal().await;
+    }
+    alerts.emit(
+        "adminalert: PortSentry is shutting down.",
+        Fields::new("shutdown"),
+    );
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; stop with SIGINT");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,106 @@
+//! Where the pinned control-plane binaries are: `PORTSENTRY_CONTROL_PLANE_BIN` (set by
+//! tests/run), else the cache folder tests/build-control-plane fills; etcd from Debian.
+
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// What to do when a binary is missing; every such error ends with it.
+pub const BUILD_HINT: &str = "run tests/run (or tests/build-control-plane, then set \
+PORTSENTRY_CONTROL_PLANE_BIN to the folder it prints on its last line)";
+
+/// The repository's root folder.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// Paths of the real programs the harness runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// The folder of kube-apiserver, kube-controller-manager, kubectl and helm.
+    pub bin_dir: PathBuf,
+    pub etcd: PathBuf,
+}
+
+impl Binaries {
+    /// Finds the binaries; fails naming what is missing and how to get it.
+    pub fn locate() -> Result<Self> {
+        let bin_dir = match env::var_os("PORTSENTRY_CONTROL_PLANE_BIN") {
+            Some(dir) => PathBuf::from(dir),
+            None => default_bin_dir()?,
+        };
+        Self::in_dir(bin_dir)
+    }
+
+    /// Like [`Self::locate`], with the pinned binaries taken from `bin_dir`.
+    pub fn in_dir(bin_dir: PathBuf) -> Result<Self> {
+        let etcd = env::var_os("PORTSENTRY_ETCD")
+            .map(PathBuf::from)
+            .or_else(|| find_on_path("etcd"))
+            .unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"));
+        if !etcd.is_file() {
+            bail!(
+                "etcd is missing (looked for {} and on PATH): install Debian's etcd-server \
+                 (apt-get install etcd-server); {BUILD_HINT}",
+                etcd.display()
+            );
+        }
+        let found = Self { bin_dir, etcd };
+        found.require("kube-apiserver")?;
+        Ok(found)
+    }
+
+    /// The path of a binary of the pinned set (`kube-apiserver`, `kubectl`, `helm`, ...),
+    /// or an error naming it and saying how to build it.
+    pub fn require(&self, name: &str) -> Result<PathBuf> {
+        let path = self.bin_dir.join(name);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            bail!(
+                "{name} is missing: {} does not exist; {BUILD_HINT}",
+                path.display()
+            )
+        }
+    }
+}
+
+/// The cache folder tests/build-control-plane writes, from tests/versions.env.
+fn default_bin_dir() -> Result<PathBuf> {
+    let versions = repo_root().join("tests/versions.env");
+    let text =
+        fs::read_to_string(&versions).with_context(|| format!("reading {}", versions.display()))?;
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{key}=")))
+            .map(str::trim)
+            .with_context(|| format!("{key} is not set in {}", versions.display()))
+    };
+    let cache_root = match (
+        env::var_os("PORTSENTRY_CACHE"),
+        env::var_os("XDG_CACHE_HOME"),
+    ) {
+        (Some(dir), _) => PathBuf::from(dir),
+        (None, Some(dir)) => PathBuf::from(dir).join("portsentry-k8s"),
+        (None, None) => PathBuf::from(env::var_os("HOME").context("HOME is not set")?)
+            .join(".cache/portsentry-k8s"),
+    };
+    Ok(cache_root.join(format!(
+        "control-plane-{}-helm-{}/bin",
+        value("KUBERNETES_VERSION")?,
+        value("HELM_VERSION")?
+    )))
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    env::split_paths(&env::var_os("PATH")?)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+}

@@ -1,0 +1,20 @@
+//! Test harness of portsentry-k8s: a real, disposable Kubernetes control plane per suite
+//! (etcd, kube-apiserver, kube-controller-manager) and helpers to drive it, no mocks.
+#![forbid(unsafe_code)]
+
+mod binaries;
+mod certs;
+mod control_plane;
+mod http_server;
+mod manifests;
+mod process;
+
+pub use binaries::{BUILD_HINT, Binaries, repo_root};
+pub use certs::CertAndKey;
+pub use control_plane::{
+    ControlPlane, FIELD_MANAGER, Options, PORTSENTRY_AUDIENCE, SERVICE_ACCOUNT_ISSUER, shared,
+};
+pub use http_server::{HttpServer, Recorded, Reply};
+pub use manifests::{
+    api_for, apply_documents, chart_crd_files, install_crds, parse_documents, wait_for,
+};
