@@ -1,5 +1,5 @@
-//! The PortSentryPolicy controller: lists the policy's bans, pods and the namespace's
-//! NetworkPolicies, asks the pure core what to do, then applies it and writes status.
+//! The PortSentryPolicy controller: reads bans from a watch, lists pods and NetworkPolicies,
+//! asks the pure core (`plan`) what to do, then applies it and writes status.
 //!
 //! ```text
 //!  PortSentryBan ──────┐                      ┌─ delete expired bans
@@ -19,44 +19,80 @@ use std::{
 
 use futures::{StreamExt, TryStreamExt, stream};
 use jiff::Timestamp;
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-    networking::v1::NetworkPolicy,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::Condition,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
-    core::Selector,
+    core::{PartialObjectMeta, Selector},
     runtime::{
-        Controller, WatchStreamExt,
+        Controller, PredicateConfig, WatchStreamExt,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
+        predicates,
         reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
-use portsentry_crds::{Backend, PolicyKind, PortSentryBan, PortSentryPolicy};
+use portsentry_crds::{PolicyKind, PortSentryBan, PortSentryPolicy};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     Error, Result,
-    bans::{self, Guards},
+    bans::Guards,
     metrics::Metrics,
     netpol,
-    prefixes::BannedPrefixes,
-    status::{self, BanEnforcement, Enforcement},
-    widen,
+    plan::{self, Observed},
+    status,
 };
 
 /// Label value of this controller in metrics.
 pub const CONTROLLER: &str = "policy";
-/// Longest wait between two reconciles of one policy when nothing changes.
-pub const RESYNC: Duration = Duration::from_secs(300);
 /// Wait after a failed reconcile.
 pub const RETRY: Duration = Duration::from_secs(5);
 /// Ban status writes in flight at once.
 const BAN_STATUS_CONCURRENCY: usize = 16;
+
+/// Backoff of every watch: 250 ms doubling to at most 4 s. The default's 30 s ceiling,
+/// reached during a short API server outage, would leave a watch asleep for half a minute
+/// after the API server is back (measured in tests/tests/operator.rs).
+#[derive(Clone, Debug)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    pub const FIRST: Duration = Duration::from_millis(250);
+    pub const MAX: Duration = Duration::from_secs(4);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(now)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
 
 /// What every reconcile shares.
 pub struct Context {
@@ -72,6 +108,8 @@ pub struct Context {
     /// Lets one reconcile at a time wait for the ban store's first list: the store's
     /// readiness future wakes only its latest waiter, so concurrent waiters would hang.
     pub bans_ready: tokio::sync::Mutex<()>,
+    /// Alert hooks of expiries (bans' hooks are sent by the intake).
+    pub hooks: Option<crate::hooks::Hooks>,
 }
 
 impl std::fmt::Debug for Context {
@@ -114,22 +152,35 @@ pub async fn run(
     metrics: Arc<Metrics>,
     guards: Arc<RwLock<Guards>>,
     reporter: Reporter,
+    hooks: Option<crate::hooks::Hooks>,
 ) {
+    // Lists read from etcd (the default semantic), not the API server's watch cache: after
+    // an API server restart a cached list can name a resourceVersion the watch then refuses
+    // as expired, forever (seen in tests/tests/operator.rs).
     let controller = Controller::new(
         Api::<PortSentryPolicy>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
+        watcher::Config::default(),
     );
     let store = controller.store();
     let (netpol_store, pod_store, rival_store) = (store.clone(), store.clone(), store.clone());
     let (bans, ban_writer) = reflector::store::<PortSentryBan>();
     let ban_events = watcher::watcher(
         Api::<PortSentryBan>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
+        watcher::Config::default(),
     )
-    .default_backoff()
+    .backoff(WatchBackoff::default())
     .modify(|ban| ban.managed_fields_mut().clear())
     .reflect(ban_writer)
     .touched_objects();
+    // Only label changes of pods can change which pods a policy selects: status churn of
+    // pods (probes, restarts) must not drive reconciles. Metadata is enough for labels.
+    let pod_label_changes = watcher::watcher(
+        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .backoff(WatchBackoff::default())
+    .touched_objects()
+    .predicate_filter(predicates::labels, PredicateConfig::default());
     let context = Arc::new(Context {
         client: client.clone(),
         metrics,
@@ -138,9 +189,11 @@ pub async fn run(
         policies: store,
         bans,
         bans_ready: tokio::sync::Mutex::new(()),
+        hooks,
     });
     let managed = format!("{}={}", netpol::MANAGED_BY_LABEL, netpol::MANAGER);
     controller
+        .trigger_backoff(WatchBackoff::default())
         .owns(
             Api::<NetworkPolicy>::all(client.clone()),
             watcher::Config::default().labels(&managed),
@@ -156,11 +209,9 @@ pub async fn run(
             watcher::Config::default(),
             move |policy| policies_in_namespace(&rival_store, policy.namespace()),
         )
-        .watches(
-            Api::<Pod>::all(client),
-            watcher::Config::default(),
-            move |pod| policies_in_namespace(&pod_store, pod.namespace()),
-        )
+        .watches_stream(pod_label_changes, move |pod| {
+            policies_in_namespace(&pod_store, pod.namespace())
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -203,7 +254,7 @@ fn forget_deleted_policies(context: &Context) {
     context.metrics.retain_policies(&live);
 }
 
-/// One pass of the pipeline: observe, decide (pure), apply, report.
+/// One pass of the pipeline: observe, plan (pure), apply, report.
 async fn reconcile_policy(
     policy: &PortSentryPolicy,
     context: &Context,
@@ -212,21 +263,11 @@ async fn reconcile_policy(
     let namespace = policy
         .namespace()
         .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
-    let name = policy.name_any();
-    let uid = policy
-        .uid()
-        .ok_or(Error::MissingObjectKey("metadata.uid"))?;
-    let owner = policy
-        .controller_owner_ref(&())
-        .ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let client = &context.client;
     let ban_api = Api::<PortSentryBan>::namespaced(client.clone(), &namespace);
     let netpol_api = Api::<NetworkPolicy>::namespaced(client.clone(), &namespace);
-    let pod_api = Api::<Pod>::namespaced(client.clone(), &namespace);
-    let now = Timestamp::now();
 
-    // Observe.
-    // An empty store before the first list would read as "no bans" and lift them all.
+    // Observe. An empty ban store before its first list would read as "no bans".
     {
         let _one_waiter = context.bans_ready.lock().await;
         context
@@ -235,164 +276,112 @@ async fn reconcile_policy(
             .await
             .map_err(|_| Error::Config("the ban watch stopped".into()))?;
     }
-    let ours = |ban: &Arc<PortSentryBan>| {
-        ban.namespace().as_deref() == Some(namespace.as_str())
-            && ban.spec.policy.kind == PolicyKind::PortSentryPolicy
-            && ban.spec.policy.name == name
-    };
-    let (active, expired): (Vec<Arc<PortSentryBan>>, Vec<Arc<PortSentryBan>>) = context
-        .bans
-        .state()
-        .into_iter()
-        .filter(ours)
-        .partition(|ban| bans::is_active(&ban.spec, now));
     let selector = Selector::try_from(policy.spec.pod_selector.clone())
         .map_err(|e| Error::InvalidSelector(e.to_string()))?;
-    let pods = pod_api
+    let pods = Api::<Pod>::namespaced(client.clone(), &namespace)
         .list(&ListParams::default().labels_from(&selector))
         .await?;
-    let pod_labels: Vec<_> = pods.items.iter().map(|p| p.labels().clone()).collect();
-    let network_policies = netpol_api.list(&ListParams::default()).await?;
-
-    // Expire.
-    let removed = delete_expired(&ban_api, &expired).await;
-    context.metrics.bans_expired(removed);
-    if removed > 0 {
-        info!(removed, "expired bans removed");
-        publish(
-            context,
-            policy,
-            EventType::Normal,
-            "BansExpired",
-            format!("{removed} bans expired and were removed"),
-        )
-        .await;
-    }
-
-    // Decide.
+    let selected_pods: Vec<_> = pods.items.iter().map(|p| p.labels().clone()).collect();
+    let network_policies = netpol_api.list(&ListParams::default()).await?.items;
     let guards = context
         .guards
         .read()
         .map(|g| g.clone())
         .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
-    let ignore = &policy.spec.rules.detection.ignore;
-    let protection: Vec<Option<bans::Protection>> = active
-        .iter()
-        .map(|ban| guards.protected(&ban.spec.source, ignore))
-        .collect();
-    let enforceable = active
-        .iter()
-        .zip(&protection)
-        .filter(|(_, p)| p.is_none())
-        .map(|(ban, _)| &ban.spec.source);
-    let banned = BannedPrefixes::aggregate(enforceable);
-    let uses_netpol = policy
-        .spec
-        .rules
-        .enforcement
-        .backends
-        .contains(&Backend::NetworkPolicy);
-    let decision = widen::decide(&uid, &pod_labels, &network_policies.items);
-    let neighbours: Vec<Arc<PortSentryPolicy>> = context
-        .policies
-        .state()
-        .into_iter()
-        .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()))
-        .collect();
-    let rivals: Vec<widen::Rival<'_>> = neighbours.iter().map(|p| rival(p)).collect();
-    let outranked_by = widen::outranked_by(&rival(policy), &rivals, &pod_labels);
-    let limit = policy.spec.rules.enforcement.max_prefixes_per_object as usize;
-    let target = netpol::Target {
-        namespace: &namespace,
-        policy_name: &name,
-        pod_selector: &policy.spec.pod_selector,
-        owner,
-    };
-    let desired = match (&decision, uses_netpol && outranked_by.is_empty()) {
-        (widen::Decision::Enforce, true) => netpol::build(&target, &banned, limit),
-        _ => Vec::new(),
-    };
-    let enforcement = match decision {
-        _ if !uses_netpol => Enforcement::NoBackend,
-        _ if !outranked_by.is_empty() => Enforcement::Yielded { to: outranked_by },
-        widen::Decision::Refuse { existing } => Enforcement::Refused { existing },
-        widen::Decision::Enforce if desired.is_empty() => Enforcement::NothingToEnforce,
-        widen::Decision::Enforce => Enforcement::Applied {
-            objects: desired.len(),
-            prefixes: banned.len(),
-        },
-    };
+    let bans_now = context.bans.state();
+    let policies_now = context.policies.state();
+
+    // Plan.
+    let plan = plan::plan(&Observed {
+        policy,
+        bans: &bans_now,
+        selected_pods: &selected_pods,
+        network_policies: &network_policies,
+        policies: &policies_now,
+        guards: &guards,
+        now: Timestamp::now(),
+    })?;
 
     // Apply.
-    let started = Instant::now();
-    for object in &desired {
-        let object_name = object.metadata.name.clone().unwrap_or_default();
-        let stored = network_policies
-            .items
-            .iter()
-            .find(|np| np.metadata.name.as_deref() == Some(object_name.as_str()));
-        if stored.is_some_and(|stored| netpol::up_to_date(stored, object)) {
-            continue;
+    let removed_bans = delete_expired(&ban_api, &plan.expired).await;
+    let removed = removed_bans.len();
+    if let Some(hooks) = &context.hooks
+        && !policy.spec.rules.response.webhooks.is_empty()
+    {
+        for ban in &removed_bans {
+            let body = crate::hooks::payload(
+                crate::hooks::Kind::Expiry,
+                &namespace,
+                &ban.name_any(),
+                &ban.spec,
+            );
+            hooks.notify(&policy.spec.rules.response.webhooks, &body);
         }
+    }
+    if removed > 0 {
+        context.metrics.bans_expired(removed);
+        info!(removed, "expired bans removed");
+        let note = format!("{removed} bans expired and were removed");
+        publish(context, policy, EventType::Normal, "BansExpired", note).await;
+    }
+    let started = Instant::now();
+    for object in &plan.apply {
+        let object_name = object.metadata.name.clone().unwrap_or_default();
         netpol_api
             .patch(&object_name, &field_manager(), &Patch::Apply(object))
             .await?;
     }
-    let keep: BTreeSet<String> = desired
-        .iter()
-        .filter_map(|o| o.metadata.name.clone())
-        .collect();
-    for stale in network_policies
-        .items
-        .iter()
-        .filter(|np| netpol::is_controlled_by(np, &uid))
-        .filter_map(|np| np.metadata.name.clone())
-        .filter(|n| !keep.contains(n))
-    {
-        match netpol_api.delete(&stale, &DeleteParams::default()).await {
+    for stale in &plan.delete {
+        match netpol_api.delete(stale, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(error) => return Err(error.into()),
         }
     }
-    context.metrics.networkpolicies_written(started.elapsed());
+    let wrote = !plan.apply.is_empty() || !plan.delete.is_empty();
+    if context.metrics.enforcement_pending(key) {
+        let name = policy.name_any();
+        let seen: BTreeSet<String> = bans_now
+            .iter()
+            .filter(|b| {
+                b.namespace().as_deref() == Some(namespace.as_str())
+                    && b.spec.policy.kind == PolicyKind::PortSentryPolicy
+                    && b.spec.policy.name == name
+            })
+            .map(|b| b.name_any())
+            .collect();
+        context
+            .metrics
+            .enforcement_written(key, |ban| seen.contains(ban), !plan.apply.is_empty());
+    }
+    if wrote {
+        context.metrics.networkpolicies_written(started.elapsed());
+        info!(
+            took = ?started.elapsed(),
+            applied = plan.apply.len(),
+            deleted = plan.delete.len(),
+            objects = plan.objects,
+            prefixes = plan.prefixes,
+            "generated NetworkPolicies updated"
+        );
+    }
 
     // Report.
-    let previous = policy
-        .status
-        .as_ref()
-        .map(|s| s.conditions.clone())
-        .unwrap_or_default();
-    let was_enforced = previous
-        .iter()
-        .find(|c| c.type_ == status::ENFORCED)
-        .map(|c| c.status == "True");
-    let generation = policy.metadata.generation;
-    let conditions = status::policy_conditions(
-        &previous,
-        &enforcement,
-        active.len(),
-        policy.spec.rules.response.max_active_bans,
-        generation,
-        now,
-    );
-    let patch = status::policy_status_patch(
-        &PortSentryPolicy::api_version(&()),
-        &PortSentryPolicy::kind(&()),
-        &conditions,
-        active.len(),
-        generation,
-    );
     Api::<PortSentryPolicy>::namespaced(client.clone(), &namespace)
-        .patch_status(&name, &field_manager(), &Patch::Apply(&patch))
+        .patch_status(
+            &policy.name_any(),
+            &field_manager(),
+            &Patch::Apply(&plan.status),
+        )
         .await?;
-    if was_enforced != Some(enforcement.is_safe()) {
-        let (kind, reason) = if enforcement.is_safe() {
+    if let Some(enforced) = plan.enforced_changed {
+        let (kind, reason) = if enforced {
             (EventType::Normal, "Enforced")
         } else {
             (EventType::Warning, "NotEnforced")
         };
-        let note = conditions
+        let note = plan
+            .conditions
             .iter()
             .find(|c| c.type_ == status::ENFORCED)
             .map(|c| c.message.clone())
@@ -401,28 +390,17 @@ async fn reconcile_policy(
     }
     context
         .metrics
-        .policy_state(key, active.len(), enforcement.is_safe());
-    write_ban_statuses(&ban_api, &active, &protection, enforcement.is_safe(), now).await?;
-
-    let next = active
-        .iter()
-        .filter_map(|ban| bans::requeue_after(now, &ban.spec))
-        .min()
-        .map_or(RESYNC, |d| d.min(RESYNC));
-    Ok(Action::requeue(next))
-}
-
-fn rival(policy: &PortSentryPolicy) -> widen::Rival<'_> {
-    widen::Rival {
-        name: policy.metadata.name.as_deref().unwrap_or_default(),
-        created: policy.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        pod_selector: &policy.spec.pod_selector,
-    }
+        .policy_state(key, plan.active_bans, plan.enforcement.is_safe());
+    write_ban_statuses(&ban_api, plan.ban_conditions).await?;
+    Ok(Action::requeue(plan.requeue_after))
 }
 
 /// Deletes expired bans, only if unchanged since read (an extension in between wins).
-async fn delete_expired(api: &Api<PortSentryBan>, expired: &[Arc<PortSentryBan>]) -> usize {
-    let mut removed = 0;
+async fn delete_expired(
+    api: &Api<PortSentryBan>,
+    expired: &[Arc<PortSentryBan>],
+) -> Vec<Arc<PortSentryBan>> {
+    let mut removed = Vec::new();
     for ban in expired {
         let params = DeleteParams {
             preconditions: Some(Preconditions {
@@ -432,7 +410,7 @@ async fn delete_expired(api: &Api<PortSentryBan>, expired: &[Arc<PortSentryBan>]
             ..DeleteParams::default()
         };
         match api.delete(&ban.name_any(), &params).await {
-            Ok(_) => removed += 1,
+            Ok(_) => removed.push(ban.clone()),
             Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
             Err(error) => warn!(ban = %ban.name_any(), %error, "could not delete expired ban"),
         }
@@ -442,31 +420,8 @@ async fn delete_expired(api: &Api<PortSentryBan>, expired: &[Arc<PortSentryBan>]
 
 async fn write_ban_statuses(
     api: &Api<PortSentryBan>,
-    active: &[Arc<PortSentryBan>],
-    protection: &[Option<bans::Protection>],
-    policy_enforced: bool,
-    now: Timestamp,
+    writes: Vec<(String, Condition)>,
 ) -> Result<()> {
-    let mut writes: Vec<(
-        String,
-        k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
-    )> = Vec::new();
-    for (ban, protected) in active.iter().zip(protection) {
-        let state = match protected {
-            Some(why) => BanEnforcement::Protected(*why),
-            None if policy_enforced => BanEnforcement::Enforced,
-            None => BanEnforcement::PolicyNotEnforced,
-        };
-        let previous = ban
-            .status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
-        let desired = status::ban_condition(&previous, state, now);
-        if status::differs(&previous, &desired) {
-            writes.push((ban.name_any(), desired));
-        }
-    }
     stream::iter(writes)
         .map(|(name, condition)| async move {
             let patch = serde_json::json!({
@@ -575,5 +530,22 @@ pub async fn refresh_guards(
             Err(error) => warn!(%error, "could not refresh protected addresses"),
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::utils::Backoff;
+
+    #[test]
+    fn watch_backoff_doubles_to_a_low_ceiling_and_resets() {
+        let mut backoff = WatchBackoff::default();
+        let waits: Vec<Duration> = backoff.by_ref().take(6).collect();
+        assert_eq!(waits[0], WatchBackoff::FIRST);
+        assert_eq!(waits[1], WatchBackoff::FIRST * 2);
+        assert_eq!(waits[5], WatchBackoff::MAX);
+        backoff.reset();
+        assert_eq!(backoff.next(), Some(WatchBackoff::FIRST));
     }
 }

@@ -7,12 +7,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+use jiff::Timestamp;
 use portsentry_crds::{
-    ClusterPortSentryPolicy, PolicyKind, PortSentryPolicy,
-    report::{MAX_DETECTIONS_PER_REPORT, Report},
+    ClusterPortSentryPolicy, PolicyKind, PolicyRules, PortSentryBanSpec, PortSentryPolicy,
+    SourcePrefix,
+    report::{DetectionOutcome, MAX_DETECTIONS_PER_REPORT, Report},
 };
 
-use crate::widen;
+use crate::{
+    Result,
+    bans::{self, Guards, Offence, Verdict},
+    widen,
+};
 
 /// Largest request body read; beyond it the request is refused with 413 unread.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -364,6 +370,79 @@ pub fn admit<'a>(
     Ok(Admitted { reporter, report })
 }
 
+/// One ban to create or update with server-side apply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BanWrite {
+    pub name: String,
+    pub spec: PortSentryBanSpec,
+}
+
+/// Judges each detection of an admitted report under the policy named `policy_name` with
+/// `rules`: the answer for each detection, in order, and the bans to write. `existing`
+/// finds this policy's ban by name; `active_bans` counts its bans in force. Detections of
+/// one source within the report fold into one write.
+pub fn judge_report(
+    admitted: &Admitted,
+    policy_name: &str,
+    rules: &PolicyRules,
+    guards: &Guards,
+    existing: impl Fn(&str) -> Option<PortSentryBanSpec>,
+    mut active_bans: usize,
+    now: Timestamp,
+) -> Result<(Vec<DetectionOutcome>, Vec<BanWrite>)> {
+    let reporter = admitted.reporter.key();
+    let mut outcomes = Vec::with_capacity(admitted.report.detections.len());
+    let mut writes: Vec<BanWrite> = Vec::new();
+    for detection in &admitted.report.detections {
+        let source = SourcePrefix::host(detection.source.to_canonical());
+        let name = bans::ban_name(policy_name, &source);
+        let pending = writes.iter().position(|w| w.name == name);
+        let current = match pending {
+            Some(i) => Some(writes[i].spec.clone()),
+            None => existing(&name),
+        };
+        let already_banned = current
+            .as_ref()
+            .is_some_and(|spec| bans::is_active(spec, now));
+        let verdict = bans::judge(
+            rules,
+            guards,
+            &source,
+            &detection.probes,
+            active_bans,
+            already_banned,
+        );
+        match verdict {
+            Verdict::Ban => {
+                let offence = Offence {
+                    policy: admitted.report.policy.clone(),
+                    source,
+                    reporter: &reporter,
+                    probes: &detection.probes,
+                    now,
+                };
+                let spec = bans::next_spec(&rules.response, current.as_ref(), &offence)?;
+                if !already_banned {
+                    active_bans += 1;
+                }
+                match pending {
+                    Some(i) => writes[i].spec = spec,
+                    None => writes.push(BanWrite {
+                        name: name.clone(),
+                        spec,
+                    }),
+                }
+                outcomes.push(DetectionOutcome::Banned(name));
+            }
+            Verdict::Alert(why) => outcomes.push(DetectionOutcome::Alerted(why.as_str().into())),
+            Verdict::Protected(why) => {
+                outcomes.push(DetectionOutcome::Protected(why.as_str().into()));
+            }
+        }
+    }
+    Ok((outcomes, writes))
+}
+
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -694,6 +773,188 @@ mod tests {
         assert!(governs(Governing::Cluster(&policy), &edge));
         assert!(!governs(Governing::Cluster(&policy), &inner));
         assert_eq!(edge.key(), "node/n1");
+    }
+
+    fn admitted(sources: &[&str], kind: portsentry_crds::ProbeKind) -> Admitted {
+        let detections: Vec<serde_json::Value> = sources
+            .iter()
+            .map(|s| json!({"source": s, "probes": [
+                {"port": 7, "protocol": "TCP", "kind": kind, "verified": kind == portsentry_crds::ProbeKind::Connect, "observedAtMs": 1_780_000_000_000u64}
+            ]}))
+            .collect();
+        let body = serde_json::to_vec(&json!({
+            "policy": {"kind": "PortSentryPolicy", "name": "web"},
+            "detections": detections,
+        }))
+        .unwrap();
+        Admitted {
+            reporter: pod("shop", "web"),
+            report: parse(&body).unwrap(),
+        }
+    }
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_780_000_100).unwrap()
+    }
+
+    #[test]
+    fn a_verified_detection_becomes_a_ban_write_named_for_the_source() {
+        let report = admitted(&["203.0.113.7"], portsentry_crds::ProbeKind::Connect);
+        let (outcomes, writes) = judge_report(
+            &report,
+            "web",
+            &PolicyRules::default(),
+            &Guards::default(),
+            |_| None,
+            0,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(
+            outcomes,
+            vec![DetectionOutcome::Banned("web-v4-203-0-113-7".into())]
+        );
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].spec.offences, 1);
+        assert_eq!(writes[0].spec.evidence[0].reporter, "shop/web-0");
+    }
+
+    #[test]
+    fn each_detection_gets_its_own_answer_in_order() {
+        let report = admitted(
+            &["127.0.0.1", "203.0.113.7"],
+            portsentry_crds::ProbeKind::Connect,
+        );
+        let mut rules = PolicyRules::default();
+        rules.response.max_active_bans = 1;
+        let (outcomes, writes) = judge_report(
+            &report,
+            "web",
+            &rules,
+            &Guards::default(),
+            |_| None,
+            1,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(
+            outcomes,
+            vec![
+                DetectionOutcome::Protected("loopback".into()),
+                DetectionOutcome::Alerted("cap_reached".into()),
+            ]
+        );
+        assert!(writes.is_empty());
+    }
+
+    #[test]
+    fn unverified_detections_are_alerts() {
+        let report = admitted(&["203.0.113.7"], portsentry_crds::ProbeKind::Syn);
+        let (outcomes, writes) = judge_report(
+            &report,
+            "web",
+            &PolicyRules::default(),
+            &Guards::default(),
+            |_| None,
+            0,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(
+            outcomes,
+            vec![DetectionOutcome::Alerted("unverified".into())]
+        );
+        assert!(writes.is_empty());
+    }
+
+    #[test]
+    fn detections_of_one_source_fold_into_one_write() {
+        let report = admitted(
+            &["203.0.113.7", "203.0.113.7"],
+            portsentry_crds::ProbeKind::Connect,
+        );
+        let (outcomes, writes) = judge_report(
+            &report,
+            "web",
+            &PolicyRules::default(),
+            &Guards::default(),
+            |_| None,
+            0,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(outcomes.len(), 2);
+        assert_eq!(writes.len(), 1);
+        assert_eq!(writes[0].spec.offences, 1);
+    }
+
+    #[test]
+    fn the_cap_counts_bans_added_earlier_in_the_same_report() {
+        let report = admitted(
+            &["203.0.113.7", "203.0.113.8"],
+            portsentry_crds::ProbeKind::Connect,
+        );
+        let mut rules = PolicyRules::default();
+        rules.response.max_active_bans = 1;
+        let (outcomes, writes) = judge_report(
+            &report,
+            "web",
+            &rules,
+            &Guards::default(),
+            |_| None,
+            0,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(outcomes[1], DetectionOutcome::Alerted("cap_reached".into()));
+        assert_eq!(writes.len(), 1);
+    }
+
+    #[test]
+    fn an_expired_ban_within_the_window_escalates() {
+        let report = admitted(&["203.0.113.7"], portsentry_crds::ProbeKind::Connect);
+        let (_, first) = judge_report(
+            &report,
+            "web",
+            &PolicyRules::default(),
+            &Guards::default(),
+            |_| None,
+            0,
+            now(),
+        )
+        .unwrap();
+        let old = first[0].spec.clone();
+        let later = Timestamp::from_second(1_780_000_100 + 7200).unwrap();
+        let (_, second) = judge_report(
+            &report,
+            "web",
+            &PolicyRules::default(),
+            &Guards::default(),
+            |name| (name == "web-v4-203-0-113-7").then(|| old.clone()),
+            0,
+            later,
+        )
+        .unwrap();
+        assert_eq!(second[0].spec.offences, 2);
+    }
+
+    #[test]
+    fn ipv4_mapped_sources_are_banned_as_ipv4() {
+        let report = admitted(&["::ffff:203.0.113.7"], portsentry_crds::ProbeKind::Connect);
+        let (outcomes, _) = judge_report(
+            &report,
+            "web",
+            &PolicyRules::default(),
+            &Guards::default(),
+            |_| None,
+            0,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(
+            outcomes,
+            vec![DetectionOutcome::Banned("web-v4-203-0-113-7".into())]
+        );
     }
 
     #[test]

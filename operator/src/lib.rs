@@ -5,13 +5,21 @@
 pub mod bans;
 pub mod controller;
 pub mod error;
+pub mod hooks;
+pub mod inject;
 pub mod intake;
+pub mod lease;
 pub mod metrics;
 pub mod names;
 pub mod netpol;
+pub mod plan;
 pub mod prefixes;
+pub mod quarantine;
+pub mod reports;
+pub mod review;
 pub mod server;
 pub mod status;
+pub mod webhook;
 pub mod widen;
 
 pub use error::{Error, Result};

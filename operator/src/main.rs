@@ -1,16 +1,26 @@
-//! `portsentry-operator`: starts the operations endpoint, the protected-address refresher
-//! and the PortSentryPolicy controller; everything else lives in the library.
+//! `portsentry-operator`: starts the operations endpoint, the report intake, leader election,
+//! the protected-address refresher and (as leader) the controller; the rest is the library.
 #![forbid(unsafe_code)]
 
 use std::{
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     sync::{Arc, RwLock},
     time::Duration,
 };
 
-use clap::Parser;
+use clap::{ArgAction, Parser};
 use kube::{Client, runtime::events::Reporter};
-use portsentry_operator::{Error, Result, controller, metrics::Metrics, server};
+use portsentry_operator::{
+    Error, Result, controller,
+    hooks::Hooks,
+    lease,
+    metrics::Metrics,
+    quarantine,
+    reports::{self, Intake, Limits},
+    server, webhook,
+};
+use tokio::sync::watch;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
@@ -30,9 +40,42 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
-    /// Name of this replica in Events (the pod name in-cluster).
+    /// Name of this replica in Events and the Lease (the pod name in-cluster).
     #[arg(long, env = "POD_NAME")]
     instance: Option<String>,
+    /// The operator's namespace: node sensors' pods, cluster policies' bans, the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "portsentry-system")]
+    namespace: String,
+    /// Address of the HTTPS report intake (POST /v1/reports).
+    #[arg(long, default_value = "0.0.0.0:8443", env = "PORTSENTRY_REPORT_ADDR")]
+    report_addr: SocketAddr,
+    /// PEM serving certificate of the intake; without it a self-signed one is made.
+    #[arg(long, requires = "report_key_file")]
+    report_cert_file: Option<PathBuf>,
+    /// PEM private key of the intake's certificate.
+    #[arg(long, requires = "report_cert_file")]
+    report_key_file: Option<PathBuf>,
+    /// Reports one sensor may send at once (token bucket size).
+    #[arg(long, default_value = "20")]
+    report_burst: u32,
+    /// Reports per second one sensor may send on average.
+    #[arg(long, default_value = "5")]
+    report_rate: f64,
+    /// Elect a leader with a Lease; only the leader runs the controller and writes.
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, default_value = "portsentry-operator")]
+    lease_name: String,
+    /// PEM CA bundle trusted for https:// alert hooks besides the system's roots.
+    #[arg(long)]
+    hook_ca_file: Option<PathBuf>,
+    /// Seconds a Lease holds without renewal.
+    #[arg(long, default_value = "15")]
+    lease_duration_secs: u64,
+    /// The sidecar-injection webhook (served by every replica, leader or not).
+    #[command(flatten)]
+    webhook: webhook::WebhookArgs,
 }
 
 #[tokio::main]
@@ -58,6 +101,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<()> {
     let client = Client::try_default().await?;
+    tokio::spawn(serve_webhook(client.clone(), args.webhook.clone()));
     let metrics = Arc::new(Metrics::new()?);
     let guards = Arc::new(RwLock::new(
         controller::discover_guards(&client, &args.operator_addrs).await?,
@@ -73,12 +117,119 @@ async fn run(args: Args) -> Result<()> {
         args.operator_addrs.clone(),
         Duration::from_secs(args.guard_refresh_secs.max(1)),
     ));
+    let identity = args
+        .instance
+        .clone()
+        .unwrap_or_else(|| format!("portsentry-operator-{}", std::process::id()));
     let reporter = Reporter {
         controller: "portsentry-operator".into(),
-        instance: args.instance,
+        instance: Some(identity.clone()),
     };
-    controller::run(client, metrics, guards, reporter).await;
-    Ok(())
+    let (leader_tx, leader) = watch::channel(!args.leader_elect);
+    let tls = intake_tls(&args)?;
+    let hook_ca = args
+        .hook_ca_file
+        .as_ref()
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
+        })
+        .transpose()?;
+    let hooks = Hooks::start(metrics.clone(), hook_ca.as_deref())?;
+    let (intake, ban_watch) = Intake::new(
+        client.clone(),
+        metrics.clone(),
+        guards.clone(),
+        leader.clone(),
+        reports::Settings {
+            limits: Limits {
+                burst: args.report_burst,
+                per_second: args.report_rate,
+                ..Limits::default()
+            },
+            operator_namespace: args.namespace.clone(),
+            reporter: reporter.clone(),
+            hooks: Some(hooks.clone()),
+        },
+    );
+    tokio::spawn(ban_watch);
+    let report_listener = tokio::net::TcpListener::bind(args.report_addr)
+        .await
+        .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", args.report_addr)))?;
+    info!(addr = %args.report_addr, "serving POST {}", reports::PATH);
+    tokio::spawn(serve_reports(report_listener, tls, intake));
+    let election = async {
+        if args.leader_elect {
+            let settings = lease::Settings {
+                namespace: args.namespace.clone(),
+                name: args.lease_name.clone(),
+                identity: identity.clone(),
+                duration: Duration::from_secs(args.lease_duration_secs.max(3)),
+            };
+            lease::run(client.clone(), settings, leader_tx).await
+        } else {
+            std::future::pending().await
+        }
+    };
+    let lead = async {
+        let mut leader = leader.clone();
+        leader
+            .wait_for(|leading| *leading)
+            .await
+            .map_err(|_| Error::Config("leader election stopped".into()))?;
+        tokio::select! {
+            () = controller::run(
+                client.clone(),
+                metrics.clone(),
+                guards.clone(),
+                reporter,
+                Some(hooks),
+            ) => {}
+            () = quarantine::run(client.clone()) => {}
+        }
+        Ok(())
+    };
+    tokio::select! {
+        result = election => result,
+        result = lead => result,
+    }
+}
+
+/// The intake's TLS configuration: from the given files, or self-signed for this host.
+fn intake_tls(args: &Args) -> Result<Arc<tokio_rustls::rustls::ServerConfig>> {
+    match (&args.report_cert_file, &args.report_key_file) {
+        (Some(cert), Some(key)) => {
+            let read = |path: &PathBuf| {
+                std::fs::read_to_string(path)
+                    .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
+            };
+            webhook::tls_config(&read(cert)?, &read(key)?)
+        }
+        _ => {
+            let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+            let cert = webhook::self_signed(&names)?;
+            info!(
+                "report intake serves a self-signed certificate (give --report-cert-file and --report-key-file in production)"
+            );
+            webhook::tls_config(&cert.cert_pem, &cert.key_pem)
+        }
+    }
+}
+
+async fn serve_webhook(client: Client, args: webhook::WebhookArgs) {
+    if let Err(error) = webhook::run(client, args).await {
+        error!(%error, "injection webhook stopped");
+    }
+}
+
+async fn serve_reports(
+    listener: tokio::net::TcpListener,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    intake: Arc<Intake>,
+) {
+    if let Err(error) = reports::serve(listener, tls, intake).await {
+        error!(%error, "report intake stopped");
+    }
 }
 
 async fn serve_operations(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {

@@ -1,7 +1,13 @@
 //! The operator's Prometheus metrics, all with bounded labels (controller names, fixed
 //! reason words), never object names; and their text encoding for `/metrics`.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use portsentry_crds::report::DetectionOutcome;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
@@ -21,7 +27,20 @@ pub struct Metrics {
     policies_not_enforced: IntGauge,
     netpol_apply_duration: Histogram,
     per_policy: Mutex<HashMap<String, PolicyCounts>>,
+    reports_accepted: IntCounter,
+    reports_refused: IntCounterVec,
+    detections: IntCounterVec,
+    bans_added: IntCounter,
+    hook_deliveries: IntCounterVec,
+    report_to_enforcement: Histogram,
+    /// Bans written on a report, awaiting their NetworkPolicy write: (policy, ban) → received.
+    pending: Mutex<HashMap<(String, String), Instant>>,
 }
+
+/// Bans awaiting enforcement remembered at most; the oldest are forgotten beyond it.
+const MAX_PENDING: usize = 100_000;
+/// A written ban not seen by a reconcile in this long is forgotten unmeasured.
+const PENDING_FOR: Duration = Duration::from_secs(300);
 
 #[derive(Clone, Copy, Debug, Default)]
 struct PolicyCounts {
@@ -64,6 +83,47 @@ impl Metrics {
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
             ]),
         )?;
+        let reports_accepted = IntCounter::new(
+            "reports_accepted_total",
+            "Sensor reports accepted on POST /v1/reports.",
+        )?;
+        let reports_refused = IntCounterVec::new(
+            Opts::new(
+                "reports_refused_total",
+                "Sensor reports refused, by bounded reason.",
+            ),
+            &["reason"],
+        )?;
+        let detections = IntCounterVec::new(
+            Opts::new(
+                "detections_total",
+                "Detections of accepted reports, by outcome (banned, alerted, protected).",
+            ),
+            &["outcome"],
+        )?;
+        let bans_added = IntCounter::new("bans_added_total", "PortSentryBans created on reports.")?;
+        let report_to_enforcement = Histogram::with_opts(
+            HistogramOpts::new(
+                "report_to_enforcement_seconds",
+                "Time from a report received to the NetworkPolicy write enforcing its ban.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )?;
+        let hook_deliveries = IntCounterVec::new(
+            Opts::new(
+                "hook_deliveries_total",
+                "Alert hook deliveries, by result (delivered, failed, dropped).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(hook_deliveries.clone()))?;
+        registry.register(Box::new(reports_accepted.clone()))?;
+        registry.register(Box::new(reports_refused.clone()))?;
+        registry.register(Box::new(detections.clone()))?;
+        registry.register(Box::new(bans_added.clone()))?;
+        registry.register(Box::new(report_to_enforcement.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(bans_active.clone()))?;
@@ -79,7 +139,84 @@ impl Metrics {
             policies_not_enforced,
             netpol_apply_duration,
             per_policy: Mutex::new(HashMap::new()),
+            reports_accepted,
+            reports_refused,
+            detections,
+            bans_added,
+            hook_deliveries,
+            report_to_enforcement,
+            pending: Mutex::new(HashMap::new()),
         })
+    }
+
+    pub fn report_accepted(&self) {
+        self.reports_accepted.inc();
+    }
+
+    /// Counts a refused report; `reason` is a fixed word (`Refusal::metric_reason`).
+    pub fn report_refused(&self, reason: &'static str) {
+        self.reports_refused.with_label_values(&[reason]).inc();
+    }
+
+    pub fn detections(&self, outcomes: &[DetectionOutcome]) {
+        for outcome in outcomes {
+            let label = match outcome {
+                DetectionOutcome::Banned(_) => "banned",
+                DetectionOutcome::Alerted(_) => "alerted",
+                DetectionOutcome::Protected(_) => "protected",
+            };
+            self.detections.with_label_values(&[label]).inc();
+        }
+    }
+
+    /// Counts an alert hook delivery: `delivered`, `failed` or `dropped` (queue full).
+    pub fn hook_delivery(&self, result: &'static str) {
+        self.hook_deliveries.with_label_values(&[result]).inc();
+    }
+
+    pub fn bans_added(&self, count: usize) {
+        self.bans_added.inc_by(count as u64);
+    }
+
+    /// Remembers that ban `ban` of policy `policy_key` was written on a report received
+    /// at `received`, until a reconcile that sees it writes (or needs no) NetworkPolicy.
+    pub fn ban_written(&self, policy_key: &str, ban: &str, received: Instant) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.len() >= MAX_PENDING {
+            pending.retain(|_, at| at.elapsed() < PENDING_FOR);
+        }
+        if pending.len() < MAX_PENDING {
+            pending
+                .entry((policy_key.to_owned(), ban.to_owned()))
+                .or_insert(received);
+        }
+    }
+
+    /// A reconcile of `policy_key` that saw the bans `seen` says whether it wrote
+    /// NetworkPolicies: each pending ban it saw is measured (if written) and forgotten.
+    pub fn enforcement_written(&self, policy_key: &str, seen: impl Fn(&str) -> bool, wrote: bool) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        pending.retain(|(policy, ban), received| {
+            let done = policy == policy_key && seen(ban);
+            if done && wrote {
+                self.report_to_enforcement
+                    .observe(now.saturating_duration_since(*received).as_secs_f64());
+            }
+            !done && now.saturating_duration_since(*received) < PENDING_FOR
+        });
+    }
+
+    /// True when some ban of `policy_key` awaits its enforcement.
+    pub fn enforcement_pending(&self, policy_key: &str) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .any(|(policy, _)| policy == policy_key)
     }
 
     pub fn reconciled(&self, controller: &'static str, took: Duration) {
@@ -179,6 +316,35 @@ mod tests {
         assert!(text.contains(
             r#"portsentry_operator_reconcile_errors_total{controller="policy",error="missing_object_key"} 1"#
         ), "{text}");
+    }
+
+    #[test]
+    fn report_to_enforcement_is_measured_once_the_write_includes_the_ban() {
+        let metrics = Metrics::new().unwrap();
+        metrics.ban_written("shop/web", "web-v4-203-0-113-7", Instant::now());
+        metrics.enforcement_written("shop/web", |_| false, true);
+        assert!(metrics.enforcement_pending("shop/web"));
+        metrics.enforcement_written("shop/other", |_| true, true);
+        assert!(metrics.enforcement_pending("shop/web"));
+        metrics.enforcement_written("shop/web", |b| b == "web-v4-203-0-113-7", true);
+        assert!(!metrics.enforcement_pending("shop/web"));
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains("portsentry_operator_report_to_enforcement_seconds_count 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn refusals_are_counted_by_reason() {
+        let metrics = Metrics::new().unwrap();
+        metrics.report_refused("rate_limited");
+        metrics.report_accepted();
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(r#"portsentry_operator_reports_refused_total{reason="rate_limited"} 1"#)
+        );
+        assert!(text.contains("portsentry_operator_reports_accepted_total 1"));
     }
 
     #[test]

@@ -116,8 +116,9 @@ pub struct Packet {
     pub ip_options: bool,
 }
 
-/// Parses an IP packet (cooked capture: no link header). `None` for anything that is not
-/// an unfragmented (or first-fragment-free) TCP or UDP packet with complete headers.
+/// Parses an IP packet (cooked capture: no link header). `None` for anything but an
+/// unfragmented TCP or UDP packet with complete headers: the capture sees packets before
+/// the kernel reassembles them, so fragmented probes (`nmap -f`) are not parsed.
 pub fn parse(bytes: &[u8]) -> Option<Packet> {
     let packet = LaxSlicedPacket::from_ip(bytes).ok()?;
     let (source, destination, ip_options) = match packet.net.as_ref()? {

@@ -184,6 +184,13 @@ impl Engine {
         self.own = addresses.into_iter().map(|a| a.to_canonical()).collect();
     }
 
+    /// Every prefix that must never be banned: the ignore list and the host's own addresses
+    /// (loopback is refused separately). The kernel tripwire is given these as exemptions.
+    pub fn exempt_prefixes(&self) -> Vec<IpNet> {
+        let own = self.own.iter().map(|address| IpNet::from(*address));
+        self.ignore.iter().copied().chain(own).collect()
+    }
+
     /// Hits needed to alarm: `SCAN_TRIGGER` 0 and 1 both mean the first hit.
     pub fn needed(&self) -> u32 {
         self.settings.scan_trigger.max(1)

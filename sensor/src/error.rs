@@ -82,6 +82,8 @@ pub enum Error {
     Capture(String),
     #[error("native nftables ban: {0}")]
     Enforcer(String),
+    #[error("reporting to the operator: {0}")]
+    Report(String),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }

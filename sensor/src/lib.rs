@@ -12,6 +12,7 @@ pub mod error;
 pub mod listen;
 pub mod metrics;
 pub mod nft;
+pub mod report;
 pub mod respond;
 pub mod run;
 pub mod sockets;

@@ -9,6 +9,7 @@ use portsentry_sensor::{
     alert::Alerts,
     check::{Level, check},
     config::{Config, Mode},
+    report,
     run::{Options, run},
     stealth::RawMode,
 };
@@ -23,7 +24,7 @@ struct Cli {
     /// The classic PortSentry config file.
     #[arg(long, default_value = "/etc/portsentry/portsentry.conf")]
     config: PathBuf,
-    /// Watch TCP_PORTS (PortSentry's `-tcp`). Without -tcp/-udp both are watched.
+    /// Watch TCP_PORTS (PortSentry's `-tcp`). Without any mode flag, -tcp and -udp both run.
     #[arg(long)]
     tcp: bool,
     /// Watch UDP_PORTS (PortSentry's `-udp`).
@@ -51,6 +52,18 @@ struct Cli {
     /// Serve /metrics, /healthz and /readyz on this address, e.g. 127.0.0.1:9720.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
+    /// Post alarms to the operator's intake, e.g. https://operator:8443/v1/reports.
+    #[arg(long, requires_all = ["report_token_file", "report_ca_file", "report_policy"])]
+    report_url: Option<hyper::Uri>,
+    /// The projected service account token (audience portsentry.io), re-read per post.
+    #[arg(long, default_value = "/var/run/secrets/portsentry.io/token")]
+    report_token_file: PathBuf,
+    /// PEM CA bundle of the operator's serving certificate.
+    #[arg(long)]
+    report_ca_file: Option<PathBuf>,
+    /// The policy this sensor runs for: PortSentryPolicy/NAME or ClusterPortSentryPolicy/NAME.
+    #[arg(long, value_parser = portsentry_sensor::report::parse_policy)]
+    report_policy: Option<portsentry_crds::PolicyRef>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -158,6 +171,15 @@ fn main() -> ExitCode {
         raw,
         alerts: Arc::new(alerts),
         metrics_addr: cli.metrics_addr,
+        report: match (cli.report_url, cli.report_ca_file, cli.report_policy) {
+            (Some(url), Some(ca_file), Some(policy)) => Some(report::Settings {
+                url,
+                token_file: cli.report_token_file,
+                ca_file,
+                policy,
+            }),
+            _ => None,
+        },
     };
     match runtime.block_on(run(options)) {
         Ok(()) => ExitCode::SUCCESS,

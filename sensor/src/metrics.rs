@@ -6,7 +6,7 @@
 //! sensor's dependency tree and resident memory small (it runs as a sidecar in every pod).
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc,
@@ -24,6 +24,23 @@ use tokio::{
 
 use crate::error::{Error, Result};
 
+/// Probe kinds and their `kind` label.
+const PROBE_KINDS: [(portsentry_crds::ProbeKind, &str); 10] = {
+    use portsentry_crds::ProbeKind as K;
+    [
+        (K::Connect, "connect"),
+        (K::Datagram, "datagram"),
+        (K::Syn, "syn"),
+        (K::Fin, "fin"),
+        (K::Null, "null"),
+        (K::Xmas, "xmas"),
+        (K::Ack, "ack"),
+        (K::Window, "window"),
+        (K::Maimon, "maimon"),
+        (K::Unknown, "unknown"),
+    ]
+};
+
 /// Action names used as the `action` label.
 pub const ACTIONS: &[&str] = &["hosts_deny", "route", "command", "nftables", "record"];
 
@@ -31,7 +48,6 @@ pub const ACTIONS: &[&str] = &["hosts_deny", "route", "command", "nftables", "re
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    hits: IntCounterVec,
     alarms: IntCounterVec,
     protected: IntCounterVec,
     bans_active: IntGauge,
@@ -41,13 +57,16 @@ pub struct Metrics {
     evictions: IntCounter,
     evictions_seen: AtomicU64,
     action_failures: IntCounterVec,
-    probes: IntCounterVec,
-    captured: IntCounterVec,
     capture_drops: IntCounter,
     alarms_suppressed: IntCounter,
     alarms_dropped: IntCounter,
-    /// Ports with their own `hits_total` series; other ports (advanced modes) share `other`.
-    known_ports: HashSet<(Protocol, u16)>,
+    /// The `hits_total` series of each listed port, fetched once: the capture path counts
+    /// every packet, and a label lookup per packet would cost more than the packet.
+    hit_series: HashMap<(Protocol, u16), IntCounter>,
+    /// `hits_total{port="other"}` of TCP and UDP (advanced-mode ports are not listed).
+    other_hits: [IntCounter; 2],
+    probe_series: Vec<(portsentry_crds::ProbeKind, IntCounter)>,
+    captured_series: Vec<(&'static str, IntCounter)>,
     ready: AtomicBool,
 }
 
@@ -114,9 +133,14 @@ impl Metrics {
         registry.register(Box::new(capture_drops.clone()))?;
         registry.register(Box::new(alarms_suppressed.clone()))?;
         registry.register(Box::new(alarms_dropped.clone()))?;
-        for outcome in crate::stealth::Examined::OUTCOMES {
-            captured.with_label_values(&[outcome]);
-        }
+        let captured_series = crate::stealth::Examined::OUTCOMES
+            .iter()
+            .map(|outcome| (*outcome, captured.with_label_values(&[outcome])))
+            .collect();
+        let probe_series = PROBE_KINDS
+            .iter()
+            .map(|(kind, label)| (*kind, probes.with_label_values(&[label])))
+            .collect();
         registry.register(Box::new(hits.clone()))?;
         registry.register(Box::new(alarms.clone()))?;
         registry.register(Box::new(protected.clone()))?;
@@ -126,20 +150,26 @@ impl Metrics {
         registry.register(Box::new(sources_tracked.clone()))?;
         registry.register(Box::new(evictions.clone()))?;
         registry.register(Box::new(action_failures.clone()))?;
-        let mut known_ports = HashSet::new();
+        let mut hit_series = HashMap::new();
         for (protocol, ports) in [(Protocol::Tcp, tcp_ports), (Protocol::Udp, udp_ports)] {
             alarms.with_label_values(&[protocol.as_str()]);
             for port in ports {
-                hits.with_label_values(&[protocol.as_str(), &port.to_string()]);
-                known_ports.insert((protocol, *port));
+                hit_series.insert(
+                    (protocol, *port),
+                    hits.with_label_values(&[protocol.as_str(), &port.to_string()]),
+                );
             }
         }
+        let other_hits = [Protocol::Tcp, Protocol::Udp].map(|protocol| {
+            let series = hits.with_label_values(&[protocol.as_str(), "other"]);
+            series.reset();
+            series
+        });
         for action in ACTIONS {
             action_failures.with_label_values(&[action]);
         }
         Ok(Self {
             registry,
-            hits,
             alarms,
             protected,
             bans_active,
@@ -149,12 +179,13 @@ impl Metrics {
             evictions,
             evictions_seen: AtomicU64::new(0),
             action_failures,
-            probes,
-            captured,
             capture_drops,
             alarms_suppressed,
             alarms_dropped,
-            known_ports,
+            hit_series,
+            other_hits,
+            probe_series,
+            captured_series,
             ready: AtomicBool::new(false),
         })
     }
@@ -162,37 +193,24 @@ impl Metrics {
     /// A probe on a decoy port; ports not listed at start (advanced modes) count as `other`,
     /// so the label stays bounded.
     pub fn hit(&self, protocol: Protocol, port: u16) {
-        let label = if self.known_ports.contains(&(protocol, port)) {
-            port.to_string()
-        } else {
-            "other".to_owned()
-        };
-        self.hits
-            .with_label_values(&[protocol.as_str(), &label])
-            .inc();
+        match self.hit_series.get(&(protocol, port)) {
+            Some(series) => series.inc(),
+            None => self.other_hits[usize::from(protocol == Protocol::Udp)].inc(),
+        }
     }
 
     /// A probe of a kind (the label is the kind's name in the ban evidence).
     pub fn probe(&self, kind: portsentry_crds::ProbeKind) {
-        use portsentry_crds::ProbeKind as K;
-        let label = match kind {
-            K::Connect => "connect",
-            K::Datagram => "datagram",
-            K::Syn => "syn",
-            K::Fin => "fin",
-            K::Null => "null",
-            K::Xmas => "xmas",
-            K::Ack => "ack",
-            K::Window => "window",
-            K::Maimon => "maimon",
-            K::Unknown => "unknown",
-        };
-        self.probes.with_label_values(&[label]).inc();
+        if let Some((_, series)) = self.probe_series.iter().find(|(k, _)| *k == kind) {
+            series.inc();
+        }
     }
 
     /// A packet read by the capture, with what became of it (a fixed set of outcomes).
     pub fn captured(&self, outcome: &'static str) {
-        self.captured.with_label_values(&[outcome]).inc();
+        if let Some((_, series)) = self.captured_series.iter().find(|(o, _)| *o == outcome) {
+            series.inc();
+        }
     }
 
     /// Packets the kernel dropped on the capture socket.
@@ -247,6 +265,11 @@ impl Metrics {
     /// Marks the sensor ready (decoys bound) for `/readyz`.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Adds a collector of another part of the sensor (the report client) to `/metrics`.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> Result<()> {
+        Ok(self.registry.register(collector)?)
     }
 
     /// The Prometheus text exposition.

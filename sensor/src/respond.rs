@@ -124,6 +124,31 @@ enum Action {
     Command(String),
 }
 
+/// Whether the native ban may go in before everything else: the plan has one and no
+/// command precedes it (`KILL_RUN_CMD_FIRST` keeps the command first, as 1.2 does).
+/// hosts.deny and KILL_ROUTE only add blocks, so banning before them changes nothing.
+fn native_first(actions: &[Action]) -> bool {
+    for action in actions {
+        match action {
+            Action::Native => return true,
+            Action::Command(_) => return false,
+            Action::HostsDeny(_) | Action::Route(_) => {}
+        }
+    }
+    false
+}
+
+/// The result of a native ban done before the alarm was logged (see [`Responder::ban_early`]).
+#[derive(Debug, Default)]
+pub struct EarlyBan(Option<Result<()>>);
+
+impl EarlyBan {
+    /// Whether the ban was attempted early and went in.
+    pub fn done(&self) -> bool {
+        matches!(self.0, Some(Ok(())))
+    }
+}
+
 impl Responder {
     /// Builds the responder; empties the blocked files as 1.2 does at start-up.
     pub fn new(
@@ -193,6 +218,23 @@ impl Responder {
         actions
     }
 
+    /// Puts the native ban in the kernel at once, before the alarm is logged, the host name
+    /// resolved or any file written, when the plan for `mode` has one and no
+    /// `KILL_RUN_CMD_FIRST` command must run before it. [`Responder::block_after`] reports
+    /// its result in the plan's order.
+    pub async fn ban_early(
+        &self,
+        target: IpAddr,
+        mode: Mode,
+        port: u16,
+        duration: Option<Duration>,
+    ) -> EarlyBan {
+        if !native_first(&self.plan(mode, target, port)) {
+            return EarlyBan::default();
+        }
+        EarlyBan(Some(self.native_ban(target, duration).await))
+    }
+
     /// Carries out a planned ban of `host` for a hit on `port`; records it when it worked.
     pub async fn block(
         &self,
@@ -201,18 +243,35 @@ impl Responder {
         port: u16,
         duration: Option<Duration>,
     ) -> Outcome {
+        self.block_after(host, mode, port, duration, EarlyBan::default())
+            .await
+    }
+
+    /// [`Responder::block`], with the native ban already done by [`Responder::ban_early`].
+    pub async fn block_after(
+        &self,
+        host: &HostName,
+        mode: Mode,
+        port: u16,
+        duration: Option<Duration>,
+        early: EarlyBan,
+    ) -> Outcome {
         let target = host.address;
         let actions = self.plan(mode, target, port);
         if actions.is_empty() {
             return Outcome::NothingToRun;
         }
+        let mut early = early.0;
         let mut failed = false;
         for action in actions {
             let (name, result) = match &action {
                 Action::HostsDeny(text) => ("hosts_deny", self.hosts_deny(text)),
                 Action::Route(cmd) => ("route", run_shell(cmd).await),
                 Action::Command(cmd) => ("command", run_shell(cmd).await),
-                Action::Native => ("nftables", self.native_ban(target, duration).await),
+                Action::Native => match early.take() {
+                    Some(result) => ("nftables", result),
+                    None => ("nftables", self.native_ban(target, duration).await),
+                },
             };
             match result {
                 Ok(()) => {
@@ -500,6 +559,34 @@ mod tests {
         assert_eq!(outcome, Outcome::Blocked);
         assert_eq!(read(dir.path().join("hosts.deny")), "ALL: 192.0.2.9\n");
         assert_eq!(read(log), "route 192.0.2.9\ncmd 111 tcp\n");
+    }
+
+    #[test]
+    fn the_native_ban_goes_first_unless_a_command_must_run_before_it() {
+        let native = || Action::Native;
+        let route = || Action::Route("r".into());
+        let command = || Action::Command("c".into());
+        assert!(native_first(&[route(), native(), command()]));
+        assert!(native_first(&[Action::HostsDeny("h".into()), native()]));
+        assert!(!native_first(&[command(), route(), native()]));
+        assert!(!native_first(&[route(), command()]));
+        assert!(!native_first(&[]));
+    }
+
+    #[tokio::test]
+    async fn an_early_ban_is_reported_in_the_plans_order_and_not_run_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(dir.path(), "BLOCK_TCP=\"1\"\nKILL_ROUTE=\"/bin/true\"\n");
+        let responder = responder(&config);
+        let host = HostName::unresolved(ip("192.0.2.9"));
+        // No enforcer: nothing to ban early, block_after runs the plan as block does.
+        let early = responder.ban_early(host.address, Mode::Tcp, 1, None).await;
+        assert!(!early.done());
+        let outcome = responder
+            .block_after(&host, Mode::Tcp, 1, None, early)
+            .await;
+        assert_eq!(outcome, Outcome::Blocked);
+        assert_eq!(read(dir.path().join("history")).lines().count(), 1);
     }
 
     #[tokio::test]

@@ -46,6 +46,8 @@ pub struct Options {
     pub raw: Vec<RawMode>,
     pub alerts: Arc<Alerts>,
     pub metrics_addr: Option<SocketAddr>,
+    /// `--report-url`: post alarms to the operator.
+    pub report: Option<crate::report::Settings>,
 }
 
 /// The engine's settings for a config.
@@ -80,6 +82,7 @@ struct Core {
     gate: Mutex<AlarmGate>,
     suppressed: AtomicU64,
     dropped: AtomicU64,
+    report: Option<crate::report::Reporter>,
 }
 
 impl Core {
@@ -122,6 +125,9 @@ impl HitSink for Core {
             }
             Verdict::Alarm(alarm) => {
                 self.metrics.alarm(hit.protocol);
+                if let Some(report) = &self.report {
+                    report.offer(&alarm);
+                }
                 let admitted = self
                     .gate
                     .lock()
@@ -184,6 +190,15 @@ async fn respond_task(
 ) {
     while let Some(alarm) = alarms.recv().await {
         let hit = alarm.hit;
+        // The ban first: name resolution, log lines and history files come after it.
+        let early = match &alarm.outcome {
+            Ok(plan) => Some(
+                responder
+                    .ban_early(hit.source, mode_of(hit.protocol), hit.port, plan.duration)
+                    .await,
+            ),
+            Err(_) => None,
+        };
         let host = host_name(hit.source, resolve).await;
         let line = match (hit.protocol, hit.captured) {
             (Protocol::Tcp, Some(captured)) => {
@@ -223,7 +238,13 @@ async fn respond_task(
             }
         };
         let outcome = responder
-            .block(&host, mode_of(hit.protocol), hit.port, plan.duration)
+            .block_after(
+                &host,
+                mode_of(hit.protocol),
+                hit.port,
+                plan.duration,
+                early.unwrap_or_default(),
+            )
             .await;
         match outcome {
             Outcome::Blocked => {
@@ -250,7 +271,12 @@ fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
 
 /// Once a second: lift expired bans, reconcile the enforcer, refresh metrics; re-read the
 /// ignore file when it changes and the host's addresses every 30 s.
-async fn maintenance_task(core: Arc<Core>, responder: Arc<Responder>, config: Config) {
+async fn maintenance_task(
+    core: Arc<Core>,
+    responder: Arc<Responder>,
+    config: Config,
+    tripwire: Option<Arc<crate::nft::NftBans>>,
+) {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let mut ignore_stamp = config.ignore_file.as_deref().and_then(stamp);
     let mut last_reconcile_error: Option<String> = None;
@@ -309,6 +335,7 @@ async fn maintenance_task(core: Arc<Core>, responder: Arc<Responder>, config: Co
                             engine.set_ignore(list);
                             engine.release_protected()
                         };
+                        update_tripwire_exemptions(&core, tripwire.as_ref()).await;
                         for address in released {
                             responder.lift(address).await;
                         }
@@ -322,6 +349,7 @@ async fn maintenance_task(core: Arc<Core>, responder: Arc<Responder>, config: Co
         }
         if tick % 30 == 0 {
             core.engine().set_own_addresses(listen::own_addresses());
+            update_tripwire_exemptions(&core, tripwire.as_ref()).await;
         }
     }
 }
@@ -393,6 +421,26 @@ fn start_capture(
     Ok(stopped_rx)
 }
 
+/// Gives the kernel tripwire the prefixes it must never ban (ignore list, own addresses),
+/// so an ignore-listed host is not banned from the packet path before user space can refuse.
+async fn update_tripwire_exemptions(core: &Core, tripwire: Option<&Arc<crate::nft::NftBans>>) {
+    let Some(nft) = tripwire.cloned() else {
+        return;
+    };
+    let exempt = core.engine().exempt_prefixes();
+    let result = tokio::task::spawn_blocking(move || nft.set_tripwire_exempt(&exempt)).await;
+    let error = match result {
+        Ok(Ok(())) => return,
+        Ok(Err(error)) => error.to_string(),
+        Err(join) => join.to_string(),
+    };
+    core.metrics.action_failure("nftables");
+    core.alerts.emit(
+        &format!("adminalert: ERROR: cannot update the tripwire's exemptions: {error}"),
+        Fields::new("tripwire_exempt_failed"),
+    );
+}
+
 /// Opens the native nftables enforcer when the config asks for it.
 fn open_enforcer(config: &Config) -> Result<Option<Arc<crate::nft::NftBans>>> {
     if !config.nft_ban {
@@ -411,6 +459,7 @@ pub async fn run(options: Options) -> Result<()> {
         raw,
         alerts,
         metrics_addr,
+        report,
     } = options;
     let ignore = match &config.ignore_file {
         Some(path) => match load_ignore(path)? {
@@ -456,6 +505,9 @@ pub async fn run(options: Options) -> Result<()> {
     if let Some(addr) = metrics_addr {
         metrics::serve(addr, metrics.clone()).await?;
     }
+    let report = report
+        .map(|settings| crate::report::start(settings, &metrics))
+        .transpose()?;
     let nft = open_enforcer(&config)?;
     let enforcer: Option<Arc<dyn Enforcer>> = nft.clone().map(|n| n as Arc<dyn Enforcer>);
     let responder = Arc::new(Responder::new(
@@ -478,6 +530,7 @@ pub async fn run(options: Options) -> Result<()> {
         gate: Mutex::new(AlarmGate::default()),
         suppressed: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
+        report,
     });
 
     let (bound, skipped) = listen::bind_all(&decoys);
@@ -536,6 +589,7 @@ pub async fn run(options: Options) -> Result<()> {
             }
         }
     }
+    let mut tripwire = None;
     if let Some(nft) = &nft
         && config.nft_tripwire
         && config.block_tcp == BlockLevel::All
@@ -543,9 +597,13 @@ pub async fn run(options: Options) -> Result<()> {
     {
         tcp_bound.sort_unstable();
         let first = settings(&config).ban.first;
+        // Exemptions first, so the tripwire never has a moment without them.
+        nft.set_tripwire_exempt(&core.engine().exempt_prefixes())
+            .map_err(|error| Error::Enforcer(error.to_string()))?;
         // Only ports this sensor really holds: a skipped port may be a real service.
         nft.install_tripwire(&tcp_bound, first)
             .map_err(|error| Error::Enforcer(error.to_string()))?;
+        tripwire = Some(nft.clone());
     }
     let capture_stopped = if raw.is_empty() {
         None
@@ -558,7 +616,12 @@ pub async fn run(options: Options) -> Result<()> {
         responder.clone(),
         config.resolve_host,
     ));
-    tokio::spawn(maintenance_task(core.clone(), responder, config.clone()));
+    tokio::spawn(maintenance_task(
+        core.clone(),
+        responder,
+        config.clone(),
+        tripwire,
+    ));
     metrics.set_ready(true);
     alerts.emit(&lines::active(), Fields::new("active"));
     if let Some(stopped) = capture_stopped {

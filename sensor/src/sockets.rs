@@ -8,12 +8,23 @@
 //! [`MAX_AGE`], and, before a port it lists as free is reported, when it is older than
 //! [`MIN_AGE`]: a service that started a moment ago is seen, and a flood of probes costs
 //! at most one read per protocol every [`MIN_AGE`].
+//!
+//! On the capture path [`LiveSockets::serves`] asks the kernel first, with one
+//! `NETLINK_SOCK_DIAG` request for the packet's exact addresses and ports (the lookup the
+//! kernel itself does to deliver it: established and TIME_WAIT sockets of that connection,
+//! then listeners or bound UDP sockets on the port). It costs a few microseconds whatever the
+//! number of sockets, where reading `/proc/net/tcp` walks the whole connection hash table
+//! (milliseconds per read) and used to delay the first ban of a scan. The tables remain the
+//! fallback when the kernel has no socket diagnostics.
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    io::{self, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
+
+use socket2::{Domain, Socket, Type};
 
 use portsentry_crds::Protocol;
 
@@ -88,11 +99,154 @@ fn parse_line(line: &str) -> Option<(IpAddr, u16)> {
     Some((address.to_canonical(), port))
 }
 
+const AF_NETLINK: i32 = 16;
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLM_F_REQUEST: u16 = 1;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_HDRLEN: usize = 16;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const ENOENT: i32 = 2;
+/// `struct inet_diag_req_v2` is 56 bytes.
+const REQUEST_LEN: usize = 56;
+
+/// Body of a `SOCK_DIAG_BY_FAMILY` request (`struct inet_diag_req_v2`) asking for the socket
+/// the kernel would deliver a packet from `remote` to `local` to. TCP takes the local end as
+/// the socket's source; UDP (`udp_dump_one`) takes the fields the other way round.
+pub fn diag_request(
+    protocol: Protocol,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> [u8; REQUEST_LEN] {
+    let (local, remote) = canonical_pair(local, remote);
+    let mut body = [0u8; REQUEST_LEN];
+    body[0] = if local.is_ipv4() { AF_INET } else { AF_INET6 };
+    let (src, dst) = match protocol {
+        Protocol::Tcp => {
+            body[1] = IPPROTO_TCP;
+            (local, remote)
+        }
+        Protocol::Udp => {
+            body[1] = IPPROTO_UDP;
+            (remote, local)
+        }
+    };
+    body[4..8].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    body[8..10].copy_from_slice(&src.port().to_be_bytes());
+    body[10..12].copy_from_slice(&dst.port().to_be_bytes());
+    for (at, address) in [(12, src.ip()), (28, dst.ip())] {
+        match address {
+            IpAddr::V4(a) => body[at..at + 4].copy_from_slice(&a.octets()),
+            IpAddr::V6(a) => body[at..at + 16].copy_from_slice(&a.octets()),
+        }
+    }
+    // idiag_if = 0 (any interface); cookie = INET_DIAG_NOCOOKIE.
+    body[48..56].copy_from_slice(&[0xff; 8]);
+    body
+}
+
+/// Both ends in one family: IPv4-mapped IPv6 addresses become IPv4 when both are.
+fn canonical_pair(local: SocketAddr, remote: SocketAddr) -> (SocketAddr, SocketAddr) {
+    let (l, r) = (local.ip().to_canonical(), remote.ip().to_canonical());
+    if l.is_ipv4() == r.is_ipv4() {
+        (
+            SocketAddr::new(l, local.port()),
+            SocketAddr::new(r, remote.port()),
+        )
+    } else {
+        (local, remote)
+    }
+}
+
+/// A `NETLINK_SOCK_DIAG` socket for exact socket lookups.
+#[derive(Debug)]
+pub struct Diag {
+    sock: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Diag {
+    pub fn open() -> io::Result<Self> {
+        let sock = Socket::new(
+            Domain::from(AF_NETLINK),
+            Type::RAW,
+            Some(socket2::Protocol::from(NETLINK_SOCK_DIAG)),
+        )?;
+        sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+        Ok(Self {
+            sock,
+            seq: 0,
+            buf: vec![0; 8192],
+        })
+    }
+
+    /// Whether the kernel holds a socket that a `protocol` packet from `remote` to `local`
+    /// reaches now. An error means the kernel cannot answer (no `inet_diag`/`udp_diag`).
+    pub fn serves(
+        &mut self,
+        protocol: Protocol,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> io::Result<bool> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let body = diag_request(protocol, local, remote);
+        let mut message = Vec::with_capacity(NLMSG_HDRLEN + REQUEST_LEN);
+        message.extend_from_slice(&((NLMSG_HDRLEN + REQUEST_LEN) as u32).to_ne_bytes());
+        message.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        message.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+        message.extend_from_slice(&seq.to_ne_bytes());
+        message.extend_from_slice(&0u32.to_ne_bytes());
+        message.extend_from_slice(&body);
+        (&self.sock).write_all(&message)?;
+        loop {
+            let n = (&self.sock).read(&mut self.buf)?;
+            let mut data = &self.buf[..n];
+            while data.len() >= NLMSG_HDRLEN {
+                let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+                if len < NLMSG_HDRLEN || len > data.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "truncated sock_diag reply",
+                    ));
+                }
+                let ty = u16::from_ne_bytes([data[4], data[5]]);
+                let reply_seq = u32::from_ne_bytes([data[8], data[9], data[10], data[11]]);
+                if reply_seq == seq {
+                    if ty != NLMSG_ERROR {
+                        return Ok(true);
+                    }
+                    let errno = data
+                        .get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4)
+                        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                        .map_or(0, |b| -i32::from_ne_bytes(b));
+                    return match errno {
+                        ENOENT => Ok(false),
+                        // An ACK (never asked for) would mean found nothing to report.
+                        0 => Ok(false),
+                        errno => Err(io::Error::from_raw_os_error(errno)),
+                    };
+                }
+                // A late answer to an earlier request that timed out: skip it.
+                data = data.get((len + 3) & !3..).unwrap_or(&[]);
+            }
+        }
+    }
+}
+
 /// The live view of both protocols, re-read as the module doc says.
 #[derive(Debug)]
 pub struct LiveSockets {
     tables: [(Table, Option<Instant>); 2],
     reads: u64,
+    /// `None` when no diagnostics socket could be opened: the tables are used instead.
+    diag: Option<Diag>,
+    lookups: u64,
+    warned: bool,
 }
 
 impl Default for LiveSockets {
@@ -106,12 +260,39 @@ impl LiveSockets {
         Self {
             tables: [(Table::default(), None), (Table::default(), None)],
             reads: 0,
+            diag: Diag::open().ok(),
+            lookups: 0,
+            warned: false,
         }
     }
 
     /// Times the kernel tables were read, for metrics and tests.
     pub fn reads(&self) -> u64 {
         self.reads
+    }
+
+    /// Exact lookups the kernel answered, for tests.
+    pub fn lookups(&self) -> u64 {
+        self.lookups
+    }
+
+    /// Whether a `protocol` packet from `remote` to `local` reaches a real socket now: the
+    /// kernel's exact lookup when it answers, else [`LiveSockets::in_use`] on the tables.
+    pub fn serves(&mut self, protocol: Protocol, local: SocketAddr, remote: SocketAddr) -> bool {
+        if let Some(diag) = &mut self.diag {
+            match diag.serves(protocol, local, remote) {
+                Ok(found) => {
+                    self.lookups += 1;
+                    return found;
+                }
+                Err(error) if !self.warned => {
+                    self.warned = true;
+                    tracing::warn!(%error, ?protocol, "socket diagnostics lookup failed; reading /proc/net tables instead");
+                }
+                Err(_) => {}
+            }
+        }
+        self.in_use(protocol, local.port(), local.ip())
     }
 
     /// Whether `destination:port` is served by a real socket now.
@@ -207,6 +388,82 @@ mod tests {
         let _service = std::net::TcpListener::bind(("127.0.0.1", port)).expect("rebind");
         std::thread::sleep(MIN_AGE + Duration::from_millis(5));
         assert!(live.in_use(Protocol::Tcp, port, ip("127.0.0.1")));
+    }
+
+    fn sa(text: &str) -> SocketAddr {
+        text.parse().expect("socket address")
+    }
+
+    #[test]
+    fn a_tcp_request_names_the_local_end_as_source_and_udp_the_remote() {
+        let tcp = diag_request(Protocol::Tcp, sa("10.0.0.1:111"), sa("192.0.2.7:40000"));
+        assert_eq!((tcp[0], tcp[1]), (AF_INET, IPPROTO_TCP));
+        assert_eq!(&tcp[4..8], &[0xff; 4]);
+        assert_eq!(&tcp[8..12], &[0, 111, 0x9c, 0x40]);
+        assert_eq!(&tcp[12..16], &[10, 0, 0, 1]);
+        assert_eq!(&tcp[28..32], &[192, 0, 2, 7]);
+        assert_eq!(&tcp[48..56], &[0xff; 8]);
+        let udp = diag_request(Protocol::Udp, sa("10.0.0.1:111"), sa("192.0.2.7:40000"));
+        assert_eq!((udp[0], udp[1]), (AF_INET, IPPROTO_UDP));
+        assert_eq!(&udp[8..12], &[0x9c, 0x40, 0, 111]);
+        assert_eq!(&udp[12..16], &[192, 0, 2, 7]);
+        assert_eq!(&udp[28..32], &[10, 0, 0, 1]);
+    }
+
+    #[test]
+    fn an_ipv6_request_carries_both_full_addresses_and_mapped_pairs_become_ipv4() {
+        let v6 = diag_request(Protocol::Tcp, sa("[fd00::1]:22"), sa("[fd00::2]:5"));
+        assert_eq!(v6[0], AF_INET6);
+        assert_eq!(
+            &v6[12..28],
+            &"fd00::1".parse::<Ipv6Addr>().expect("v6").octets()
+        );
+        assert_eq!(v6[43], 2);
+        let mapped = diag_request(
+            Protocol::Tcp,
+            sa("[::ffff:10.0.0.1]:22"),
+            sa("[::ffff:192.0.2.7]:5"),
+        );
+        assert_eq!(mapped[0], AF_INET);
+        assert_eq!(&mapped[12..16], &[10, 0, 0, 1]);
+    }
+
+    #[test]
+    fn the_kernel_lookup_finds_a_tcp_listener_without_reading_the_tables() {
+        let mut live = LiveSockets::new();
+        let service = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = service.local_addr().expect("addr").port();
+        let local = SocketAddr::new(ip("127.0.0.1"), port);
+        assert!(live.serves(Protocol::Tcp, local, sa("127.0.0.1:40000")));
+        drop(service);
+        assert!(!live.serves(Protocol::Tcp, local, sa("127.0.0.1:40000")));
+        assert_eq!((live.lookups(), live.reads()), (2, 0));
+    }
+
+    #[test]
+    fn the_kernel_lookup_sees_a_connection_but_not_other_sources_once_nothing_listens() {
+        let mut live = LiveSockets::new();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let local = listener.local_addr().expect("addr");
+        let client = std::net::TcpStream::connect(local).expect("connect");
+        let (_accepted, _) = listener.accept().expect("accept");
+        drop(listener);
+        let remote = client.local_addr().expect("client addr");
+        assert!(live.serves(Protocol::Tcp, local, remote));
+        let stranger = SocketAddr::new(remote.ip(), remote.port().wrapping_add(1).max(1));
+        assert!(!live.serves(Protocol::Tcp, local, stranger));
+        assert_eq!(live.reads(), 0);
+    }
+
+    #[test]
+    fn the_kernel_lookup_finds_a_bound_udp_socket() {
+        let mut live = LiveSockets::new();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let local = socket.local_addr().expect("addr");
+        assert!(live.serves(Protocol::Udp, local, sa("127.0.0.1:40000")));
+        drop(socket);
+        assert!(!live.serves(Protocol::Udp, local, sa("127.0.0.1:40000")));
+        assert_eq!(live.reads(), 0);
     }
 
     #[test]

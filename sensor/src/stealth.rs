@@ -7,12 +7,14 @@
 //! mode a port with a real socket on it is skipped, checked per packet
 //! ([`crate::sockets`]): a service started later is not a decoy, and a port the sensor
 //! binds itself in a connect mode (`-tcp -stcp` together) is left to that mode, whose
-//! completed handshakes prove the source. Each packet goes through, in order: parse,
+//! completed handshakes prove the source. The check is the kernel's own lookup for the
+//! packet's addresses and ports (see [`crate::sockets`]), so it costs microseconds and
+//! never delays a ban. Each packet goes through, in order: parse,
 //! destination is one of this host's addresses, port watched, TCP flags name a probe
 //! ([`crate::classify`]), port not in use.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -263,7 +265,11 @@ pub fn examine(
             None => return Examined::NotAProbe,
         },
     };
-    if sockets.in_use(packet.protocol, packet.port, packet.destination) {
+    if sockets.serves(
+        packet.protocol,
+        SocketAddr::new(packet.destination, packet.port),
+        SocketAddr::new(packet.source, packet.source_port),
+    ) {
         return Examined::PortInUse;
     }
     Examined::Probe(Hit {
@@ -360,6 +366,94 @@ mod tests {
         );
         assert_eq!(watch.ports(Protocol::Tcp).len(), 10);
         assert!(watch.watches(Protocol::Udp, 161));
+    }
+
+    /// An IPv4 TCP packet from 192.0.2.7 to `destination:port` with `flags` (SYN, ACK bits).
+    fn tcp(destination: [u8; 4], port: u16, syn: bool, ack: bool) -> Vec<u8> {
+        let mut builder = etherparse::PacketBuilder::ipv4([192, 0, 2, 7], destination, 64)
+            .tcp(40000, port, 1, 1024);
+        if syn {
+            builder = builder.syn();
+        }
+        if ack {
+            builder = builder.ack(1);
+        }
+        let mut out = Vec::new();
+        builder.write(&mut out, &[]).expect("write");
+        out
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port()
+    }
+
+    fn examine_tcp(destination: [u8; 4], port: u16, syn: bool, ack: bool) -> Examined {
+        let watch = Watch::new(
+            &config(&format!("TCP_PORTS=\"{port}\"\n")),
+            &[RawMode::Stcp],
+        );
+        examine(
+            &tcp(destination, port, syn, ack),
+            &watch,
+            &mut OwnAddresses::new(),
+            &mut LiveSockets::new(),
+        )
+    }
+
+    #[test]
+    fn a_syn_to_a_free_watched_port_of_this_host_is_a_syn_probe() {
+        let port = free_port();
+        match examine_tcp([127, 0, 0, 1], port, true, false) {
+            Examined::Probe(hit) => {
+                assert_eq!((hit.port, hit.kind), (port, ProbeKind::Syn));
+                assert_eq!(hit.source, IpAddr::from([192, 0, 2, 7]));
+                assert!(!hit.verified());
+            }
+            other => panic!("expected a probe, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_packet_to_another_host_is_not_for_this_host() {
+        assert_eq!(
+            examine_tcp([192, 0, 2, 1], free_port(), true, false),
+            Examined::NotForThisHost
+        );
+    }
+
+    #[test]
+    fn a_syn_ack_reply_is_not_a_probe() {
+        assert_eq!(
+            examine_tcp([127, 0, 0, 1], free_port(), true, true),
+            Examined::NotAProbe
+        );
+    }
+
+    #[test]
+    fn a_probe_to_a_port_a_service_listens_on_is_skipped() {
+        let service = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = service.local_addr().expect("addr").port();
+        assert_eq!(
+            examine_tcp([127, 0, 0, 1], port, true, false),
+            Examined::PortInUse
+        );
+    }
+
+    #[test]
+    fn bytes_that_are_not_a_packet_are_unparsed() {
+        let watch = Watch::default();
+        assert_eq!(
+            examine(
+                b"\x45\x00",
+                &watch,
+                &mut OwnAddresses::new(),
+                &mut LiveSockets::new()
+            ),
+            Examined::Unparsed
+        );
     }
 
     #[test]

@@ -435,3 +435,49 @@ fn the_kernel_tripwire_stops_a_connect_scan_after_a_few_ports() {
         "attackalert: Connect from host: {attacker}/{attacker} to TCP port: "
     ));
 }
+
+#[test]
+fn the_kernel_tripwire_never_bans_an_ignore_listed_attacker() {
+    if !prerequisites(&["ip", "nft"]) {
+        return;
+    }
+    let mut net = Net::new(40);
+    fs::write(net.path("ignore"), format!("{}/32\n", net.v4.1)).expect("ignore file");
+    let config = format!(
+        "TCP_PORTS=\"111,31337\"\nIGNORE_FILE=\"{}\"\nHISTORY_FILE=\"{}\"\nBLOCK_TCP=\"1\"\nNFT_BAN=\"1\"\nNFT_TABLE=\"portsentry\"\nNFT_TRIPWIRE=\"1\"\nBAN_DURATION=\"5m\"\n",
+        net.path("ignore").display(),
+        net.path("history").display()
+    );
+    net.start(&config, &["-tcp"]);
+    // Completed handshakes to decoys: the tripwire would ban a source that is not exempt.
+    assert!(net.connect(&net.v4.0, 111));
+    assert!(net.connect(&net.v4.0, 31337));
+    // The IPv6 address of the same attacker is not ignore-listed: it is banned, which
+    // proves the tripwire was armed.
+    assert!(net.connect(&net.v6.0, 111));
+    let banned_v6 = wait_for(|| (!net.connect(&net.v6.0, 31337)).then_some(()));
+    assert!(
+        banned_v6.is_some(),
+        "the tripwire never banned the IPv6 source"
+    );
+    assert!(
+        net.connect(&net.v4.0, 31337),
+        "the ignore-listed IPv4 attacker was banned by the kernel tripwire"
+    );
+    let set = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.victim,
+        "nft",
+        "list",
+        "set",
+        "inet",
+        "portsentry",
+        "bans4",
+    ]);
+    assert!(
+        !String::from_utf8_lossy(&set.stdout).contains(&net.v4.1),
+        "ignore-listed source is in the ban set"
+    );
+}

@@ -4,6 +4,8 @@
 
 LAB_VICTIM=${LAB_VICTIM:-psbench-victim}
 LAB_ATTACKER=${LAB_ATTACKER:-psbench-attacker}
+# veth pair names (psb-v, psb-a): override with LAB_VETH to run two labs side by side.
+LAB_VETH=${LAB_VETH:-psb}
 LAB_VICTIM_IP=10.251.0.1
 LAB_ATTACKER_IP=10.251.0.2
 LAB_VICTIM_IP6=fd00:251::1
@@ -22,18 +24,18 @@ lab_up() {
   lab_down
   ip netns add "$LAB_VICTIM"
   ip netns add "$LAB_ATTACKER"
-  ip link add psb-v type veth peer name psb-a
-  ip link set psb-v netns "$LAB_VICTIM"
-  ip link set psb-a netns "$LAB_ATTACKER"
-  ip -n "$LAB_VICTIM" addr add "$LAB_VICTIM_IP/24" dev psb-v
-  ip -n "$LAB_ATTACKER" addr add "$LAB_ATTACKER_IP/24" dev psb-a
-  ip -n "$LAB_VICTIM" addr add "$LAB_VICTIM_IP6/64" dev psb-v nodad
-  ip -n "$LAB_ATTACKER" addr add "$LAB_ATTACKER_IP6/64" dev psb-a nodad
+  ip link add "$LAB_VETH-v" type veth peer name "$LAB_VETH-a"
+  ip link set "$LAB_VETH-v" netns "$LAB_VICTIM"
+  ip link set "$LAB_VETH-a" netns "$LAB_ATTACKER"
+  ip -n "$LAB_VICTIM" addr add "$LAB_VICTIM_IP/24" dev "$LAB_VETH-v"
+  ip -n "$LAB_ATTACKER" addr add "$LAB_ATTACKER_IP/24" dev "$LAB_VETH-a"
+  ip -n "$LAB_VICTIM" addr add "$LAB_VICTIM_IP6/64" dev "$LAB_VETH-v" nodad
+  ip -n "$LAB_ATTACKER" addr add "$LAB_ATTACKER_IP6/64" dev "$LAB_VETH-a" nodad
   for ns in "$LAB_VICTIM" "$LAB_ATTACKER"; do
     ip -n "$ns" link set lo up
   done
-  ip -n "$LAB_VICTIM" link set psb-v up
-  ip -n "$LAB_ATTACKER" link set psb-a up
+  ip -n "$LAB_VICTIM" link set "$LAB_VETH-v" up
+  ip -n "$LAB_ATTACKER" link set "$LAB_VETH-a" up
 }
 
 in_victim() { ip netns exec "$LAB_VICTIM" "$@"; }
@@ -61,4 +63,20 @@ wait_listen() {
     sleep 0.05; tries=$((tries-1))
   done
   return 1
+}
+
+# Ports nmap's normal output (-oN -) reports as answered (open or closed): listed ports
+# plus the closed ones it folds into "Not shown: ... N closed tcp ports" (grepable output
+# drops those counts when two states are both folded).
+count_answered() {
+  awk '
+    /^[0-9]+\/tcp +(open|closed) / { n++ }
+    /Not shown:/ {
+      line = $0
+      while (match(line, /[0-9]+ (open|closed) tcp ports/)) {
+        part = substr(line, RSTART, RLENGTH); split(part, w, " "); n += w[1]
+        line = substr(line, RSTART + RLENGTH)
+      }
+    }
+    END { print n + 0 }'
 }

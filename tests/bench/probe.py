@@ -8,9 +8,13 @@ import time
 victim, decoy, service = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 limit = float(sys.argv[4]) if len(sys.argv) > 4 else 5.0
 
-s = socket.create_connection((victim, decoy), 1.0)
-t0 = time.perf_counter()
-s.close()
+try:
+    s = socket.create_connection((victim, decoy), 1.0)
+    t0 = time.perf_counter()
+    s.close()
+except ConnectionRefusedError:
+    # Stealth/advanced modes leave decoys closed: the refused SYN is the probe.
+    t0 = time.perf_counter()
 while time.perf_counter() - t0 < limit:
     attempt = time.perf_counter()
     try:

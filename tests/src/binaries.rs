@@ -104,3 +104,37 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(name))
         .find(|path| path.is_file())
 }
+
+/// A binary of this workspace (`portsentry-operator`, `portsentry-sensor`): from
+/// `$CARGO_TARGET_DIR` (else `<repo>/target`), debug then release; built with
+/// `cargo build -p <package> --bins` when missing from both.
+pub fn workspace_binary(name: &str, package: &str) -> Result<PathBuf> {
+    let target = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let find = || {
+        ["debug", "release"]
+            .iter()
+            .map(|profile| target.join(profile).join(name))
+            .find(|path| path.is_file())
+    };
+    if let Some(path) = find() {
+        return Ok(path);
+    }
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "-p", package, "--bins"])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(repo_root())
+        .status()
+        .with_context(|| format!("running cargo build -p {package} --bins"))?;
+    if !status.success() {
+        bail!("cargo build -p {package} --bins failed ({status})");
+    }
+    find().with_context(|| {
+        format!(
+            "{name} is missing from {} after building {package}",
+            target.display()
+        )
+    })
+}

@@ -11,8 +11,8 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use k8s_openapi::api::{
-    authentication::v1::{TokenRequest, TokenRequestSpec},
-    core::v1::{Namespace, ServiceAccount},
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+    core::v1::{Namespace, Pod, ServiceAccount},
 };
 use kube::{
     Api, Client, Config,
@@ -507,18 +507,61 @@ impl ControlPlane {
             .await
     }
 
+    /// A token for ServiceAccount `namespace/service_account` with `audience`, bound to the
+    /// existing Pod `namespace/pod` (TokenReview then names the pod, as for a projected token).
+    pub async fn token_for_pod(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        pod: &str,
+        audience: &str,
+    ) -> Result<String> {
+        let pods: Api<Pod> = Api::namespaced(self.client()?, namespace);
+        let uid = pods
+            .get(pod)
+            .await
+            .with_context(|| format!("reading pod {namespace}/{pod} (a bound token needs it)"))?
+            .metadata
+            .uid
+            .ok_or_else(|| anyhow!("pod {namespace}/{pod} has no uid"))?;
+        let bound = BoundObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.to_owned()),
+            uid: Some(uid),
+        };
+        self.request_token_bound(
+            namespace,
+            service_account,
+            vec![audience.to_owned()],
+            Some(bound),
+        )
+        .await
+    }
+
     async fn request_token(
         &self,
         namespace: &str,
         name: &str,
         audiences: Vec<String>,
     ) -> Result<String> {
+        self.request_token_bound(namespace, name, audiences, None)
+            .await
+    }
+
+    async fn request_token_bound(
+        &self,
+        namespace: &str,
+        name: &str,
+        audiences: Vec<String>,
+        bound_object_ref: Option<BoundObjectReference>,
+    ) -> Result<String> {
         let accounts: Api<ServiceAccount> = Api::namespaced(self.client()?, namespace);
         let request = TokenRequest {
             spec: TokenRequestSpec {
                 audiences,
                 expiration_seconds: Some(3600),
-                bound_object_ref: None,
+                bound_object_ref,
             },
             ..TokenRequest::default()
         };

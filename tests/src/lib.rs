@@ -7,9 +7,10 @@ mod certs;
 mod control_plane;
 mod http_server;
 mod manifests;
+mod operator;
 mod process;
 
-pub use binaries::{BUILD_HINT, Binaries, repo_root};
+pub use binaries::{BUILD_HINT, Binaries, repo_root, workspace_binary};
 pub use certs::CertAndKey;
 pub use control_plane::{
     ControlPlane, FIELD_MANAGER, Options, PORTSENTRY_AUDIENCE, SERVICE_ACCOUNT_ISSUER, shared,
@@ -18,3 +19,4 @@ pub use http_server::{HttpServer, Recorded, Reply};
 pub use manifests::{
     api_for, apply_documents, chart_crd_files, install_crds, parse_documents, wait_for,
 };
+pub use operator::{Operator, OperatorSettings, PodNet, post_report, prerequisites};

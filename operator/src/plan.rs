@@ -1,0 +1,513 @@
+//! One policy's reconcile as a pure function: from what was observed (policy, bans, pods,
+//! NetworkPolicies, neighbouring policies, protected addresses, time) to what to write.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use jiff::Timestamp;
+use k8s_openapi::{
+    api::networking::v1::NetworkPolicy, apimachinery::pkg::apis::meta::v1::Condition,
+};
+use kube::{Resource, ResourceExt};
+use portsentry_crds::{Backend, PolicyKind, PortSentryBan, PortSentryPolicy};
+use serde_json::Value;
+
+use crate::{
+    Error, Result,
+    bans::{self, Guards},
+    netpol,
+    prefixes::BannedPrefixes,
+    status::{self, BanEnforcement, Enforcement},
+    widen,
+};
+
+/// Longest wait between two reconciles of one policy when nothing changes.
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// Everything a reconcile of one PortSentryPolicy looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct Observed<'a> {
+    pub policy: &'a PortSentryPolicy,
+    /// Bans of any policy (only this policy's, in its namespace, are used).
+    pub bans: &'a [Arc<PortSentryBan>],
+    /// Labels of the pods the policy selects.
+    pub selected_pods: &'a [BTreeMap<String, String>],
+    /// Every NetworkPolicy of the namespace, ours included.
+    pub network_policies: &'a [NetworkPolicy],
+    /// PortSentryPolicies (any namespace; only the policy's own is used), itself included.
+    pub policies: &'a [Arc<PortSentryPolicy>],
+    pub guards: &'a Guards,
+    pub now: Timestamp,
+}
+
+/// What a reconcile writes.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Bans past expiry: delete them (only if unchanged since read).
+    pub expired: Vec<Arc<PortSentryBan>>,
+    /// Generated NetworkPolicies that are missing or differ: apply them.
+    pub apply: Vec<NetworkPolicy>,
+    /// Generated NetworkPolicies no longer wanted: delete them.
+    pub delete: Vec<String>,
+    /// Number of generated objects wanted, and banned prefixes they hold.
+    pub objects: usize,
+    pub prefixes: usize,
+    pub enforcement: Enforcement,
+    pub active_bans: usize,
+    pub conditions: Vec<Condition>,
+    /// Server-side apply body of the policy's status.
+    pub status: Value,
+    /// Bans whose `Enforced` condition changes: (name, new condition).
+    pub ban_conditions: Vec<(String, Condition)>,
+    /// `Some(now enforced)` when the policy's Enforced condition flips (or is first set).
+    pub enforced_changed: Option<bool>,
+    /// When to look again: the next expiry, at most [`RESYNC`].
+    pub requeue_after: Duration,
+}
+
+fn rival(policy: &PortSentryPolicy) -> widen::Rival<'_> {
+    widen::Rival {
+        name: policy.metadata.name.as_deref().unwrap_or_default(),
+        created: policy.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        pod_selector: &policy.spec.pod_selector,
+    }
+}
+
+/// Decides everything one reconcile of `observed.policy` writes.
+pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
+    let policy = observed.policy;
+    let namespace = policy
+        .namespace()
+        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let name = policy.name_any();
+    let uid = policy
+        .uid()
+        .ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    let owner = policy
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    let now = observed.now;
+    let rules = &policy.spec.rules;
+
+    let (active, expired): (Vec<Arc<PortSentryBan>>, Vec<Arc<PortSentryBan>>) = observed
+        .bans
+        .iter()
+        .filter(|ban| {
+            ban.namespace().as_deref() == Some(namespace.as_str())
+                && ban.spec.policy.kind == PolicyKind::PortSentryPolicy
+                && ban.spec.policy.name == name
+        })
+        .cloned()
+        .partition(|ban| bans::is_active(&ban.spec, now));
+    let protection: Vec<Option<bans::Protection>> = active
+        .iter()
+        .map(|ban| {
+            observed
+                .guards
+                .protected(&ban.spec.source, &rules.detection.ignore)
+        })
+        .collect();
+    let banned = BannedPrefixes::aggregate(
+        active
+            .iter()
+            .zip(&protection)
+            .filter(|(_, p)| p.is_none())
+            .map(|(ban, _)| &ban.spec.source),
+    );
+
+    let uses_netpol = rules.enforcement.backends.contains(&Backend::NetworkPolicy);
+    let neighbours: Vec<widen::Rival<'_>> = observed
+        .policies
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()))
+        .map(|p| rival(p))
+        .collect();
+    let outranked_by = widen::outranked_by(&rival(policy), &neighbours, observed.selected_pods);
+    let decision = widen::decide(&uid, observed.selected_pods, observed.network_policies);
+    let enforcement = match decision {
+        _ if !uses_netpol => Enforcement::NoBackend,
+        _ if !outranked_by.is_empty() => Enforcement::Yielded { to: outranked_by },
+        widen::Decision::Refuse { existing } => Enforcement::Refused { existing },
+        widen::Decision::Enforce if banned.is_empty() => Enforcement::NothingToEnforce,
+        widen::Decision::Enforce => Enforcement::Applied {
+            objects: 0,
+            prefixes: banned.len(),
+        },
+    };
+    let desired = if matches!(enforcement, Enforcement::Applied { .. }) {
+        let target = netpol::Target {
+            namespace: &namespace,
+            policy_name: &name,
+            pod_selector: &policy.spec.pod_selector,
+            owner,
+        };
+        netpol::build(
+            &target,
+            &banned,
+            rules.enforcement.max_prefixes_per_object as usize,
+        )
+    } else {
+        Vec::new()
+    };
+    let enforcement = match enforcement {
+        Enforcement::Applied { prefixes, .. } => Enforcement::Applied {
+            objects: desired.len(),
+            prefixes,
+        },
+        other => other,
+    };
+
+    let ours: Vec<&NetworkPolicy> = observed
+        .network_policies
+        .iter()
+        .filter(|np| netpol::is_controlled_by(np, &uid))
+        .collect();
+    let stored = |name: &Option<String>| ours.iter().find(|np| np.metadata.name == *name).copied();
+    let apply: Vec<NetworkPolicy> = desired
+        .iter()
+        .filter(|d| !stored(&d.metadata.name).is_some_and(|s| netpol::up_to_date(s, d)))
+        .cloned()
+        .collect();
+    let delete: Vec<String> = ours
+        .iter()
+        .filter_map(|np| np.metadata.name.clone())
+        .filter(|n| !desired.iter().any(|d| d.metadata.name.as_ref() == Some(n)))
+        .collect();
+
+    let previous = policy
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let was_enforced = previous
+        .iter()
+        .find(|c| c.type_ == status::ENFORCED)
+        .map(|c| c.status == "True");
+    let generation = policy.metadata.generation;
+    let conditions = status::policy_conditions(
+        &previous,
+        &enforcement,
+        active.len(),
+        rules.response.max_active_bans,
+        generation,
+        now,
+    );
+    let status = status::policy_status_patch(
+        &PortSentryPolicy::api_version(&()),
+        &PortSentryPolicy::kind(&()),
+        &conditions,
+        active.len(),
+        generation,
+    );
+
+    let enforced = enforcement.is_safe();
+    let ban_conditions = active
+        .iter()
+        .zip(&protection)
+        .filter_map(|(ban, protected)| {
+            let state = match protected {
+                Some(why) => BanEnforcement::Protected(*why),
+                None if enforced => BanEnforcement::Enforced,
+                None => BanEnforcement::PolicyNotEnforced,
+            };
+            let previous = ban
+                .status
+                .as_ref()
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default();
+            let desired = status::ban_condition(previous, state, now);
+            status::differs(previous, &desired).then(|| (ban.name_any(), desired))
+        })
+        .collect();
+    let requeue_after = active
+        .iter()
+        .filter_map(|ban| bans::requeue_after(now, &ban.spec))
+        .min()
+        .map_or(RESYNC, |d| d.min(RESYNC));
+
+    Ok(Plan {
+        expired,
+        apply,
+        delete,
+        objects: desired.len(),
+        prefixes: banned.len(),
+        enforced_changed: (was_enforced != Some(enforced)).then_some(enforced),
+        enforcement,
+        active_bans: active.len(),
+        conditions,
+        status,
+        ban_conditions,
+        requeue_after,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
+    use portsentry_crds::{
+        PolicyRef, PolicyRules, PolicyStatus, PortSentryBanSpec, PortSentryPolicySpec,
+    };
+
+    use super::*;
+
+    const T0: i64 = 1_780_000_000;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
+
+    fn policy(name: &str, created: i64) -> Arc<PortSentryPolicy> {
+        let mut rules = PolicyRules::default();
+        rules.enforcement.max_prefixes_per_object = 2;
+        Arc::new(PortSentryPolicy {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("shop".into()),
+                uid: Some(format!("uid-{name}")),
+                generation: Some(1),
+                creation_timestamp: Some(Time(at(created))),
+                ..ObjectMeta::default()
+            },
+            spec: PortSentryPolicySpec {
+                pod_selector: LabelSelector {
+                    match_labels: Some(labels(&[("app", "web")])),
+                    match_expressions: None,
+                },
+                rules,
+            },
+            status: None,
+        })
+    }
+
+    fn ban(policy: &str, source: &str, expires: Option<i64>) -> Arc<PortSentryBan> {
+        let source = source.parse().unwrap();
+        let mut ban = PortSentryBan::new(
+            &bans::ban_name(policy, &source),
+            PortSentryBanSpec {
+                source,
+                policy: PolicyRef {
+                    kind: PolicyKind::PortSentryPolicy,
+                    name: policy.into(),
+                },
+                first_seen: None,
+                last_seen: None,
+                offences: 1,
+                expires_at: expires.map(|s| Time(at(s))),
+                reason: None,
+                evidence: Vec::new(),
+            },
+        );
+        ban.metadata.namespace = Some("shop".into());
+        Arc::new(ban)
+    }
+
+    struct World {
+        policy: Arc<PortSentryPolicy>,
+        bans: Vec<Arc<PortSentryBan>>,
+        pods: Vec<BTreeMap<String, String>>,
+        network_policies: Vec<NetworkPolicy>,
+        policies: Vec<Arc<PortSentryPolicy>>,
+        guards: Guards,
+    }
+
+    impl World {
+        fn new(bans: Vec<Arc<PortSentryBan>>) -> Self {
+            let policy = policy("web", T0 - 1000);
+            Self {
+                policies: vec![policy.clone()],
+                policy,
+                bans,
+                pods: vec![labels(&[("app", "web")])],
+                network_policies: Vec::new(),
+                guards: Guards::default(),
+            }
+        }
+
+        fn plan(&self, now: i64) -> Plan {
+            plan(&Observed {
+                policy: &self.policy,
+                bans: &self.bans,
+                selected_pods: &self.pods,
+                network_policies: &self.network_policies,
+                policies: &self.policies,
+                guards: &self.guards,
+                now: at(now),
+            })
+            .unwrap()
+        }
+    }
+
+    fn excepts(plan: &Plan) -> Vec<String> {
+        plan.apply
+            .iter()
+            .flat_map(|np| {
+                np.spec.as_ref().unwrap().ingress.as_ref().unwrap()[0]
+                    .from
+                    .clone()
+                    .unwrap()
+            })
+            .filter_map(|peer| peer.ip_block)
+            .flat_map(|block| block.except.unwrap_or_default())
+            .collect()
+    }
+
+    #[test]
+    fn active_bans_of_the_policy_are_enforced_and_others_ignored() {
+        let world = World::new(vec![
+            ban("web", "203.0.113.7", Some(T0 + 60)),
+            ban("web", "2001:db8::7", None),
+            ban("api", "198.51.100.1", None),
+        ]);
+        let plan = world.plan(T0);
+        assert_eq!(excepts(&plan), vec!["203.0.113.7/32", "2001:db8::7/128"]);
+        assert_eq!(plan.active_bans, 2);
+        assert_eq!(
+            plan.enforcement,
+            Enforcement::Applied {
+                objects: 1,
+                prefixes: 2
+            }
+        );
+        assert_eq!(plan.enforced_changed, Some(true));
+        assert_eq!(plan.ban_conditions.len(), 2);
+    }
+
+    #[test]
+    fn expired_bans_are_deleted_and_left_out() {
+        let world = World::new(vec![
+            ban("web", "203.0.113.7", Some(T0 - 1)),
+            ban("web", "203.0.113.9", Some(T0 + 60)),
+        ]);
+        let plan = world.plan(T0);
+        assert_eq!(plan.expired.len(), 1);
+        assert_eq!(excepts(&plan), vec!["203.0.113.9/32"]);
+    }
+
+    #[test]
+    fn requeue_is_at_the_next_expiry_or_the_resync() {
+        let world = World::new(vec![
+            ban("web", "203.0.113.7", Some(T0 + 90)),
+            ban("web", "203.0.113.9", Some(T0 + 30)),
+        ]);
+        assert_eq!(world.plan(T0).requeue_after, Duration::from_secs(30));
+        let forever = World::new(vec![ban("web", "203.0.113.7", None)]);
+        assert_eq!(forever.plan(T0).requeue_after, RESYNC);
+    }
+
+    #[test]
+    fn protected_sources_are_never_enforced_and_say_so() {
+        let mut world = World::new(vec![
+            ban("web", "10.0.0.10", None),
+            ban("web", "127.0.0.1", None),
+        ]);
+        world.guards.node_addrs = vec!["10.0.0.10".parse().unwrap()];
+        let plan = world.plan(T0);
+        assert!(plan.apply.is_empty());
+        assert_eq!(plan.enforcement, Enforcement::NothingToEnforce);
+        let reasons: Vec<&str> = plan
+            .ban_conditions
+            .iter()
+            .map(|(_, c)| c.reason.as_str())
+            .collect();
+        assert_eq!(reasons, vec!["ProtectedSource", "ProtectedSource"]);
+    }
+
+    #[test]
+    fn another_ingress_policy_on_the_pods_removes_ours_and_reports_it() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        let ours = world.plan(T0).apply;
+        world.network_policies = ours;
+        world.network_policies.push(NetworkPolicy {
+            metadata: ObjectMeta {
+                name: Some("allow-lb".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(k8s_openapi::api::networking::v1::NetworkPolicySpec {
+                pod_selector: Some(LabelSelector::default()),
+                ..Default::default()
+            }),
+        });
+        let plan = world.plan(T0);
+        assert!(plan.apply.is_empty());
+        assert_eq!(plan.delete, vec!["web-portsentry-0".to_owned()]);
+        assert_eq!(
+            plan.enforcement,
+            Enforcement::Refused {
+                existing: vec!["allow-lb".into()]
+            }
+        );
+        assert_eq!(plan.ban_conditions[0].1.reason, "PolicyNotEnforced");
+    }
+
+    #[test]
+    fn unchanged_generated_objects_are_not_written_again() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        world.network_policies = world.plan(T0).apply;
+        let plan = world.plan(T0 + 5);
+        assert!(plan.apply.is_empty() && plan.delete.is_empty());
+        assert_eq!(plan.objects, 1);
+    }
+
+    #[test]
+    fn fewer_bans_shrink_the_shards_and_delete_the_rest() {
+        let mut world = World::new(vec![
+            ban("web", "203.0.113.1", None),
+            ban("web", "198.51.100.1", None),
+            ban("web", "192.0.2.1", None),
+            ban("web", "2001:db8::1", None),
+        ]);
+        let first = world.plan(T0);
+        assert!(first.objects >= 2);
+        world.network_policies = first.apply;
+        world.bans.truncate(1);
+        let plan = world.plan(T0);
+        assert_eq!(plan.objects, 1);
+        assert_eq!(plan.delete.len(), first.objects - 1);
+    }
+
+    #[test]
+    fn a_younger_policy_on_the_same_pods_yields() {
+        let mut world = World::new(vec![ban("late", "203.0.113.7", None)]);
+        let older = world.policy.clone();
+        world.policy = policy("late", T0);
+        world.policies = vec![older, world.policy.clone()];
+        let plan = world.plan(T0);
+        assert!(plan.apply.is_empty());
+        assert_eq!(
+            plan.enforcement,
+            Enforcement::Yielded {
+                to: vec!["web".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn an_unchanged_enforced_state_raises_no_event() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        let first = world.plan(T0);
+        let mut policy = (*world.policy).clone();
+        policy.status = Some(PolicyStatus {
+            conditions: first.conditions.clone(),
+            ..PolicyStatus::default()
+        });
+        world.policy = Arc::new(policy);
+        assert_eq!(world.plan(T0 + 1).enforced_changed, None);
+    }
+
+    #[test]
+    fn a_policy_without_the_networkpolicy_backend_enforces_nothing() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        let mut policy = (*world.policy).clone();
+        policy.spec.rules.enforcement.backends = vec![Backend::NodeNftables];
+        world.policy = Arc::new(policy);
+        let plan = world.plan(T0);
+        assert!(plan.apply.is_empty());
+        assert_eq!(plan.enforcement, Enforcement::NoBackend);
+    }
+}

@@ -1,0 +1,716 @@
+//! The HTTPS report intake, `POST /v1/reports`: TokenReview → sender, the pure checks of
+//! `intake`, then the bans it judges written with server-side apply; every answer counted.
+//!
+//! ```text
+//!  sensor ──TLS──▶ bearer ─TokenReview─▶ pod/node ─▶ rate ─▶ body ─▶ policy governs? ─▶ judge_report
+//!                   401        401/403               429    413/422       403             │
+//!                                                                       SSA PortSentryBan ◀┘ (200 + outcomes)
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{
+    Method, Request, Response, StatusCode, body::Incoming, header, server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use jiff::Timestamp;
+use k8s_openapi::{
+    api::{
+        authentication::v1::TokenReview,
+        core::v1::{Namespace, Node, Pod},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{
+        WatchStreamExt,
+        events::{Event, EventType, Recorder, Reporter as EventReporter},
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use portsentry_crds::{
+    ClusterPortSentryPolicy, PolicyKind, PortSentryBan, PortSentryPolicy, SourcePrefix,
+    report::{DetectionOutcome, Report, ReportOutcome},
+};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_rustls::{TlsAcceptor, rustls};
+use tracing::{debug, info, warn};
+
+use crate::{
+    Error, Result,
+    bans::{self, Guards},
+    hooks::{self, Hooks},
+    intake::{self, Authentication, BanWrite, Governing, RateLimiter, Refusal, Reporter},
+    metrics::Metrics,
+    netpol, review,
+};
+
+/// The path sensors post their reports to.
+pub const PATH: &str = "/v1/reports";
+/// A client that does not finish its TLS handshake or request head in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Per-sensor rate limit: a burst of `burst` reports, refilled at `per_second`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub burst: u32,
+    pub per_second: f64,
+    /// Sensors whose buckets are remembered at once.
+    pub max_reporters: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            burst: 20,
+            per_second: 5.0,
+            max_reporters: 100_000,
+        }
+    }
+}
+
+/// How the intake is to run.
+#[derive(Debug)]
+pub struct Settings {
+    pub limits: Limits,
+    /// Node sensors' pods and cluster policies' bans live there.
+    pub operator_namespace: String,
+    /// Who publishes the intake's Events.
+    pub reporter: EventReporter,
+    pub hooks: Option<Hooks>,
+}
+
+/// Why a report got no 200: refused by a check, or an API call failed (answered 503).
+#[derive(Debug)]
+enum Failure {
+    Refused(Refusal),
+    Internal(Error),
+}
+
+impl From<Refusal> for Failure {
+    fn from(refusal: Refusal) -> Self {
+        Failure::Refused(refusal)
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Failure::Internal(error)
+    }
+}
+
+impl From<kube::Error> for Failure {
+    fn from(error: kube::Error) -> Self {
+        Failure::Internal(error.into())
+    }
+}
+
+/// The bearer token of an `Authorization` header value, if it is one.
+pub fn bearer(value: Option<&str>) -> Option<&str> {
+    let (scheme, token) = value?.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Status, JSON body and `Retry-After` seconds answering a refusal.
+pub fn refusal_answer(refusal: &Refusal) -> (u16, String, Option<u64>) {
+    let body =
+        serde_json::json!({"reason": refusal.metric_reason(), "message": refusal.to_string()});
+    let retry_after = match refusal {
+        Refusal::RateLimited { retry_after } => {
+            Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
+        }
+        _ => None,
+    };
+    (refusal.status(), body.to_string(), retry_after)
+}
+
+/// The namespace a report's bans live in: the policy's own, or the operator's for a
+/// cluster policy.
+pub fn ban_namespace(governing: Governing<'_>, operator_namespace: &str) -> String {
+    match governing {
+        Governing::Namespaced(policy) => policy.metadata.namespace.clone(),
+        Governing::Cluster(_) => None,
+    }
+    .unwrap_or_else(|| operator_namespace.to_owned())
+}
+
+/// The PortSentryBan object a write applies, labelled with its policy.
+pub fn ban_object(write: &BanWrite, namespace: &str) -> PortSentryBan {
+    let mut ban = PortSentryBan::new(&write.name, write.spec.clone());
+    ban.metadata = ObjectMeta {
+        name: Some(write.name.clone()),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(BTreeMap::from([
+            (
+                netpol::MANAGED_BY_LABEL.to_owned(),
+                netpol::MANAGER.to_owned(),
+            ),
+            (
+                netpol::POLICY_LABEL.to_owned(),
+                crate::names::label_value(&write.spec.policy.name),
+            ),
+        ])),
+        ..ObjectMeta::default()
+    };
+    ban
+}
+
+/// How long a reviewed sensor identity is trusted without asking the API server again.
+/// The API server's own webhook token authenticator caches for 2 minutes; a pod deleted
+/// meanwhile can report for at most this long.
+pub const REVIEW_TTL: Duration = Duration::from_secs(10);
+/// Reviewed tokens remembered at most.
+const REVIEW_CACHE: usize = 10_000;
+
+/// Sensor identities of recently reviewed tokens, keyed by the token's SHA-256 (the token
+/// itself is not kept; a weak hash would let a forged token collide with a cached one).
+/// Only authenticated sensors are remembered: every refusal is reviewed again.
+#[derive(Debug, Default)]
+pub struct ReviewCache {
+    entries: HashMap<[u8; 32], (Instant, Reporter)>,
+}
+
+fn token_digest(token: &str) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut key = [0u8; 32];
+    key.copy_from_slice(digest.as_ref());
+    key
+}
+
+impl ReviewCache {
+    pub fn get(&self, token: &str, now: Instant) -> Option<Reporter> {
+        let (at, reporter) = self.entries.get(&token_digest(token))?;
+        (now.saturating_duration_since(*at) < REVIEW_TTL).then(|| reporter.clone())
+    }
+
+    pub fn put(&mut self, token: &str, reporter: Reporter, now: Instant) {
+        if self.entries.len() >= REVIEW_CACHE {
+            self.entries
+                .retain(|_, (at, _)| now.saturating_duration_since(*at) < REVIEW_TTL);
+            if self.entries.len() >= REVIEW_CACHE {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(token_digest(token), (now, reporter));
+    }
+}
+
+/// Everything the intake shares between requests.
+pub struct Intake {
+    client: Client,
+    metrics: Arc<Metrics>,
+    guards: Arc<RwLock<Guards>>,
+    limiter: Mutex<RateLimiter>,
+    reviews: Mutex<ReviewCache>,
+    bans: Store<PortSentryBan>,
+    operator_namespace: String,
+    leader: watch::Receiver<bool>,
+    recorder: Recorder,
+    hooks: Option<Hooks>,
+    /// One report judged and written at a time: two reports about one source never race.
+    writing: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Intake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Intake")
+            .field("operator_namespace", &self.operator_namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Intake {
+    /// The intake and the watch that keeps its ban cache (for the per-policy cap) current;
+    /// run the future.
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        guards: Arc<RwLock<Guards>>,
+        leader: watch::Receiver<bool>,
+        settings: Settings,
+    ) -> (Arc<Self>, impl Future<Output = ()> + Send + 'static) {
+        let (bans, writer) = reflector::store::<PortSentryBan>();
+        let watch = watcher::watcher(
+            Api::<PortSentryBan>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .backoff(crate::controller::WatchBackoff::default())
+        .modify(|ban| ban.managed_fields_mut().clear())
+        .reflect(writer)
+        .applied_objects();
+        let run = async move {
+            futures::pin_mut!(watch);
+            while let Some(event) = futures::StreamExt::next(&mut watch).await {
+                if let Err(error) = event {
+                    warn!(%error, "intake ban watch");
+                }
+            }
+        };
+        let intake = Arc::new(Self {
+            recorder: Recorder::new(client.clone(), settings.reporter),
+            hooks: settings.hooks,
+            client,
+            metrics,
+            guards,
+            limiter: Mutex::new(RateLimiter::new(
+                settings.limits.burst,
+                settings.limits.per_second,
+                settings.limits.max_reporters,
+            )),
+            reviews: Mutex::new(ReviewCache::default()),
+            bans,
+            operator_namespace: settings.operator_namespace,
+            leader,
+            writing: tokio::sync::Mutex::new(()),
+        });
+        (intake, run)
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let received = Instant::now();
+        if request.uri().path() != PATH {
+            return answer(404, "not found\n".into(), "text/plain", None);
+        }
+        if !*self.leader.borrow() {
+            return answer(503, "not the leader; retry\n".into(), "text/plain", Some(1));
+        }
+        if request.method() != Method::POST {
+            return answer(405, "only POST\n".into(), "text/plain", None);
+        }
+        match self.take(request, received).await {
+            Ok(outcome) => {
+                self.metrics.report_accepted();
+                let body = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
+                answer(200, body, "application/json", None)
+            }
+            Err(Failure::Refused(refusal)) => {
+                self.metrics.report_refused(refusal.metric_reason());
+                debug!(%refusal, "report refused");
+                let (status, body, retry_after) = refusal_answer(&refusal);
+                answer(status, body, "application/json", retry_after)
+            }
+            Err(Failure::Internal(error)) => {
+                self.metrics.report_refused("internal");
+                warn!(%error, "report could not be handled");
+                let body = serde_json::json!({"reason": "internal", "message": error.to_string()});
+                answer(503, body.to_string(), "application/json", Some(1))
+            }
+        }
+    }
+
+    async fn take(
+        &self,
+        request: Request<Incoming>,
+        received: Instant,
+    ) -> Result<ReportOutcome, Failure> {
+        let token = bearer(
+            request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
+        )
+        .map(str::to_owned);
+        let authentication = self.authenticate(token.as_deref()).await?;
+        debug!(took = ?received.elapsed(), "token reviewed");
+        let reporter = intake::authenticate(authentication)?;
+        self.limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(&reporter.key(), Instant::now())?;
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|length| length > intake::MAX_BODY_BYTES) {
+            return Err(Refusal::BodyTooLarge.into());
+        }
+        let body = Limited::new(request.into_body(), intake::MAX_BODY_BYTES)
+            .collect()
+            .await
+            .map_err(|_| Refusal::BodyTooLarge)?
+            .to_bytes();
+        let report = intake::parse(&body)?;
+        let (namespaced, cluster) = self.find_policy(&report, &reporter).await?;
+        let governing = namespaced
+            .as_ref()
+            .map(Governing::Namespaced)
+            .or(cluster.as_ref().map(Governing::Cluster));
+        if let Err(refusal) = intake::authorize(&report, &reporter, governing) {
+            self.refusal_event(&reporter, &refusal);
+            return Err(refusal.into());
+        }
+        let governing = governing.ok_or(Refusal::PolicyNotFound)?;
+        let admitted = intake::Admitted { reporter, report };
+        self.judge_and_write(&admitted, governing, received).await
+    }
+
+    /// A Warning Event on the sending pod for a report about a policy it may not report
+    /// for (rate-limit refusals get none: a flood would become a flood of Events).
+    fn refusal_event(&self, reporter: &Reporter, refusal: &Refusal) {
+        let Reporter::Pod {
+            namespace, name, ..
+        } = reporter
+        else {
+            return;
+        };
+        let object = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(namespace.clone()),
+            name: Some(name.clone()),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "ReportRefused".into(),
+            note: Some(refusal.to_string()),
+            action: "Report".into(),
+            secondary: None,
+        };
+        let recorder = self.recorder.clone();
+        tokio::spawn(async move {
+            if let Err(error) = recorder.publish(&event, &object).await {
+                debug!(%error, "could not publish the refusal event");
+            }
+        });
+    }
+
+    async fn authenticate(&self, token: Option<&str>) -> Result<Authentication> {
+        let Some(token) = token else {
+            return Ok(Authentication::Missing);
+        };
+        let cached = self
+            .reviews
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token, Instant::now());
+        if let Some(reporter) = cached {
+            return Ok(Authentication::Sensor(reporter));
+        }
+        let authentication = self.review(token).await?;
+        if let Authentication::Sensor(reporter) = &authentication {
+            self.reviews.lock().unwrap_or_else(|p| p.into_inner()).put(
+                token,
+                reporter.clone(),
+                Instant::now(),
+            );
+        }
+        Ok(authentication)
+    }
+
+    async fn review(&self, token: &str) -> Result<Authentication> {
+        let reviewed = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review::request(token))
+            .await?;
+        let pod_token = match review::identity(reviewed.status.as_ref()) {
+            review::TokenIdentity::Invalid => return Ok(Authentication::Invalid),
+            review::TokenIdentity::NotAPod => return Ok(Authentication::NotASensor),
+            review::TokenIdentity::Pod(pod_token) => pod_token,
+        };
+        let pod = Api::<Pod>::namespaced(self.client.clone(), &pod_token.namespace)
+            .get_opt(&pod_token.pod_name)
+            .await?;
+        let namespace_labels = Api::<Namespace>::all(self.client.clone())
+            .get_opt(&pod_token.namespace)
+            .await?
+            .map(|n| n.labels().clone())
+            .unwrap_or_default();
+        let node_name = pod
+            .as_ref()
+            .and_then(|p| p.spec.as_ref())
+            .and_then(|s| s.node_name.clone());
+        let node_labels = match (&node_name, pod_token.namespace == self.operator_namespace) {
+            (Some(node), true) => Api::<Node>::all(self.client.clone())
+                .get_opt(node)
+                .await?
+                .map(|n| n.labels().clone()),
+            _ => None,
+        };
+        Ok(review::reporter(
+            &pod_token,
+            pod.as_ref(),
+            &namespace_labels,
+            &self.operator_namespace,
+            node_labels.as_ref(),
+        ))
+    }
+
+    async fn find_policy(
+        &self,
+        report: &Report,
+        reporter: &Reporter,
+    ) -> Result<(Option<PortSentryPolicy>, Option<ClusterPortSentryPolicy>)> {
+        match (report.policy.kind, reporter) {
+            (PolicyKind::PortSentryPolicy, Reporter::Pod { namespace, .. }) => {
+                let found = Api::<PortSentryPolicy>::namespaced(self.client.clone(), namespace)
+                    .get_opt(&report.policy.name)
+                    .await?;
+                Ok((found, None))
+            }
+            (PolicyKind::PortSentryPolicy, Reporter::Node { .. }) => Ok((None, None)),
+            (PolicyKind::ClusterPortSentryPolicy, _) => {
+                let found = Api::<ClusterPortSentryPolicy>::all(self.client.clone())
+                    .get_opt(&report.policy.name)
+                    .await?;
+                Ok((None, found))
+            }
+        }
+    }
+
+    async fn judge_and_write(
+        &self,
+        admitted: &intake::Admitted,
+        governing: Governing<'_>,
+        received: Instant,
+    ) -> Result<ReportOutcome, Failure> {
+        let (policy_name, rules, object_ref) = match governing {
+            Governing::Namespaced(p) => (p.name_any(), &p.spec.rules, p.object_ref(&())),
+            Governing::Cluster(p) => (p.name_any(), &p.spec.rules, p.object_ref(&())),
+        };
+        let namespace = ban_namespace(governing, &self.operator_namespace);
+        let policy_key = format!("{namespace}/{policy_name}");
+        let api = Api::<PortSentryBan>::namespaced(self.client.clone(), &namespace);
+        let _one_writer = self.writing.lock().await;
+        let mut names: Vec<String> = admitted
+            .report
+            .detections
+            .iter()
+            .map(|d| bans::ban_name(&policy_name, &SourcePrefix::host(d.source.to_canonical())))
+            .collect();
+        names.sort();
+        names.dedup();
+        let mut existing = HashMap::new();
+        for name in &names {
+            if let Some(ban) = api.get_opt(name).await? {
+                existing.insert(name.clone(), ban.spec);
+            }
+        }
+        let now = Timestamp::now();
+        let kind = admitted.report.policy.kind;
+        let active = self
+            .bans
+            .state()
+            .iter()
+            .filter(|b| {
+                b.metadata.namespace.as_deref() == Some(namespace.as_str())
+                    && b.spec.policy.kind == kind
+                    && b.spec.policy.name == policy_name
+                    && bans::is_active(&b.spec, now)
+                    && !existing.contains_key(&b.name_any())
+            })
+            .count()
+            + existing
+                .values()
+                .filter(|s| bans::is_active(s, now))
+                .count();
+        let guards = self
+            .guards
+            .read()
+            .map(|g| g.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        let (outcomes, writes) = intake::judge_report(
+            admitted,
+            &policy_name,
+            rules,
+            &guards,
+            |name| existing.get(name).cloned(),
+            active,
+            now,
+        )?;
+        let params = PatchParams::apply(netpol::MANAGER).force();
+        for write in &writes {
+            let ban = ban_object(write, &namespace);
+            api.patch(&write.name, &params, &Patch::Apply(&ban)).await?;
+            self.metrics.ban_written(&policy_key, &write.name, received);
+        }
+        self.metrics.detections(&outcomes);
+        if let Some(hooks) = self
+            .hooks
+            .as_ref()
+            .filter(|_| !rules.response.webhooks.is_empty())
+        {
+            let targets = &rules.response.webhooks;
+            for write in &writes {
+                hooks.notify(
+                    targets,
+                    &hooks::payload(hooks::Kind::Ban, &namespace, &write.name, &write.spec),
+                );
+            }
+            let alerts = admitted.report.detections.iter().zip(&outcomes).filter(
+                |(_, o)| matches!(o, DetectionOutcome::Alerted(why) if why == "action_hook"),
+            );
+            for (detection, _) in alerts {
+                hooks.notify(
+                    targets,
+                    &hooks::alert_payload(&namespace, &admitted.report.policy, detection.source),
+                );
+            }
+        }
+        if !writes.is_empty() {
+            let added = writes
+                .iter()
+                .filter(|w| {
+                    !existing
+                        .get(&w.name)
+                        .is_some_and(|s| bans::is_active(s, now))
+                })
+                .count();
+            self.metrics.bans_added(added);
+            let sources: Vec<String> = writes.iter().map(|w| w.spec.source.to_string()).collect();
+            info!(
+                policy = %policy_key,
+                reporter = %admitted.reporter.key(),
+                took = ?received.elapsed(),
+                bans = ?sources,
+                "report accepted: bans written"
+            );
+            let note = format!(
+                "{} ban(s) written on a report of {}: {}",
+                writes.len(),
+                admitted.reporter.key(),
+                sources.join(", ")
+            );
+            let recorder = self.recorder.clone();
+            tokio::spawn(async move {
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "Banned".into(),
+                    note: Some(crate::names::bounded(&note, 1024)),
+                    action: "Report".into(),
+                    secondary: None,
+                };
+                if let Err(error) = recorder.publish(&event, &object_ref).await {
+                    debug!(%error, "could not publish the ban event");
+                }
+            });
+        }
+        Ok(ReportOutcome { results: outcomes })
+    }
+}
+
+fn answer(
+    status: u16,
+    body: String,
+    content_type: &'static str,
+    retry_after: Option<u64>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    if let Some(seconds) = retry_after {
+        headers.insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+    }
+    response
+}
+
+/// Serves the intake over TLS until the listener fails; each connection in its own task.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    intake: Arc<Intake>,
+) -> std::io::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let intake = intake.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => return debug!(%peer, %error, "report TLS handshake"),
+                Err(_) => return debug!(%peer, "report TLS handshake timed out"),
+            };
+            let service = service_fn(move |request| {
+                let intake = intake.clone();
+                async move { Ok::<_, Infallible>(intake.handle(request).await) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(error) = connection.await {
+                debug!(%peer, %error, "report connection");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_bearer_authorization_carries_a_token() {
+        assert_eq!(bearer(Some("Bearer abc.def")), Some("abc.def"));
+        assert_eq!(bearer(Some("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(Some("Bearer ")), None);
+        assert_eq!(bearer(None), None);
+    }
+
+    #[test]
+    fn a_reviewed_sensor_is_remembered_for_the_ttl_only() {
+        let reporter = Reporter::Node {
+            name: "n1".into(),
+            labels: BTreeMap::new(),
+        };
+        let mut cache = ReviewCache::default();
+        let t0 = Instant::now();
+        cache.put("token-a", reporter.clone(), t0);
+        assert_eq!(
+            cache.get("token-a", t0 + Duration::from_secs(1)),
+            Some(reporter)
+        );
+        assert_eq!(cache.get("token-b", t0), None);
+        assert_eq!(cache.get("token-a", t0 + REVIEW_TTL), None);
+    }
+
+    #[test]
+    fn a_rate_limit_answer_says_when_to_retry() {
+        let (status, body, retry) = refusal_answer(&Refusal::RateLimited {
+            retry_after: Duration::from_millis(200),
+        });
+        assert_eq!((status, retry), (429, Some(1)));
+        assert!(body.contains("rate_limited"));
+        let (status, _, retry) = refusal_answer(&Refusal::NotGoverned);
+        assert_eq!((status, retry), (403, None));
+    }
+
+    #[test]
+    fn a_ban_object_carries_its_policy_label() {
+        let spec: portsentry_crds::PortSentryBanSpec = serde_json::from_value(serde_json::json!({
+            "source": "203.0.113.7",
+            "policy": {"kind": "PortSentryPolicy", "name": "web"},
+        }))
+        .unwrap();
+        let ban = ban_object(
+            &BanWrite {
+                name: "web-v4-203-0-113-7".into(),
+                spec,
+            },
+            "shop",
+        );
+        assert_eq!(ban.metadata.namespace.as_deref(), Some("shop"));
+        assert_eq!(ban.labels()[netpol::POLICY_LABEL], "web");
+    }
+}

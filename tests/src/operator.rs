@@ -1,0 +1,521 @@
+//! The operator and the sensor as the built binaries: an operator process against a control
+//! plane, sensors in network namespaces (removed in `Drop`), and an HTTPS report client.
+
+use std::{
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tempfile::TempDir;
+use tokio_rustls::{
+    TlsConnector,
+    rustls::{self, pki_types::ServerName},
+};
+
+use crate::{ControlPlane, binaries::workspace_binary, process::free_port};
+
+/// True when this end-to-end test can run here (root, and `tools` on disk). With `CI=true` a
+/// missing prerequisite panics; otherwise the test says what is missing and returns early.
+pub fn prerequisites(tools: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !root {
+        missing.push("root (network namespaces need it)".to_owned());
+    }
+    for tool in tools {
+        let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|dir| Path::new(dir).join(tool).exists());
+        if !found {
+            missing.push(format!(
+                "`{tool}` (apt-get install it, or run tests/run as root)"
+            ));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let message = format!("end-to-end test needs: {}", missing.join(", "));
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
+    eprintln!("NOT RUN: {message}");
+    false
+}
+
+/// How to run one operator.
+#[derive(Debug, Clone)]
+pub struct OperatorSettings {
+    /// Address the intake listens on (and its certificate names).
+    pub report_ip: IpAddr,
+    /// The operator's namespace (the Lease lives there).
+    pub namespace: String,
+    /// Replica name (Lease holder identity).
+    pub identity: String,
+    pub lease_name: String,
+    pub extra_args: Vec<String>,
+    /// Wait in `start` until this replica leads (false: return once it serves).
+    pub wait_leading: bool,
+}
+
+impl OperatorSettings {
+    pub fn new(lease_name: &str) -> Self {
+        Self {
+            report_ip: IpAddr::from([127, 0, 0, 1]),
+            namespace: "portsentry-system".into(),
+            identity: "operator-0".into(),
+            lease_name: lease_name.to_owned(),
+            extra_args: Vec::new(),
+            wait_leading: true,
+        }
+    }
+}
+
+/// A running `portsentry-operator` with the admin kubeconfig; killed on drop.
+#[derive(Debug)]
+pub struct Operator {
+    child: Option<Child>,
+    program: PathBuf,
+    args: Vec<String>,
+    kubeconfig: PathBuf,
+    dir: TempDir,
+    /// `https://IP:PORT/v1/reports`.
+    pub report_url: String,
+    pub metrics_addr: SocketAddr,
+    /// PEM of the CA that signed the intake's certificate.
+    pub ca_pem: String,
+    wait_leading: bool,
+}
+
+impl Operator {
+    /// Starts the operator and waits until it leads (its intake answers other than 503).
+    pub async fn start(plane: &ControlPlane, settings: OperatorSettings) -> Result<Self> {
+        plane.ensure_namespace(&settings.namespace).await?;
+        let program = workspace_binary("portsentry-operator", "portsentry-operator")?;
+        let dir = tempfile::Builder::new()
+            .prefix("portsentry-operator-")
+            .tempdir()?;
+        let cert = plane.issue_serving_cert(&[&settings.report_ip.to_string()])?;
+        cert.write(dir.path(), "intake")?;
+        let report_port = free_port_on(settings.report_ip)?;
+        let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let host = match settings.report_ip {
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            IpAddr::V4(v4) => v4.to_string(),
+        };
+        let mut args = vec![
+            format!("--metrics-addr={metrics_addr}"),
+            format!(
+                "--report-addr={}",
+                SocketAddr::new(settings.report_ip, report_port)
+            ),
+            format!(
+                "--report-cert-file={}",
+                dir.path().join("intake.crt").display()
+            ),
+            format!(
+                "--report-key-file={}",
+                dir.path().join("intake.key").display()
+            ),
+            format!("--namespace={}", settings.namespace),
+            format!("--instance={}", settings.identity),
+            format!("--lease-name={}", settings.lease_name),
+            "--lease-duration-secs=3".to_owned(),
+            "--guard-refresh-secs=5".to_owned(),
+        ];
+        args.extend(settings.extra_args.iter().cloned());
+        let mut operator = Self {
+            child: None,
+            program,
+            args,
+            kubeconfig: plane.kubeconfig_path().to_owned(),
+            dir,
+            report_url: format!("https://{host}:{report_port}/v1/reports"),
+            metrics_addr,
+            ca_pem: plane.ca_pem().to_owned(),
+            wait_leading: settings.wait_leading,
+        };
+        operator.launch().await?;
+        Ok(operator)
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info,portsentry_operator=debug,kube=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.program.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("the operator exited ({status}):\n{}", self.log());
+            }
+            if let Ok(leading) = self.leading().await
+                && (leading || !self.wait_leading)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the operator did not start leading in 60 s:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether the intake says this replica leads: a GET is answered 503 by a follower and
+    /// 405 by the leader (it counts as no report).
+    pub async fn leading(&self) -> Result<bool> {
+        let (status, _) = https_request("GET", &self.report_url, &self.ca_pem, None, b"").await?;
+        Ok(status != 503)
+    }
+
+    /// SIGKILLs the operator (no shutdown at all).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again with the same flags and waits until it leads.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.launch().await
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("operator.log")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The operator's `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: operator\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        Ok(text)
+    }
+
+    /// The value of a metric line starting with `series` (`name` or `name{labels}`), or 0.
+    pub async fn metric(&self, series: &str) -> Result<f64> {
+        let text = self.metrics().await?;
+        Ok(text
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok())?
+            })
+            .unwrap_or(0.0))
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+        if std::env::var_os("PORTSENTRY_KEEP_TEMP").is_some_and(|v| !v.is_empty() && v != "0") {
+            self.dir.disable_cleanup(true);
+            eprintln!("operator files kept in {}", self.dir.path().display());
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(400).collect();
+            eprintln!(
+                "--- last lines of the operator log ---\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
+
+fn free_port_on(ip: IpAddr) -> Result<u16> {
+    let listener = std::net::TcpListener::bind((ip, 0))
+        .with_context(|| format!("binding {ip}:0 to find a free port"))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// POSTs `body` to `url` over HTTPS trusting `ca_pem`, with `token` as bearer if given:
+/// the status and the body of the answer.
+pub async fn post_report(
+    url: &str,
+    ca_pem: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> Result<(u16, String)> {
+    https_request("POST", url, ca_pem, token, body).await
+}
+
+async fn https_request(
+    method: &str,
+    url: &str,
+    ca_pem: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> Result<(u16, String)> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let uri: hyper::Uri = url.parse()?;
+    let host = uri
+        .host()
+        .ok_or_else(|| anyhow!("no host in {url}"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(host.clone())?, tcp)
+        .await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(uri.path())
+        .header("host", format!("{host}:{port}"))
+        .header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = sender
+        .send_request(request.body(Full::new(Bytes::copy_from_slice(body)))?)
+        .await?;
+    let status = response.status().as_u16();
+    let text = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&text).into_owned()))
+}
+
+/// A pod's network namespace (victim) with a sensor, an attacker namespace joined to it by
+/// veth, and a veth to the host so the sensor reaches the operator. Removed on drop.
+#[derive(Debug)]
+pub struct PodNet {
+    pub victim: String,
+    pub attacker: String,
+    /// The victim's address on the attacker link (what the attacker scans).
+    pub victim_addr: String,
+    pub attacker_addr: String,
+    /// The host end of the host link (where the operator listens).
+    pub host_addr: String,
+    attacker_dev: String,
+    children: Vec<Child>,
+    dir: TempDir,
+}
+
+fn run(args: &[&str]) -> Result<Output> {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))
+}
+
+fn must(args: &[&str]) -> Result<()> {
+    let output = run(args)?;
+    if !output.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl PodNet {
+    /// Namespaces and links for test `index` (0..=250): 10.232.index.0/24 between victim
+    /// and attacker, 10.233.index.0/30 between host and victim. Nothing else is touched.
+    pub fn new(index: u8) -> Result<Self> {
+        let id = std::process::id() % 10_000;
+        let victim = format!("pso{index}v{id}");
+        let attacker = format!("pso{index}a{id}");
+        let net = Self {
+            victim: victim.clone(),
+            attacker: attacker.clone(),
+            victim_addr: format!("10.232.{index}.1"),
+            attacker_addr: format!("10.232.{index}.2"),
+            host_addr: format!("10.233.{index}.1"),
+            attacker_dev: format!("po{index}{id}b"),
+            children: Vec::new(),
+            dir: tempfile::Builder::new()
+                .prefix("portsentry-podnet-")
+                .tempdir()?,
+        };
+        let _ = run(&["ip", "netns", "del", &victim]);
+        let _ = run(&["ip", "netns", "del", &attacker]);
+        must(&["ip", "netns", "add", &victim])?;
+        must(&["ip", "netns", "add", &attacker])?;
+        let (va, vb) = (format!("po{index}{id}a"), format!("po{index}{id}b"));
+        let (ha, hb) = (format!("po{index}{id}h"), format!("po{index}{id}p"));
+        must(&[
+            "ip", "link", "add", &va, "netns", &victim, "type", "veth", "peer", "name", &vb,
+            "netns", &attacker,
+        ])?;
+        must(&[
+            "ip", "link", "add", &ha, "type", "veth", "peer", "name", &hb, "netns", &victim,
+        ])?;
+        for (ns, dev, address) in [
+            (
+                victim.as_str(),
+                va.as_str(),
+                format!("{}/24", net.victim_addr),
+            ),
+            (
+                attacker.as_str(),
+                vb.as_str(),
+                format!("{}/24", net.attacker_addr),
+            ),
+            (victim.as_str(), hb.as_str(), format!("10.233.{index}.2/30")),
+        ] {
+            must(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+            must(&["ip", "-n", ns, "addr", "add", &address, "dev", dev])?;
+            must(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+        }
+        must(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", net.host_addr),
+            "dev",
+            &ha,
+        ])?;
+        must(&["ip", "link", "set", &ha, "up"])?;
+        Ok(net)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts the built sensor in the victim namespace with `config` and `args`; waits until
+    /// it is active. Its stderr goes to `sensor.log`.
+    pub fn start_sensor(&mut self, config: &str, args: &[String]) -> Result<()> {
+        let sensor = workspace_binary("portsentry-sensor", "portsentry-sensor")?;
+        let conf = self.path("sensor.conf");
+        fs::write(&conf, config)?;
+        let log = fs::File::create(self.path("sensor.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.victim])
+            .arg(&sensor)
+            .arg("--config")
+            .arg(&conf)
+            .args(args)
+            .env("RUST_LOG", "warn,portsentry_sensor::report=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.children.push(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self
+            .sensor_log()
+            .contains("PortSentry is now active and listening")
+        {
+            if Instant::now() > deadline {
+                bail!("the sensor never became active:\n{}", self.sensor_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    pub fn sensor_log(&self) -> String {
+        fs::read_to_string(self.path("sensor.log")).unwrap_or_default()
+    }
+
+    /// Runs `args` in the attacker namespace.
+    pub fn attacker(&self, args: &[&str]) -> Result<Output> {
+        let mut full = vec!["ip", "netns", "exec", &self.attacker];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    /// Gives the attacker one more address of its link (10.232.index.0/24), to scan from.
+    pub fn add_attacker_address(&self, address: &str) -> Result<()> {
+        let cidr = format!("{address}/24");
+        must(&[
+            "ip",
+            "-n",
+            &self.attacker,
+            "addr",
+            "add",
+            &cidr,
+            "dev",
+            &self.attacker_dev,
+        ])
+    }
+
+    /// A real `nmap -sT` connect scan of `ports` on the victim from the attacker.
+    pub fn nmap_connect_scan(&self, ports: &str) -> Result<Output> {
+        self.nmap_connect_scan_from(&self.attacker_addr, ports)
+    }
+
+    /// `nmap -sT` from one of the attacker's addresses (`-S`, bound before connecting).
+    pub fn nmap_connect_scan_from(&self, source: &str, ports: &str) -> Result<Output> {
+        let output = self.attacker(&[
+            "nmap",
+            "-sT",
+            "-Pn",
+            "-n",
+            "--max-retries",
+            "0",
+            "-S",
+            source,
+            "-e",
+            &self.attacker_dev,
+            "-p",
+            ports,
+            &self.victim_addr,
+        ])?;
+        if !output.status.success() {
+            bail!("nmap failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(output)
+    }
+}
+
+impl Drop for PodNet {
+    fn drop(&mut self) {
+        for mut child in self.children.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Deleting a namespace deletes its veth ends, and with them their peers on the host.
+        let _ = run(&["ip", "netns", "del", &self.victim]);
+        let _ = run(&["ip", "netns", "del", &self.attacker]);
+    }
+}
