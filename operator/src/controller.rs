@@ -5,9 +5,9 @@
 //!  PortSentryBan ──────┐                      ┌─ delete expired bans
 //!  NetworkPolicy ──────┤                      ├─ apply / delete generated NetworkPolicies (SSA)
 //!  Pod ────────────────┼─▶ reconcile(policy) ─┼─ policy status: Ready, Enforced, BanCapReached
-//!  PortSentryPolicy ───┘   widen::decide,     ├─ ban status: Enforced
-//!  (same namespace)        outranked_by,      └─ requeue at the next ban expiry
-//!                          netpol::build
+//!  PortSentryPolicy ───┘   widen::decide,     ├─ apply sensor ConfigMaps of injected pods (SSA)
+//!  (same namespace)        outranked_by,      ├─ ban status: Enforced
+//!                          netpol::build      └─ requeue at the next ban expiry
 //! ```
 
 use std::{
@@ -21,7 +21,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use jiff::Timestamp;
 use k8s_openapi::{
     api::{
-        core::v1::{Node, Pod, Service},
+        core::v1::{ConfigMap, Node, Pod, Service},
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
@@ -46,6 +46,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::{
     Error, Result,
     bans::Guards,
+    inject,
     metrics::Metrics,
     netpol,
     plan::{self, Observed},
@@ -337,6 +338,20 @@ async fn reconcile_policy(
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(error) => return Err(error.into()),
         }
+    }
+    // The sensors' ConfigMaps: injected pods carry this policy's annotation and were
+    // selected by it at admission, so the selected pods cover them. No intake CA is shared
+    // with the controller (the intake serves its own certificate), so none is written.
+    let config_map_api = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
+    for config_map in inject::sensor_config_maps(&namespace, policy, &pods.items, None) {
+        let config_map_name = config_map.name_any();
+        config_map_api
+            .patch(
+                &config_map_name,
+                &field_manager(),
+                &Patch::Apply(&config_map),
+            )
+            .await?;
     }
     let wrote = !plan.apply.is_empty() || !plan.delete.is_empty();
     if context.metrics.enforcement_pending(key) {

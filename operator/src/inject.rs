@@ -31,9 +31,15 @@ use k8s_openapi::{
         ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
         Volume, VolumeMount,
     },
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::{
+        apis::meta::v1::{ObjectMeta, OwnerReference},
+        util::intstr::IntOrString,
+    },
 };
-use kube::core::{Selector, SelectorExt};
+use kube::{
+    Resource,
+    core::{Selector, SelectorExt},
+};
 use portsentry_crds::{
     ClusterPortSentryPolicy, PolicyKind, PolicyRules, PortRange, PortSentryPolicy, Protocol,
 };
@@ -695,6 +701,68 @@ pub fn build_config_map(
     }
 }
 
+/// Every sensor ConfigMap a namespaced policy needs in its namespace: the base one (no skipped
+/// decoys) always, so a pod admitted next finds it, and one per distinct skipped set among
+/// `pods` the webhook injected for this policy (their [`CONFIG_MAP_ANNOTATION`] is exactly the
+/// name [`config_map_name`] gives that set; other pods are ignored). Each is owned by the
+/// policy (`controller: true`), so deleting the policy garbage-collects them.
+pub fn sensor_config_maps(
+    namespace: &str,
+    policy: &PortSentryPolicy,
+    pods: &[Pod],
+    report_ca_pem: Option<&str>,
+) -> Vec<ConfigMap> {
+    let governing = Governing {
+        kind: PolicyKind::PortSentryPolicy,
+        name: policy.metadata.name.as_deref().unwrap_or_default(),
+        rules: &policy.spec.rules,
+    };
+    let reference = governing.reference();
+    let mut sets: BTreeMap<String, Vec<Skipped>> =
+        BTreeMap::from([(config_map_name(&governing, &[]), Vec::new())]);
+    for pod in pods {
+        let Some(annotations) = pod.metadata.annotations.as_ref() else {
+            continue;
+        };
+        if annotations.get(INJECTED_ANNOTATION) != Some(&reference) {
+            continue;
+        }
+        let Some(named) = annotations.get(CONFIG_MAP_ANNOTATION) else {
+            continue;
+        };
+        let skipped = annotations
+            .get(SKIPPED_ANNOTATION)
+            .map(|value| parse_skipped_annotation(value))
+            .unwrap_or_default();
+        // A name that does not match (an annotation edited by hand, or written by another
+        // operator version) is left alone rather than guessed at.
+        if config_map_name(&governing, &skipped) == *named {
+            sets.entry(named.clone()).or_insert(skipped);
+        }
+    }
+    let owner = policy
+        .controller_owner_ref(&())
+        .map(|owner| OwnerReference {
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+            ..owner
+        });
+    sets.into_iter()
+        .map(|(name, skipped)| {
+            let mut config_map = build_config_map(
+                namespace,
+                &name,
+                &reference,
+                governing.rules,
+                &skipped,
+                report_ca_pem,
+            );
+            config_map.metadata.owner_references = owner.clone().map(|o| vec![o]);
+            config_map
+        })
+        .collect()
+}
+
 fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
@@ -900,6 +968,7 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{PodSecurityContext, PodSpec, Sysctl};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use kube::ResourceExt;
     use portsentry_crds::{
         AdvancedDecoys, ClusterPortSentryPolicySpec, Decoys as PolicyDecoys, PortSentryPolicySpec,
         Preset,
@@ -1242,6 +1311,76 @@ mod tests {
         assert_eq!(
             decide(&pod, NS, &web_snapshot(), &Settings::default()),
             Decision::Skip(Skip::HostNetwork)
+        );
+    }
+
+    fn owned_web_policy() -> PortSentryPolicy {
+        let mut web = web_snapshot().policies.remove(0);
+        web.metadata.uid = Some("0b4c6d6e-0000-4000-8000-000000000001".into());
+        web
+    }
+
+    /// `pod` as the webhook admitted it under [`web_snapshot`].
+    fn admitted(pod: &Pod) -> Pod {
+        let injection = injection(decide(pod, NS, &web_snapshot(), &Settings::default()));
+        patched(pod, &injection)
+    }
+
+    fn names(config_maps: &[ConfigMap]) -> Vec<String> {
+        config_maps.iter().map(|c| c.name_any()).collect()
+    }
+
+    #[test]
+    fn sensor_config_maps_always_include_the_base_one_owned_by_the_policy() {
+        let config_maps = sensor_config_maps(NS, &owned_web_policy(), &[], None);
+        assert_eq!(names(&config_maps), ["portsentry-sensor-web"]);
+        let owner = &config_maps[0].metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("PortSentryPolicy", "web", Some(true))
+        );
+        assert_eq!(
+            config_maps[0].labels()["app.kubernetes.io/managed-by"],
+            crate::netpol::MANAGER
+        );
+    }
+
+    #[test]
+    fn sensor_config_maps_render_a_pods_skipped_decoys_out_of_its_config() {
+        let pod = admitted(&pod(&[("app", "web")], &[(8080, "TCP")]));
+        let config_maps = sensor_config_maps(NS, &owned_web_policy(), &[pod], None);
+        assert_eq!(config_maps.len(), 2);
+        let hashed = config_maps
+            .iter()
+            .find(|c| c.name_any() != "portsentry-sensor-web")
+            .unwrap();
+        let config = &hashed.data.as_ref().unwrap()["portsentry.conf"];
+        assert!(config.contains("TCP_PORTS=\"1,31337\""), "{config}");
+    }
+
+    #[test]
+    fn sensor_config_maps_share_one_config_map_per_skipped_set() {
+        let one = admitted(&pod(&[("app", "web")], &[(8080, "TCP")]));
+        let two = admitted(&pod(&[("app", "web")], &[(8080, "TCP"), (9000, "TCP")]));
+        let config_maps = sensor_config_maps(NS, &owned_web_policy(), &[one, two], None);
+        assert_eq!(config_maps.len(), 2);
+    }
+
+    #[test]
+    fn sensor_config_maps_are_named_as_the_webhook_annotated_the_pods() {
+        let pods = [
+            admitted(&pod(&[("app", "web")], &[])),
+            admitted(&pod(&[("app", "web")], &[(8080, "TCP")])),
+            admitted(&pod(&[("app", "web")], &[(7, "UDP"), (1, "TCP")])),
+        ];
+        let annotated: BTreeSet<String> = pods
+            .iter()
+            .map(|p| p.annotations()[CONFIG_MAP_ANNOTATION].clone())
+            .collect();
+        let config_maps = sensor_config_maps(NS, &owned_web_policy(), &pods, None);
+        assert_eq!(
+            names(&config_maps).into_iter().collect::<BTreeSet<_>>(),
+            annotated
         );
     }
 

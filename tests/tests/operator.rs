@@ -15,7 +15,11 @@ use std::{
 use anyhow::{Context, Result};
 use futures::{FutureExt, StreamExt};
 use ipnet::IpNet;
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod, networking::v1::NetworkPolicy};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{ConfigMap, Pod},
+    networking::v1::NetworkPolicy,
+};
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, Patch, PatchParams, PostParams},
@@ -429,6 +433,25 @@ async fn an_ignore_listed_attacker_is_never_banned() {
             .items
             .is_empty()
     );
+    // The sensor ConfigMap injected pods mount is created by the operator for the policy.
+    let config_maps = Api::<ConfigMap>::namespaced(plane.client().unwrap(), "ignore-listed");
+    wait_for(
+        Duration::from_secs(30),
+        "ConfigMap portsentry-sensor-web with portsentry.conf",
+        move || {
+            let config_maps = config_maps.clone();
+            async move {
+                Ok(config_maps
+                    .get_opt("portsentry-sensor-web")
+                    .await?
+                    .and_then(|c| c.data)
+                    .is_some_and(|d| d.contains_key("portsentry.conf")))
+            }
+            .boxed()
+        },
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
