@@ -11,13 +11,13 @@
 //! ```
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{Stream, StreamExt, TryStreamExt, stream};
 use jiff::Timestamp;
 use k8s_openapi::{
     api::{
@@ -25,17 +25,16 @@ use k8s_openapi::{
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
-    apimachinery::pkg::apis::meta::v1::Condition,
+    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta},
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
     core::{PartialObjectMeta, Selector},
     runtime::{
-        Controller, PredicateConfig, WatchStreamExt,
+        Controller, WatchStreamExt,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
-        predicates,
         reflector::{self, ObjectRef, Store},
         watcher,
     },
@@ -111,6 +110,8 @@ pub struct Context {
     pub bans_ready: tokio::sync::Mutex<()>,
     /// Alert hooks of expiries (bans' hooks are sent by the intake).
     pub hooks: Option<crate::hooks::Hooks>,
+    /// PEM CA bundle of the report intake's certificate, rendered into sensor ConfigMaps.
+    pub intake_ca: Option<String>,
 }
 
 impl std::fmt::Debug for Context {
@@ -147,6 +148,134 @@ fn ban_to_policy(ban: &PortSentryBan) -> Option<ObjectRef<PortSentryPolicy>> {
     }
 }
 
+/// Which events of a pod watch (metadata) should reconcile the pod's policy: a pod's arrival,
+/// a change of its labels or of its sensor annotations, and the departure of a pod the webhook
+/// injected (a ConfigMap only it used is stale now), including pods deleted while the watch
+/// was down, found missing from the relist. Status churn (probes, restarts, conditions) moves
+/// nothing a policy reads from pods and never triggers.
+#[derive(Debug, Default)]
+pub struct PodTriggers {
+    /// Every pod seen, by uid: its fingerprint and the metadata a trigger mapper reads
+    /// (name, namespace, uid, the injected annotation).
+    seen: HashMap<String, (u64, PartialObjectMeta<Pod>)>,
+    /// Uids listed since the current relist began.
+    relisted: Option<HashSet<String>>,
+}
+
+impl PodTriggers {
+    /// The pods whose reconcile `event` calls for.
+    pub fn on(
+        &mut self,
+        event: watcher::Event<PartialObjectMeta<Pod>>,
+    ) -> Vec<PartialObjectMeta<Pod>> {
+        match event {
+            watcher::Event::Init => {
+                self.relisted = Some(HashSet::new());
+                Vec::new()
+            }
+            watcher::Event::InitApply(pod) => {
+                if let (Some(relisted), Some(uid)) = (self.relisted.as_mut(), pod.uid()) {
+                    relisted.insert(uid);
+                }
+                self.applied(&pod)
+            }
+            watcher::Event::Apply(pod) => self.applied(&pod),
+            watcher::Event::InitDone => {
+                let Some(relisted) = self.relisted.take() else {
+                    return Vec::new();
+                };
+                let gone: Vec<String> = self
+                    .seen
+                    .keys()
+                    .filter(|uid| !relisted.contains(*uid))
+                    .cloned()
+                    .collect();
+                gone.into_iter()
+                    .filter_map(|uid| self.seen.remove(&uid))
+                    .map(|(_, pod)| pod)
+                    .filter(injected)
+                    .collect()
+            }
+            watcher::Event::Delete(pod) => {
+                let uid = pod.uid().unwrap_or_default();
+                let pod = self
+                    .seen
+                    .remove(&uid)
+                    .map_or_else(|| trimmed(&pod), |(_, known)| known);
+                if injected(&pod) {
+                    vec![pod]
+                } else {
+                    Vec::new()
+                }
+            }
+        }
+    }
+
+    fn applied(&mut self, pod: &PartialObjectMeta<Pod>) -> Vec<PartialObjectMeta<Pod>> {
+        let fingerprint = fingerprint(pod);
+        let uid = pod.uid().unwrap_or_default();
+        let changed = self
+            .seen
+            .get(&uid)
+            .is_none_or(|(known, _)| *known != fingerprint);
+        if !changed {
+            return Vec::new();
+        }
+        let pod = trimmed(pod);
+        self.seen.insert(uid, (fingerprint, pod.clone()));
+        vec![pod]
+    }
+}
+
+/// Hash of what a policy reads from a pod's metadata: labels and the sensor annotations.
+fn fingerprint(pod: &PartialObjectMeta<Pod>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    pod.metadata.labels.hash(&mut hasher);
+    for key in [
+        inject::INJECTED_ANNOTATION,
+        inject::CONFIG_MAP_ANNOTATION,
+        inject::SKIPPED_ANNOTATION,
+    ] {
+        pod.annotations().get(key).hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// The part of a pod's metadata the trigger mappers read.
+fn trimmed(pod: &PartialObjectMeta<Pod>) -> PartialObjectMeta<Pod> {
+    let injected = pod
+        .annotations()
+        .get(inject::INJECTED_ANNOTATION)
+        .map(|value| BTreeMap::from([(inject::INJECTED_ANNOTATION.to_owned(), value.clone())]));
+    let mut meta = PartialObjectMeta::<Pod>::default();
+    *meta.meta_mut() = ObjectMeta {
+        name: pod.metadata.name.clone(),
+        namespace: pod.metadata.namespace.clone(),
+        uid: pod.metadata.uid.clone(),
+        annotations: injected,
+        ..ObjectMeta::default()
+    };
+    meta
+}
+
+fn injected(pod: &PartialObjectMeta<Pod>) -> bool {
+    pod.annotations().contains_key(inject::INJECTED_ANNOTATION)
+}
+
+/// A metadata watch of pods reduced to the pods whose reconcile it calls for ([`PodTriggers`]).
+pub fn pod_triggers(
+    events: impl Stream<Item = Result<watcher::Event<PartialObjectMeta<Pod>>, watcher::Error>>
+    + Send
+    + 'static,
+) -> impl Stream<Item = Result<PartialObjectMeta<Pod>, watcher::Error>> + Send + 'static {
+    let mut triggers = PodTriggers::default();
+    events
+        .backoff(WatchBackoff::default())
+        .map_ok(move |event| stream::iter(triggers.on(event).into_iter().map(Ok)))
+        .try_flatten()
+}
+
 /// Runs the controller until a termination signal.
 pub async fn run(
     client: Client,
@@ -154,6 +283,7 @@ pub async fn run(
     guards: Arc<RwLock<Guards>>,
     reporter: Reporter,
     hooks: Option<crate::hooks::Hooks>,
+    intake_ca: Option<String>,
 ) {
     // Lists read from etcd (the default semantic), not the API server's watch cache: after
     // an API server restart a cached list can name a resourceVersion the watch then refuses
@@ -173,15 +303,13 @@ pub async fn run(
     .modify(|ban| ban.managed_fields_mut().clear())
     .reflect(ban_writer)
     .touched_objects();
-    // Only label changes of pods can change which pods a policy selects: status churn of
-    // pods (probes, restarts) must not drive reconciles. Metadata is enough for labels.
-    let pod_label_changes = watcher::watcher(
+    // Pods (metadata only): arrivals and label changes change which pods a policy selects,
+    // the departure of an injected pod may leave a skip-specific ConfigMap unused; status
+    // churn (probes, restarts) never drives a reconcile (see `PodTriggers`).
+    let pod_changes = pod_triggers(watcher::watcher(
         Api::<PartialObjectMeta<Pod>>::all(client.clone()),
         watcher::Config::default(),
-    )
-    .backoff(WatchBackoff::default())
-    .touched_objects()
-    .predicate_filter(predicates::labels, PredicateConfig::default());
+    ));
     let context = Arc::new(Context {
         client: client.clone(),
         metrics,
@@ -191,6 +319,7 @@ pub async fn run(
         bans,
         bans_ready: tokio::sync::Mutex::new(()),
         hooks,
+        intake_ca,
     });
     let managed = format!("{}={}", netpol::MANAGED_BY_LABEL, netpol::MANAGER);
     controller
@@ -210,7 +339,7 @@ pub async fn run(
             watcher::Config::default(),
             move |policy| policies_in_namespace(&rival_store, policy.namespace()),
         )
-        .watches_stream(pod_label_changes, move |pod| {
+        .watches_stream(pod_changes, move |pod| {
             policies_in_namespace(&pod_store, pod.namespace())
         })
         .shutdown_on_signal()
@@ -340,19 +469,26 @@ async fn reconcile_policy(
         }
     }
     // The sensors' ConfigMaps: injected pods carry this policy's annotation and were
-    // selected by it at admission, so the selected pods cover them. No intake CA is shared
-    // with the controller (the intake serves its own certificate), so none is written.
+    // selected by it at admission, so the selected pods cover them. Each carries the intake's
+    // CA bundle (`ca.crt`), which the sidecar's `--report-ca-file` reads.
     let config_map_api = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
-    for config_map in inject::sensor_config_maps(&namespace, policy, &pods.items, None) {
+    let wanted_config_maps = inject::sensor_config_maps(
+        &namespace,
+        policy,
+        &pods.items,
+        context.intake_ca.as_deref(),
+    );
+    for config_map in &wanted_config_maps {
         let config_map_name = config_map.name_any();
         config_map_api
             .patch(
                 &config_map_name,
                 &field_manager(),
-                &Patch::Apply(&config_map),
+                &Patch::Apply(config_map),
             )
             .await?;
     }
+    delete_stale_config_maps(&config_map_api, policy, &wanted_config_maps).await?;
     let wrote = !plan.apply.is_empty() || !plan.delete.is_empty();
     if context.metrics.enforcement_pending(key) {
         let name = policy.name_any();
@@ -408,6 +544,41 @@ async fn reconcile_policy(
         .policy_state(key, plan.active_bans, plan.enforcement.is_safe());
     write_ban_statuses(&ban_api, plan.ban_conditions).await?;
     Ok(Action::requeue(plan.requeue_after))
+}
+
+/// Deletes the sensor ConfigMaps this policy controls but no longer renders (a skipped-decoy
+/// set whose last pod is gone), each only if unchanged since listed.
+async fn delete_stale_config_maps(
+    api: &Api<ConfigMap>,
+    policy: &PortSentryPolicy,
+    wanted: &[ConfigMap],
+) -> Result<()> {
+    let uid = policy
+        .uid()
+        .ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    let existing: Vec<_> = api
+        .list_metadata(&ListParams::default().labels(inject::SENSOR_CONFIG_SELECTOR))
+        .await?
+        .items
+        .into_iter()
+        .map(|object| object.metadata)
+        .collect();
+    for name in inject::stale_config_maps(&uid, wanted, &existing) {
+        let listed = existing.iter().find(|m| m.name.as_deref() == Some(&name));
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: listed.and_then(|m| m.resource_version.clone()),
+                uid: listed.and_then(|m| m.uid.clone()),
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&name, &params).await {
+            Ok(_) => info!(config_map = %name, "stale sensor ConfigMap deleted"),
+            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Deletes expired bans, only if unchanged since read (an extension in between wins).
@@ -562,5 +733,95 @@ mod tests {
         assert_eq!(waits[5], WatchBackoff::MAX);
         backoff.reset();
         assert_eq!(backoff.next(), Some(WatchBackoff::FIRST));
+    }
+
+    fn pod_meta(
+        uid: &str,
+        labels: &[(&str, &str)],
+        injected: Option<&str>,
+    ) -> PartialObjectMeta<Pod> {
+        let mut pod = PartialObjectMeta::<Pod>::default();
+        *pod.meta_mut() = ObjectMeta {
+            name: Some(format!("pod-{uid}")),
+            namespace: Some("shop".into()),
+            uid: Some(uid.into()),
+            resource_version: Some("1".into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            annotations: injected.map(|policy| {
+                BTreeMap::from([(inject::INJECTED_ANNOTATION.to_owned(), policy.to_owned())])
+            }),
+            ..ObjectMeta::default()
+        };
+        pod
+    }
+
+    fn names(pods: &[PartialObjectMeta<Pod>]) -> Vec<String> {
+        pods.iter().map(|p| p.name_any()).collect()
+    }
+
+    #[test]
+    fn a_new_pod_triggers_and_status_churn_does_not() {
+        let mut triggers = PodTriggers::default();
+        let pod = pod_meta("a", &[("app", "web")], None);
+        assert_eq!(
+            names(&triggers.on(watcher::Event::Apply(pod.clone()))),
+            ["pod-a"]
+        );
+        let mut churned = pod;
+        churned.metadata.resource_version = Some("2".into());
+        assert!(triggers.on(watcher::Event::Apply(churned)).is_empty());
+    }
+
+    #[test]
+    fn a_label_change_triggers() {
+        let mut triggers = PodTriggers::default();
+        triggers.on(watcher::Event::Apply(pod_meta(
+            "a",
+            &[("app", "web")],
+            None,
+        )));
+        let relabelled = pod_meta("a", &[("app", "api")], None);
+        assert_eq!(
+            names(&triggers.on(watcher::Event::Apply(relabelled))),
+            ["pod-a"]
+        );
+    }
+
+    #[test]
+    fn deleting_an_injected_pod_triggers_with_its_policy_annotation() {
+        let mut triggers = PodTriggers::default();
+        let pod = pod_meta("a", &[], Some("ClusterPortSentryPolicy/edge"));
+        triggers.on(watcher::Event::Apply(pod.clone()));
+        let fired = triggers.on(watcher::Event::Delete(pod));
+        assert_eq!(names(&fired), ["pod-a"]);
+        assert_eq!(
+            fired[0].annotations()[inject::INJECTED_ANNOTATION],
+            "ClusterPortSentryPolicy/edge"
+        );
+    }
+
+    #[test]
+    fn deleting_a_pod_without_a_sensor_does_not_trigger() {
+        let mut triggers = PodTriggers::default();
+        let pod = pod_meta("a", &[("app", "web")], None);
+        triggers.on(watcher::Event::Apply(pod.clone()));
+        assert!(triggers.on(watcher::Event::Delete(pod)).is_empty());
+    }
+
+    #[test]
+    fn an_injected_pod_missing_from_a_relist_triggers_as_deleted() {
+        let mut triggers = PodTriggers::default();
+        let kept = pod_meta("a", &[], Some("PortSentryPolicy/web"));
+        let gone = pod_meta("b", &[], Some("PortSentryPolicy/web"));
+        triggers.on(watcher::Event::Apply(kept.clone()));
+        triggers.on(watcher::Event::Apply(gone));
+        assert!(triggers.on(watcher::Event::Init).is_empty());
+        assert!(triggers.on(watcher::Event::InitApply(kept)).is_empty());
+        assert_eq!(names(&triggers.on(watcher::Event::InitDone)), ["pod-b"]);
     }
 }

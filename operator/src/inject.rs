@@ -717,11 +717,70 @@ pub fn sensor_config_maps(
         name: policy.metadata.name.as_deref().unwrap_or_default(),
         rules: &policy.spec.rules,
     };
+    config_maps_for(
+        namespace,
+        &governing,
+        policy.controller_owner_ref(&()),
+        pods.iter().map(|pod| &pod.metadata),
+        report_ca_pem,
+    )
+}
+
+/// Every sensor ConfigMap the sidecars a cluster policy injected need: in each namespace
+/// where `pods` (metadata) holds a pod the webhook injected for this policy, the base one and
+/// one per distinct skipped set there, as [`sensor_config_maps`] renders them for a
+/// namespaced policy, each owned by the cluster policy (a namespaced object may have a
+/// cluster-scoped owner, so deleting the policy garbage-collects them).
+///
+/// Only namespaces with such pods get any, not every namespace the `namespaceSelector`
+/// matches: that keeps the count bounded by the pods that read them (a selector matching
+/// thousands of namespaces writes nothing until pods are injected there), and a pod injected
+/// into a namespace that stopped matching keeps its config. The first pod of a namespace
+/// waits for its mount only until the reconcile its creation triggers has applied it.
+pub fn cluster_sensor_config_maps(
+    policy: &ClusterPortSentryPolicy,
+    pods: &[ObjectMeta],
+    report_ca_pem: Option<&str>,
+) -> Vec<ConfigMap> {
+    let governing = Governing {
+        kind: PolicyKind::ClusterPortSentryPolicy,
+        name: policy.metadata.name.as_deref().unwrap_or_default(),
+        rules: &policy.spec.rules,
+    };
+    let reference = governing.reference();
+    let mut by_namespace: BTreeMap<&str, Vec<&ObjectMeta>> = BTreeMap::new();
+    for pod in pods {
+        let injected = pod
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(INJECTED_ANNOTATION));
+        if let (Some(namespace), true) = (pod.namespace.as_deref(), injected == Some(&reference)) {
+            by_namespace.entry(namespace).or_default().push(pod);
+        }
+    }
+    let owner = policy.controller_owner_ref(&());
+    by_namespace
+        .into_iter()
+        .flat_map(|(namespace, pods)| {
+            config_maps_for(namespace, &governing, owner.clone(), pods, report_ca_pem)
+        })
+        .collect()
+}
+
+/// The base ConfigMap of `governing` in `namespace` and one per distinct skipped set among
+/// the `pods` the webhook injected for it, owned (as controller) by `owner`.
+fn config_maps_for<'a>(
+    namespace: &str,
+    governing: &Governing<'_>,
+    owner: Option<OwnerReference>,
+    pods: impl IntoIterator<Item = &'a ObjectMeta>,
+    report_ca_pem: Option<&str>,
+) -> Vec<ConfigMap> {
     let reference = governing.reference();
     let mut sets: BTreeMap<String, Vec<Skipped>> =
-        BTreeMap::from([(config_map_name(&governing, &[]), Vec::new())]);
+        BTreeMap::from([(config_map_name(governing, &[]), Vec::new())]);
     for pod in pods {
-        let Some(annotations) = pod.metadata.annotations.as_ref() else {
+        let Some(annotations) = pod.annotations.as_ref() else {
             continue;
         };
         if annotations.get(INJECTED_ANNOTATION) != Some(&reference) {
@@ -736,17 +795,15 @@ pub fn sensor_config_maps(
             .unwrap_or_default();
         // A name that does not match (an annotation edited by hand, or written by another
         // operator version) is left alone rather than guessed at.
-        if config_map_name(&governing, &skipped) == *named {
+        if config_map_name(governing, &skipped) == *named {
             sets.entry(named.clone()).or_insert(skipped);
         }
     }
-    let owner = policy
-        .controller_owner_ref(&())
-        .map(|owner| OwnerReference {
-            controller: Some(true),
-            block_owner_deletion: Some(true),
-            ..owner
-        });
+    let owner = owner.map(|owner| OwnerReference {
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+        ..owner
+    });
     sets.into_iter()
         .map(|(name, skipped)| {
             let mut config_map = build_config_map(
@@ -759,6 +816,71 @@ pub fn sensor_config_maps(
             );
             config_map.metadata.owner_references = owner.clone().map(|o| vec![o]);
             config_map
+        })
+        .collect()
+}
+
+/// Label selector of every sensor ConfigMap the operator renders ([`build_config_map`]).
+pub const SENSOR_CONFIG_SELECTOR: &str =
+    "app.kubernetes.io/managed-by=portsentry-operator,app.kubernetes.io/component=sensor-config";
+
+/// Names of the `existing` sensor ConfigMaps (metadata, listed by [`SENSOR_CONFIG_SELECTOR`])
+/// that the object with `owner_uid` controls but that are not `wanted` any more: skip-specific
+/// ones whose last pod is gone. Another owner's ConfigMaps (other policies, cluster policies)
+/// and unowned ones are never stale here.
+pub fn stale_config_maps(
+    owner_uid: &str,
+    wanted: &[ConfigMap],
+    existing: &[ObjectMeta],
+) -> Vec<String> {
+    let wanted: BTreeSet<&str> = wanted
+        .iter()
+        .filter_map(|c| c.metadata.name.as_deref())
+        .collect();
+    existing
+        .iter()
+        .filter(|meta| {
+            meta.owner_references
+                .iter()
+                .flatten()
+                .any(|owner| owner.uid == owner_uid && owner.controller == Some(true))
+        })
+        .filter_map(|meta| meta.name.as_deref())
+        .filter(|name| !wanted.contains(name))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// [`stale_config_maps`] across namespaces: (namespace, name) of the `existing` sensor
+/// ConfigMaps (listed cluster-wide) that `owner_uid` controls and no namespace `wanted` any
+/// more. A cluster policy's ConfigMaps in a namespace whose last injected pod is gone are all
+/// stale, the base one included.
+pub fn stale_config_maps_by_namespace(
+    owner_uid: &str,
+    wanted: &[ConfigMap],
+    existing: &[ObjectMeta],
+) -> Vec<(String, String)> {
+    let namespaces: BTreeSet<&str> = existing
+        .iter()
+        .filter_map(|meta| meta.namespace.as_deref())
+        .collect();
+    namespaces
+        .into_iter()
+        .flat_map(|namespace| {
+            let in_namespace = |ns: Option<&str>| ns == Some(namespace);
+            let wanted: Vec<ConfigMap> = wanted
+                .iter()
+                .filter(|c| in_namespace(c.metadata.namespace.as_deref()))
+                .cloned()
+                .collect();
+            let existing: Vec<ObjectMeta> = existing
+                .iter()
+                .filter(|m| in_namespace(m.namespace.as_deref()))
+                .cloned()
+                .collect();
+            stale_config_maps(owner_uid, &wanted, &existing)
+                .into_iter()
+                .map(move |name| (namespace.to_owned(), name))
         })
         .collect()
 }
@@ -1382,6 +1504,143 @@ mod tests {
             names(&config_maps).into_iter().collect::<BTreeSet<_>>(),
             annotated
         );
+    }
+
+    #[test]
+    fn a_skip_specific_config_map_no_pod_uses_any_more_is_stale() {
+        let policy = owned_web_policy();
+        let pod = admitted(&pod(&[("app", "web")], &[(8080, "TCP")]));
+        let with_pod = sensor_config_maps(NS, &policy, &[pod], None);
+        let existing: Vec<ObjectMeta> = with_pod.iter().map(|c| c.metadata.clone()).collect();
+        let without_pod = sensor_config_maps(NS, &policy, &[], None);
+        let uid = policy.metadata.uid.as_deref().unwrap();
+        let stale = stale_config_maps(uid, &without_pod, &existing);
+        let skip_specific: Vec<String> = names(&with_pod)
+            .into_iter()
+            .filter(|n| n != "portsentry-sensor-web")
+            .collect();
+        assert_eq!(stale, skip_specific);
+        assert!(stale_config_maps(uid, &with_pod, &existing).is_empty());
+    }
+
+    fn owned_cluster_policy() -> ClusterPortSentryPolicy {
+        let mut cluster = ClusterPortSentryPolicy::new(
+            "edge",
+            ClusterPortSentryPolicySpec {
+                namespace_selector: Some(LabelSelector {
+                    match_labels: Some(labels(&[("team", "shop")])),
+                    match_expressions: None,
+                }),
+                pod_selector: None,
+                node_selector: None,
+                rules: rules(&[1, 8080, 31337], &[7]),
+            },
+        );
+        cluster.metadata.uid = Some("0b4c6d6e-0000-4000-8000-00000000c1c1".into());
+        cluster
+    }
+
+    /// The metadata of `pod` as the webhook admitted it under [`owned_cluster_policy`].
+    fn admitted_by_cluster(pod: &Pod) -> ObjectMeta {
+        let snapshot = Snapshot {
+            cluster_policies: vec![owned_cluster_policy()],
+            ..snapshot(Vec::new())
+        };
+        let injection = injection(decide(pod, NS, &snapshot, &Settings::default()));
+        patched(pod, &injection).metadata
+    }
+
+    #[test]
+    fn a_cluster_policy_renders_config_maps_only_in_namespaces_with_pods_it_injected() {
+        let policy = owned_cluster_policy();
+        let injected = admitted_by_cluster(&pod(&[], &[]));
+        let mut not_injected = pod(&[], &[]).metadata;
+        not_injected.namespace = Some("other".into());
+        let config_maps = cluster_sensor_config_maps(&policy, &[injected, not_injected], None);
+        let placed: Vec<(String, String)> = config_maps
+            .iter()
+            .map(|c| (c.namespace().unwrap(), c.name_any()))
+            .collect();
+        assert_eq!(
+            placed,
+            [(NS.to_owned(), "portsentry-sensor-cluster-edge".to_owned())]
+        );
+        assert!(cluster_sensor_config_maps(&policy, &[], None).is_empty());
+    }
+
+    #[test]
+    fn a_cluster_policys_config_maps_are_owned_by_it_and_named_as_the_webhook_annotated_the_pods() {
+        let policy = owned_cluster_policy();
+        let pods = [
+            admitted_by_cluster(&pod(&[], &[])),
+            admitted_by_cluster(&pod(&[], &[(8080, "TCP")])),
+        ];
+        let config_maps = cluster_sensor_config_maps(&policy, &pods, Some("PEM"));
+        let annotated: BTreeSet<String> = pods
+            .iter()
+            .map(|p| p.annotations.as_ref().unwrap()[CONFIG_MAP_ANNOTATION].clone())
+            .collect();
+        assert_eq!(
+            names(&config_maps).into_iter().collect::<BTreeSet<_>>(),
+            annotated
+        );
+        for config_map in &config_maps {
+            let owner = &config_map.metadata.owner_references.as_ref().unwrap()[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+                ("ClusterPortSentryPolicy", "edge", Some(true))
+            );
+            assert_eq!(config_map.data.as_ref().unwrap()[REPORT_CA_KEY], "PEM");
+        }
+    }
+
+    #[test]
+    fn a_cluster_policys_config_maps_are_stale_where_its_last_pod_is_gone() {
+        let policy = owned_cluster_policy();
+        let uid = policy.metadata.uid.as_deref().unwrap();
+        let plain = admitted_by_cluster(&pod(&[], &[]));
+        let skipping = admitted_by_cluster(&pod(&[], &[(8080, "TCP")]));
+        let mut elsewhere = plain.clone();
+        elsewhere.namespace = Some("other".into());
+        let before = cluster_sensor_config_maps(
+            &policy,
+            &[plain.clone(), skipping, elsewhere.clone()],
+            None,
+        );
+        let existing: Vec<ObjectMeta> = before.iter().map(|c| c.metadata.clone()).collect();
+        // The pod that skipped 8080 is gone: its ConfigMap is stale, the base one stays.
+        let wanted = cluster_sensor_config_maps(&policy, &[plain.clone(), elsewhere], None);
+        let stale = stale_config_maps_by_namespace(uid, &wanted, &existing);
+        assert_eq!(stale.len(), 1);
+        assert_eq!(stale[0].0, NS);
+        assert_ne!(stale[0].1, "portsentry-sensor-cluster-edge");
+        // The only pod of "other" is gone too: its base ConfigMap goes as well.
+        let wanted = cluster_sensor_config_maps(&policy, &[plain], None);
+        let stale = stale_config_maps_by_namespace(uid, &wanted, &existing);
+        assert!(stale.contains(&(
+            "other".to_owned(),
+            "portsentry-sensor-cluster-edge".to_owned()
+        )));
+        assert_eq!(stale.len(), 2);
+    }
+
+    #[test]
+    fn config_maps_of_other_owners_are_never_stale() {
+        let policy = owned_web_policy();
+        let pod = admitted(&pod(&[("app", "web")], &[(8080, "TCP")]));
+        let mut existing: Vec<ObjectMeta> = sensor_config_maps(NS, &policy, &[pod], None)
+            .into_iter()
+            .map(|c| c.metadata)
+            .collect();
+        // One owned by another policy, one whose owner is not its controller, one unowned.
+        existing[0].owner_references.as_mut().unwrap()[0].uid = "another-uid".into();
+        existing[1].owner_references.as_mut().unwrap()[0].controller = None;
+        existing.push(ObjectMeta {
+            name: Some("portsentry-sensor-cluster-all".into()),
+            ..ObjectMeta::default()
+        });
+        let uid = policy.metadata.uid.as_deref().unwrap();
+        assert!(stale_config_maps(uid, &[], &existing).is_empty());
     }
 
     #[test]

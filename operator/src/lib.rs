@@ -3,15 +3,18 @@
 #![forbid(unsafe_code)]
 
 pub mod bans;
+pub mod cluster;
 pub mod controller;
 pub mod error;
 pub mod hooks;
 pub mod inject;
 pub mod intake;
+pub mod intake_tls;
 pub mod lease;
 pub mod metrics;
 pub mod names;
 pub mod netpol;
+pub mod nodes;
 pub mod plan;
 pub mod prefixes;
 pub mod quarantine;

@@ -12,11 +12,11 @@ use std::{
 use clap::{ArgAction, Parser};
 use kube::{Client, runtime::events::Reporter};
 use portsentry_operator::{
-    Error, Result, controller,
+    Error, Result, cluster, controller,
     hooks::Hooks,
-    lease,
+    intake_tls, lease,
     metrics::Metrics,
-    quarantine,
+    nodes, quarantine,
     reports::{self, Intake, Limits},
     server, webhook,
 };
@@ -49,18 +49,21 @@ struct Args {
     /// Address of the HTTPS report intake (POST /v1/reports).
     #[arg(long, default_value = "0.0.0.0:8443", env = "PORTSENTRY_REPORT_ADDR")]
     report_addr: SocketAddr,
-    /// PEM serving certificate of the intake; without it a self-signed one is made.
-    #[arg(long, requires = "report_key_file")]
-    report_cert_file: Option<PathBuf>,
-    /// PEM private key of the intake's certificate.
-    #[arg(long, requires = "report_cert_file")]
-    report_key_file: Option<PathBuf>,
+    /// The intake's certificate: given files, or issued by the operator's intake CA.
+    #[command(flatten)]
+    intake_tls: intake_tls::IntakeTlsArgs,
     /// Reports one sensor may send at once (token bucket size).
     #[arg(long, default_value = "20")]
     report_burst: u32,
     /// Reports per second one sensor may send on average.
     #[arg(long, default_value = "5")]
     report_rate: f64,
+    /// TokenReviews of unknown tokens one client address may cause at once.
+    #[arg(long, default_value = "20")]
+    review_burst: u32,
+    /// TokenReviews of unknown tokens per second one client address may cause on average.
+    #[arg(long, default_value = "2")]
+    review_rate: f64,
     /// Elect a leader with a Lease; only the leader runs the controller and writes.
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     leader_elect: bool,
@@ -76,6 +79,9 @@ struct Args {
     /// The sidecar-injection webhook (served by every replica, leader or not).
     #[command(flatten)]
     webhook: webhook::WebhookArgs,
+    /// Node sensors of ClusterPortSentryPolicies (run by the leader's cluster controller).
+    #[command(flatten)]
+    nodes: nodes::NodeSensorArgs,
 }
 
 #[tokio::main]
@@ -126,7 +132,7 @@ async fn run(args: Args) -> Result<()> {
         instance: Some(identity.clone()),
     };
     let (leader_tx, leader) = watch::channel(!args.leader_elect);
-    let tls = intake_tls(&args)?;
+    let tls = intake_tls::load(&client, &args.intake_tls, &args.namespace).await?;
     let hook_ca = args
         .hook_ca_file
         .as_ref()
@@ -136,6 +142,11 @@ async fn run(args: Args) -> Result<()> {
         })
         .transpose()?;
     let hooks = Hooks::start(metrics.clone(), hook_ca.as_deref())?;
+    let node_sensors = args.nodes.node_sensors(
+        &args.namespace,
+        args.webhook.settings()?,
+        tls.ca_pem.clone(),
+    )?;
     let (intake, ban_watch) = Intake::new(
         client.clone(),
         metrics.clone(),
@@ -145,6 +156,8 @@ async fn run(args: Args) -> Result<()> {
             limits: Limits {
                 burst: args.report_burst,
                 per_second: args.report_rate,
+                review_burst: args.review_burst,
+                review_per_second: args.review_rate,
                 ..Limits::default()
             },
             operator_namespace: args.namespace.clone(),
@@ -157,7 +170,7 @@ async fn run(args: Args) -> Result<()> {
         .await
         .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", args.report_addr)))?;
     info!(addr = %args.report_addr, "serving POST {}", reports::PATH);
-    tokio::spawn(serve_reports(report_listener, tls, intake));
+    tokio::spawn(serve_reports(report_listener, tls.config, intake));
     let election = async {
         if args.leader_elect {
             let settings = lease::Settings {
@@ -184,35 +197,16 @@ async fn run(args: Args) -> Result<()> {
                 guards.clone(),
                 reporter,
                 Some(hooks),
+                tls.ca_pem.clone(),
             ) => {}
             () = quarantine::run(client.clone()) => {}
+            () = cluster::run(client.clone(), metrics.clone(), guards.clone(), node_sensors) => {}
         }
         Ok(())
     };
     tokio::select! {
         result = election => result,
         result = lead => result,
-    }
-}
-
-/// The intake's TLS configuration: from the given files, or self-signed for this host.
-fn intake_tls(args: &Args) -> Result<Arc<tokio_rustls::rustls::ServerConfig>> {
-    match (&args.report_cert_file, &args.report_key_file) {
-        (Some(cert), Some(key)) => {
-            let read = |path: &PathBuf| {
-                std::fs::read_to_string(path)
-                    .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
-            };
-            webhook::tls_config(&read(cert)?, &read(key)?)
-        }
-        _ => {
-            let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-            let cert = webhook::self_signed(&names)?;
-            info!(
-                "report intake serves a self-signed certificate (give --report-cert-file and --report-key-file in production)"
-            );
-            webhook::tls_config(&cert.cert_pem, &cert.key_pem)
-        }
     }
 }
 
@@ -224,7 +218,7 @@ async fn serve_webhook(client: Client, args: webhook::WebhookArgs) {
 
 async fn serve_reports(
     listener: tokio::net::TcpListener,
-    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    tls: watch::Receiver<Arc<tokio_rustls::rustls::ServerConfig>>,
     intake: Arc<Intake>,
 ) {
     if let Err(error) = reports::serve(listener, tls, intake).await {

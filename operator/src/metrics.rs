@@ -37,6 +37,8 @@ pub struct Metrics {
     pending: Mutex<HashMap<(String, String), Instant>>,
 }
 
+/// Key prefix of cluster policies' counts (no namespace name contains a colon).
+const CLUSTER_KEY: &str = "cluster:";
 /// Bans awaiting enforcement remembered at most; the oldest are forgotten beyond it.
 const MAX_PENDING: usize = 100_000;
 /// A written ban not seen by a reconcile in this long is forgotten unmeasured.
@@ -259,9 +261,26 @@ impl Metrics {
         });
     }
 
-    /// Forgets every policy not in `live` (deleted ones).
+    /// Forgets every namespaced policy not in `live` (deleted ones).
     pub fn retain_policies(&self, live: &std::collections::BTreeSet<String>) {
-        self.update(|counts| counts.retain(|key, _| live.contains(key)));
+        self.update(|counts| {
+            counts.retain(|key, _| key.starts_with(CLUSTER_KEY) || live.contains(key))
+        });
+    }
+
+    /// Records one cluster policy's state (kept apart from namespaced ones).
+    pub fn cluster_policy_state(&self, name: &str, active_bans: usize, enforced: bool) {
+        self.policy_state(&format!("{CLUSTER_KEY}{name}"), active_bans, enforced);
+    }
+
+    /// Forgets every cluster policy whose name is not in `live`.
+    pub fn retain_cluster_policies(&self, live: &std::collections::BTreeSet<String>) {
+        self.update(|counts| {
+            counts.retain(|key, _| {
+                key.strip_prefix(CLUSTER_KEY)
+                    .is_none_or(|name| live.contains(name))
+            })
+        });
     }
 
     fn update(&self, change: impl FnOnce(&mut HashMap<String, PolicyCounts>)) {
@@ -306,6 +325,19 @@ mod tests {
                 .unwrap()
                 .contains("portsentry_operator_bans_active 1")
         );
+    }
+
+    #[test]
+    fn cluster_policies_survive_the_namespaced_controllers_forgetting() {
+        let metrics = Metrics::new().unwrap();
+        metrics.policy_state("shop/web", 1, true);
+        metrics.cluster_policy_state("edge", 2, true);
+        metrics.retain_policies(&Default::default());
+        let text = metrics.encode().unwrap();
+        assert!(text.contains("portsentry_operator_bans_active 2"), "{text}");
+        metrics.retain_cluster_policies(&Default::default());
+        let text = metrics.encode().unwrap();
+        assert!(text.contains("portsentry_operator_bans_active 0"), "{text}");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     convert::Infallible,
+    net::IpAddr,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
@@ -61,13 +62,19 @@ pub const PATH: &str = "/v1/reports";
 /// A client that does not finish its TLS handshake or request head in this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Per-sensor rate limit: a burst of `burst` reports, refilled at `per_second`.
+/// Per-sensor rate limit: a burst of `burst` reports, refilled at `per_second`; and
+/// per-address limit on TokenReviews of tokens not yet known, so a flood of bad tokens
+/// costs the API server a bounded number of reviews.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub burst: u32,
     pub per_second: f64,
-    /// Sensors whose buckets are remembered at once.
+    /// Sensors (and client addresses) whose buckets are remembered at once.
     pub max_reporters: usize,
+    /// Reviews of unknown tokens one client address may cause at once.
+    pub review_burst: u32,
+    /// Reviews of unknown tokens per second one client address may cause on average.
+    pub review_per_second: f64,
 }
 
 impl Default for Limits {
@@ -76,6 +83,8 @@ impl Default for Limits {
             burst: 20,
             per_second: 5.0,
             max_reporters: 100_000,
+            review_burst: 20,
+            review_per_second: 2.0,
         }
     }
 }
@@ -213,6 +222,8 @@ pub struct Intake {
     metrics: Arc<Metrics>,
     guards: Arc<RwLock<Guards>>,
     limiter: Mutex<RateLimiter>,
+    /// Keyed by client address: charged only when a token must be reviewed.
+    review_limiter: Mutex<RateLimiter>,
     reviews: Mutex<ReviewCache>,
     bans: Store<PortSentryBan>,
     operator_namespace: String,
@@ -269,6 +280,11 @@ impl Intake {
                 settings.limits.per_second,
                 settings.limits.max_reporters,
             )),
+            review_limiter: Mutex::new(RateLimiter::new(
+                settings.limits.review_burst,
+                settings.limits.review_per_second,
+                settings.limits.max_reporters,
+            )),
             reviews: Mutex::new(ReviewCache::default()),
             bans,
             operator_namespace: settings.operator_namespace,
@@ -278,8 +294,8 @@ impl Intake {
         (intake, run)
     }
 
-    /// Answers one request.
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// Answers one request from `peer`.
+    pub async fn handle(&self, peer: IpAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let received = Instant::now();
         if request.uri().path() != PATH {
             return answer(404, "not found\n".into(), "text/plain", None);
@@ -290,7 +306,7 @@ impl Intake {
         if request.method() != Method::POST {
             return answer(405, "only POST\n".into(), "text/plain", None);
         }
-        match self.take(request, received).await {
+        match self.take(peer, request, received).await {
             Ok(outcome) => {
                 self.metrics.report_accepted();
                 let body = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
@@ -313,6 +329,7 @@ impl Intake {
 
     async fn take(
         &self,
+        peer: IpAddr,
         request: Request<Incoming>,
         received: Instant,
     ) -> Result<ReportOutcome, Failure> {
@@ -323,7 +340,7 @@ impl Intake {
                 .and_then(|v| v.to_str().ok()),
         )
         .map(str::to_owned);
-        let authentication = self.authenticate(token.as_deref()).await?;
+        let authentication = self.authenticate(peer, token.as_deref()).await?;
         debug!(took = ?received.elapsed(), "token reviewed");
         let reporter = intake::authenticate(authentication)?;
         self.limiter
@@ -389,7 +406,13 @@ impl Intake {
         });
     }
 
-    async fn authenticate(&self, token: Option<&str>) -> Result<Authentication> {
+    /// The sensor a token belongs to: remembered, or reviewed if `peer` may cause another
+    /// review (a known sensor is never held up by a flood of bad tokens from elsewhere).
+    async fn authenticate(
+        &self,
+        peer: IpAddr,
+        token: Option<&str>,
+    ) -> Result<Authentication, Failure> {
         let Some(token) = token else {
             return Ok(Authentication::Missing);
         };
@@ -401,6 +424,10 @@ impl Intake {
         if let Some(reporter) = cached {
             return Ok(Authentication::Sensor(reporter));
         }
+        self.review_limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(&peer.to_string(), Instant::now())?;
         let authentication = self.review(token).await?;
         if let Authentication::Sensor(reporter) = &authentication {
             self.reviews.lock().unwrap_or_else(|p| p.into_inner()).put(
@@ -622,17 +649,18 @@ fn answer(
     response
 }
 
-/// Serves the intake over TLS until the listener fails; each connection in its own task.
+/// Serves the intake over TLS until the listener fails; each connection in its own task,
+/// with the latest config of `tls`.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
     intake: Arc<Intake>,
 ) -> std::io::Result<()> {
-    let acceptor = TlsAcceptor::from(tls);
     loop {
         let (tcp, peer) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        // The latest certificate (files given are reloaded: `intake_tls`).
+        let acceptor = TlsAcceptor::from(tls.borrow().clone());
         let intake = intake.clone();
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -642,7 +670,7 @@ pub async fn serve(
             };
             let service = service_fn(move |request| {
                 let intake = intake.clone();
-                async move { Ok::<_, Infallible>(intake.handle(request).await) }
+                async move { Ok::<_, Infallible>(intake.handle(peer.ip(), request).await) }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -358,7 +358,7 @@ pub async fn shared_ca(client: Client, namespace: &str, name: &str) -> Result<Ca
         .await
     {
         Ok(_) => {
-            info!(namespace, name, "webhook CA created");
+            info!(namespace, name, "shared CA created");
             Ok(ca)
         }
         // Another replica won the race: use its CA.
@@ -645,32 +645,78 @@ impl WebhookArgs {
     }
 }
 
-fn read_cert_dir(dir: &std::path::Path) -> Result<(String, String)> {
-    let read = |name: &str| {
-        std::fs::read_to_string(dir.join(name))
-            .map_err(|e| cert_error(&format!("reading {}", dir.join(name).display()), e))
-    };
-    Ok((read("tls.crt")?, read("tls.key")?))
+/// A PEM certificate and key kept in files (a mounted Secret, which the kubelet rewrites when
+/// cert-manager renews it): read at start, then re-read by [`CertFiles::watch`].
+#[derive(Clone, Debug)]
+pub struct CertFiles {
+    /// What serves it, for logs: `webhook`, `report intake`.
+    pub what: &'static str,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
 }
 
-/// Re-reads the certificate folder every minute and publishes a changed certificate.
-async fn reload_cert_dir(
-    dir: std::path::PathBuf,
-    mut current: (String, String),
-    sender: watch::Sender<Arc<rustls::ServerConfig>>,
-) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        match read_cert_dir(&dir).and_then(|pair| tls_config(&pair.0, &pair.1).map(|c| (pair, c))) {
-            Ok((pair, config)) if pair != current => {
-                info!(dir = %dir.display(), "webhook certificate reloaded");
-                current = pair;
-                if sender.send(config).is_err() {
-                    return;
+impl CertFiles {
+    /// How often [`CertFiles::watch`] re-reads the files.
+    pub const RELOAD_EVERY: Duration = Duration::from_secs(60);
+
+    /// `tls.crt` and `tls.key` of a folder (cert-manager's Secret mounted).
+    pub fn in_dir(what: &'static str, dir: &std::path::Path) -> Self {
+        Self {
+            what,
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        }
+    }
+
+    /// The PEM texts of the certificate and the key.
+    pub fn read(&self) -> Result<(String, String)> {
+        let read = |path: &std::path::Path| {
+            std::fs::read_to_string(path)
+                .map_err(|e| cert_error(&format!("reading {}", path.display()), e))
+        };
+        Ok((read(&self.cert)?, read(&self.key)?))
+    }
+
+    /// The TLS config of the files now, and a receiver of every later one: a task (spawned
+    /// here; it ends when every receiver is gone) re-reads the files every `every` and
+    /// publishes a changed pair that loads. A pair that does not load (a half-written
+    /// rotation) is logged and the previous certificate kept. Serve each connection with the
+    /// receiver's latest config ([`serve`] does) and a rotated certificate is served without
+    /// a restart.
+    pub fn watch(self, every: Duration) -> Result<watch::Receiver<Arc<rustls::ServerConfig>>> {
+        let pair = self.read()?;
+        let (sender, receiver) = watch::channel(tls_config(&pair.0, &pair.1)?);
+        tokio::spawn(self.reload(pair, sender, every));
+        Ok(receiver)
+    }
+
+    async fn reload(
+        self,
+        mut current: (String, String),
+        sender: watch::Sender<Arc<rustls::ServerConfig>>,
+        every: Duration,
+    ) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = sender.closed() => return,
+            }
+            match self
+                .read()
+                .and_then(|pair| tls_config(&pair.0, &pair.1).map(|c| (pair, c)))
+            {
+                Ok((pair, config)) if pair != current => {
+                    info!(what = self.what, cert = %self.cert.display(), "certificate reloaded");
+                    current = pair;
+                    if sender.send(config).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    warn!(what = self.what, %error, "certificate not reloaded; serving the previous one")
                 }
             }
-            Ok(_) => {}
-            Err(error) => warn!(%error, "webhook certificate not reloaded"),
         }
     }
 }
@@ -703,12 +749,10 @@ pub async fn run(client: Client, args: WebhookArgs) -> Result<()> {
     };
     let settings = args.settings()?;
     let (sender, receiver) = match &args.webhook_cert_dir {
-        Some(dir) => {
-            let pair = read_cert_dir(dir)?;
-            let (sender, receiver) = watch::channel(tls_config(&pair.0, &pair.1)?);
-            tokio::spawn(reload_cert_dir(dir.clone(), pair, sender.clone()));
-            (sender, receiver)
-        }
+        Some(dir) => (
+            None,
+            CertFiles::in_dir("webhook", dir).watch(CertFiles::RELOAD_EVERY)?,
+        ),
         None => {
             let ca = shared_ca(
                 client.clone(),
@@ -720,7 +764,8 @@ pub async fn run(client: Client, args: WebhookArgs) -> Result<()> {
             if let Some(name) = &args.webhook_configuration {
                 apply_ca_bundle_with_retry(&client, name, &ca.cert_pem).await?;
             }
-            watch::channel(tls_config(&cert.cert_pem, &cert.key_pem)?)
+            let (sender, receiver) = watch::channel(tls_config(&cert.cert_pem, &cert.key_pem)?);
+            (Some(sender), receiver)
         }
     };
     let (stores, watch_future) = watch_policies(client);

@@ -26,7 +26,7 @@ use std::{
     time::Duration,
 };
 
-use etherparse::{LaxNetSlice, LaxSlicedPacket, TransportSlice};
+use etherparse::{IpNumber, Ipv6ExtensionSlice, LaxNetSlice, LaxSlicedPacket, TransportSlice};
 use nix::sys::socket::{
     ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt,
 };
@@ -114,11 +114,28 @@ pub struct Packet {
     pub flags: TcpFlags,
     /// IPv4 options (header longer than 20 bytes) or IPv6 extension headers.
     pub ip_options: bool,
+    /// Whether this is a whole packet or the first fragment of one.
+    pub fragment: Fragment,
 }
 
-/// Parses an IP packet (cooked capture: no link header). `None` for anything but an
-/// unfragmented TCP or UDP packet with complete headers: the capture sees packets before
-/// the kernel reassembles them, so fragmented probes (`nmap -f`) are not parsed.
+/// Whole packet or first fragment. The capture sees fragments before the kernel reassembles
+/// them; only the first one carries the ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Fragment {
+    /// Not fragmented.
+    #[default]
+    Whole,
+    /// The first fragment, holding the ports and, for TCP, the flags.
+    First,
+    /// The first fragment of a TCP segment cut before the flags (`nmap -f` sends 8 bytes of
+    /// TCP header: ports and sequence number). No stack sends such a fragment except to slip
+    /// past filters that look at the flags (RFC 1858's tiny-fragment attack): it is a probe.
+    FlagsMissing,
+}
+
+/// Parses an IP packet (cooked capture: no link header). `None` for anything but a TCP or
+/// UDP packet with complete headers, or the first fragment of one (which has at least the
+/// ports; see [`Fragment`]). Later fragments carry no ports and are not parsed.
 pub fn parse(bytes: &[u8]) -> Option<Packet> {
     let packet = LaxSlicedPacket::from_ip(bytes).ok()?;
     let (source, destination, ip_options) = match packet.net.as_ref()? {
@@ -140,20 +157,23 @@ pub fn parse(bytes: &[u8]) -> Option<Packet> {
         }
         LaxNetSlice::Arp(_) => return None,
     };
-    let (protocol, source_port, port, flags) = match packet.transport.as_ref()? {
-        TransportSlice::Tcp(tcp) => (
+    let (protocol, source_port, port, flags, fragment) = match packet.transport.as_ref() {
+        Some(TransportSlice::Tcp(tcp)) => (
             Protocol::Tcp,
             tcp.source_port(),
             tcp.destination_port(),
             TcpFlags(*tcp.slice().get(13)?),
+            Fragment::Whole,
         ),
-        TransportSlice::Udp(udp) => (
+        Some(TransportSlice::Udp(udp)) => (
             Protocol::Udp,
             udp.source_port(),
             udp.destination_port(),
             TcpFlags::default(),
+            Fragment::Whole,
         ),
-        TransportSlice::Icmpv4(_) | TransportSlice::Icmpv6(_) => return None,
+        Some(TransportSlice::Icmpv4(_) | TransportSlice::Icmpv6(_)) => return None,
+        None => first_fragment(&packet)?,
     };
     Some(Packet {
         source: source.to_canonical(),
@@ -163,7 +183,56 @@ pub fn parse(bytes: &[u8]) -> Option<Packet> {
         port,
         flags,
         ip_options,
+        fragment,
     })
+}
+
+/// Protocol, ports, flags of the first fragment of a TCP or UDP packet; `None` for anything
+/// else (whole packets are parsed by etherparse, later fragments have no transport header).
+fn first_fragment(packet: &LaxSlicedPacket) -> Option<(Protocol, u16, u16, TcpFlags, Fragment)> {
+    let (payload, first) = match packet.net.as_ref()? {
+        LaxNetSlice::Ipv4(ip) => (ip.payload(), ip.header().fragments_offset().value() == 0),
+        LaxNetSlice::Ipv6(ip) => (
+            ip.payload(),
+            ip.extensions().clone().into_iter().all(|ext| match ext {
+                Ipv6ExtensionSlice::Fragment(frag) => frag.fragment_offset().value() == 0,
+                _ => true,
+            }),
+        ),
+        LaxNetSlice::Arp(_) => return None,
+    };
+    if !payload.fragmented || !first {
+        return None;
+    }
+    let bytes = payload.payload;
+    let source_port = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]);
+    let port = u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]);
+    match payload.ip_number {
+        IpNumber::TCP => Some(match bytes.get(13) {
+            Some(flags) => (
+                Protocol::Tcp,
+                source_port,
+                port,
+                TcpFlags(*flags),
+                Fragment::First,
+            ),
+            None => (
+                Protocol::Tcp,
+                source_port,
+                port,
+                TcpFlags::default(),
+                Fragment::FlagsMissing,
+            ),
+        }),
+        IpNumber::UDP => Some((
+            Protocol::Udp,
+            source_port,
+            port,
+            TcpFlags::default(),
+            Fragment::First,
+        )),
+        _ => None,
+    }
 }
 
 /// An open capture socket.
@@ -279,6 +348,53 @@ mod tests {
         let mut out = Vec::new();
         builder.write(&mut out, &[]).expect("write");
         out
+    }
+
+    /// The first IPv4 fragment of a TCP SYN to 31337 whose payload holds `tcp_bytes` bytes
+    /// of the TCP header (`nmap -f` sends 8), more fragments to follow.
+    fn first_tcp_fragment(tcp_bytes: usize) -> Vec<u8> {
+        let mut whole = tcp4(0x02, false);
+        whole.truncate(20 + tcp_bytes);
+        let total = whole.len() as u16;
+        whole[2..4].copy_from_slice(&total.to_be_bytes());
+        whole[6] = 0x20; // more fragments, offset 0
+        whole[10..12].copy_from_slice(&[0, 0]);
+        let checksum = etherparse::Ipv4HeaderSlice::from_slice(&whole[..20])
+            .expect("header")
+            .to_header()
+            .calc_header_checksum();
+        whole[10..12].copy_from_slice(&checksum.to_be_bytes());
+        whole
+    }
+
+    #[test]
+    fn a_first_fragment_cut_before_the_tcp_flags_gives_the_ports_and_says_so() {
+        let packet = parse(&first_tcp_fragment(8)).expect("parsed");
+        assert_eq!((packet.protocol, packet.port), (Protocol::Tcp, 31337));
+        assert_eq!(packet.source_port, 40000);
+        assert_eq!(packet.fragment, Fragment::FlagsMissing);
+    }
+
+    #[test]
+    fn a_first_fragment_that_holds_the_flags_gives_them() {
+        let packet = parse(&first_tcp_fragment(16)).expect("parsed");
+        assert_eq!(packet.flags, TcpFlags(TcpFlags::SYN));
+        assert_eq!(packet.fragment, Fragment::First);
+    }
+
+    #[test]
+    fn a_later_fragment_is_not_parsed() {
+        let mut later = first_tcp_fragment(8);
+        later[6..8].copy_from_slice(&1u16.to_be_bytes()); // offset 8 bytes, last fragment
+        assert_eq!(parse(&later), None);
+    }
+
+    #[test]
+    fn a_whole_packet_is_not_a_fragment() {
+        assert_eq!(
+            parse(&tcp4(0x02, false)).expect("parsed").fragment,
+            Fragment::Whole
+        );
     }
 
     #[test]

@@ -393,6 +393,12 @@ fn bans(config: &Config, out: &mut Vec<Finding>) {
         out.push(info(
             "NFT_TRIPWIRE=1: the kernel adds a source to the ban set itself when a TCP handshake to a decoy completes (before this program even hears of it), for BAN_DURATION".into(),
         ));
+        if config.ban_unverified && config.block_tcp == BlockLevel::All && config.scan_trigger <= 1
+        {
+            out.push(info(
+                "NFT_TRIPWIRE=1 with BAN_UNVERIFIED=1: in -stcp/-atcp the kernel also bans on the first SYN, FIN, NULL or XMAS probe to a decoy port no socket uses (at most 50 bans a second)".into(),
+            ));
+        }
     }
 }
 

@@ -55,12 +55,26 @@ impl fmt::Display for TcpFlags {
     }
 }
 
-/// What a captured packet adds to a hit: its flags and whether it carried IP options.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// What a captured packet adds to a hit: its flags, whether it carried IP options, and the
+/// raw mode that watches its port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Captured {
     pub flags: TcpFlags,
     /// IPv4 options or IPv6 extension headers (1.2: "detection avoidance technique").
     pub ip_options: bool,
+    /// The mode that detected it (`$MODE$` and the blocked file's suffix, as in 1.2).
+    pub mode: crate::stealth::RawMode,
+    /// Whole packet or first fragment (see [`crate::capture::Fragment`]).
+    pub fragment: crate::capture::Fragment,
+}
+
+/// The words of the alarm line of a captured TCP probe: [`label`], except for a first
+/// fragment cut before the flags (`nmap -f`), whose flags are unknown: `TCP fragmented scan`.
+pub fn captured_label(kind: ProbeKind, captured: &Captured) -> String {
+    match captured.fragment {
+        crate::capture::Fragment::FlagsMissing => "TCP fragmented scan".into(),
+        _ => label(kind, captured.flags),
+    }
 }
 
 /// What the flags of a packet to a watched port say it is; `None`: not a probe.

@@ -283,10 +283,16 @@ impl Config {
 
     /// The blocked file of a mode: `BLOCKED_FILE.tcp` / `.udp`, as PortSentry 1.2 names them.
     pub fn blocked_file(&self, mode: Mode) -> Option<PathBuf> {
+        self.blocked_file_of(mode.as_str())
+    }
+
+    /// The blocked file of the mode named `mode` (`tcp` ... `audp`): `BLOCKED_FILE.<mode>`,
+    /// as 1.2 appends its detection type (`.stcp`, `.atcp`, `.sudp`, `.audp` in raw modes).
+    pub fn blocked_file_of(&self, mode: &str) -> Option<PathBuf> {
         self.blocked_file.as_ref().map(|base| {
             let mut name = base.as_os_str().to_owned();
             name.push(".");
-            name.push(mode.as_str());
+            name.push(mode);
             PathBuf::from(name)
         })
     }
@@ -775,6 +781,15 @@ mod tests {
         assert_eq!(
             config.blocked_file(Mode::Udp),
             Some(PathBuf::from("/var/lib/ps/portsentry.blocked.udp"))
+        );
+    }
+
+    #[test]
+    fn raw_mode_blocked_files_get_the_raw_mode_suffix_as_in_1_2() {
+        let config = parse("BLOCKED_FILE=\"/var/lib/ps/portsentry.blocked\"\n").expect("loads");
+        assert_eq!(
+            config.blocked_file_of("atcp"),
+            Some(PathBuf::from("/var/lib/ps/portsentry.blocked.atcp"))
         );
     }
 

@@ -84,6 +84,8 @@ pub enum Error {
     Enforcer(String),
     #[error("reporting to the operator: {0}")]
     Report(String),
+    #[error("watching cluster bans (--watch-bans): {0}")]
+    BanWatch(String),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alert;
+pub mod ban_watch;
 pub mod capture;
 pub mod check;
 pub mod classify;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod listen;
 pub mod metrics;
 pub mod nft;
+pub mod reload;
 pub mod report;
 pub mod respond;
 pub mod run;

@@ -7,6 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 use clap::{Parser, Subcommand, ValueEnum};
 use portsentry_sensor::{
     alert::Alerts,
+    ban_watch,
     check::{Level, check},
     config::{Config, Mode},
     report,
@@ -64,6 +65,20 @@ struct Cli {
     /// The policy this sensor runs for: PortSentryPolicy/NAME or ClusterPortSentryPolicy/NAME.
     #[arg(long, value_parser = portsentry_sensor::report::parse_policy)]
     report_policy: Option<portsentry_crds::PolicyRef>,
+    /// Node sensors: keep this host's nftables sets equal to the PortSentryBans of
+    /// --watch-bans-policy in this namespace (the operator's), read with KUBECONFIG or the
+    /// pod's service account. Needs CAP_NET_ADMIN.
+    #[arg(long, value_name = "NAMESPACE", requires = "watch_bans_policy")]
+    watch_bans: Option<String>,
+    /// The policy whose bans --watch-bans enforces: ClusterPortSentryPolicy/NAME.
+    #[arg(long, value_parser = portsentry_sensor::report::parse_policy)]
+    watch_bans_policy: Option<portsentry_crds::PolicyRef>,
+    /// The nftables table (family inet) --watch-bans keeps; no other writer may share it.
+    #[arg(long, default_value = "portsentry-cluster")]
+    watch_bans_table: String,
+    /// Reconcile the table to the bans at least this often, so a flushed rule comes back.
+    #[arg(long, default_value = "5", value_name = "SECONDS")]
+    watch_bans_resync_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -165,6 +180,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let ban_watch = match (cli.watch_bans, cli.watch_bans_policy) {
+        (Some(namespace), Some(policy)) => Some(ban_watch::Settings {
+            namespace,
+            policy,
+            table: cli.watch_bans_table,
+            resync: std::time::Duration::from_secs(cli.watch_bans_resync_secs.max(1)),
+            ignore_file: config.ignore_file.clone(),
+        }),
+        _ => None,
+    };
     let options = Options {
         config,
         modes,
@@ -180,6 +205,7 @@ fn main() -> ExitCode {
             }),
             _ => None,
         },
+        ban_watch,
     };
     match runtime.block_on(run(options)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,16 @@ pub const SET_V4: &str = "bans4";
 pub const SET_V6: &str = "bans6";
 /// Name of the set of decoy TCP ports the tripwire watches.
 pub const SET_DECOYS: &str = "decoys";
+/// Interval set of TCP ports the probe tripwire watches (raw modes; see
+/// [`NftBans::install_probe_tripwire`]).
+pub const SET_PROBE_DECOYS: &str = "probe_decoys";
+/// Most bans per second the probe tripwire adds (all sources together), with a burst of
+/// [`PROBE_TRIPWIRE_BURST`]: as user space limits first-seen unverified alarms, so a
+/// spoofed flood cannot fill the ban set from the packet path. Past it the probe goes on
+/// to user space, which still sees and judges it.
+pub const PROBE_TRIPWIRE_RATE: u64 = 50;
+/// Burst of [`PROBE_TRIPWIRE_RATE`].
+pub const PROBE_TRIPWIRE_BURST: u32 = 100;
 /// Interval set of IPv4 networks the tripwire never bans (see [`NftBans::set_tripwire_exempt`]).
 pub const SET_EXEMPT_V4: &str = "exempt4";
 /// Interval set of IPv6 networks the tripwire never bans.
@@ -133,6 +143,10 @@ pub enum NftError {
 ///         # with install_tripwire(ports, Some(1h)):
 ///         tcp dport @decoys ct state established meta iiftype != loopback ip saddr != @exempt4 update @bans4 { ip saddr timeout 1h } comment ".."
 ///         tcp dport @decoys ct state established meta iiftype != loopback ip6 saddr != @exempt6 update @bans6 { ip6 saddr timeout 1h } comment ".."
+///         # with install_probe_tripwire(ports, Some(1h)) (set probe_decoys { type inet_service; flags interval; }):
+///         tcp dport @probe_decoys tcp flags & (ack|rst) == 0 socket transparent accept comment ".."
+///         tcp dport @probe_decoys tcp flags & (ack|rst) == 0 meta iiftype != loopback ip saddr != @exempt4 limit rate 50/second burst 100 packets update @bans4 { ip saddr timeout 1h } drop comment ".."
+///         (the same for ip6)
 ///     }
 ///     chain forward {
 ///         type filter hook forward priority filter - 10; policy accept;
@@ -165,6 +179,8 @@ pub struct NftBans {
 struct Inner {
     nl: Netlink,
     tripwire: Option<Tripwire>,
+    /// The probe tripwire of the raw modes (first SYN/FIN/NULL/XMAS to a free decoy port).
+    probe: Option<Tripwire>,
     /// Aggregated networks the tripwire must not ban.
     exempt: Vec<IpNet>,
 }
@@ -190,6 +206,7 @@ impl NftBans {
             inner: Mutex::new(Inner {
                 nl,
                 tripwire: None,
+                probe: None,
                 exempt: Vec::new(),
             }),
         };
@@ -266,7 +283,11 @@ impl NftBans {
     pub fn reconcile(&self, active: &[(IpAddr, Option<Duration>)]) -> Result<(), NftError> {
         let mut inner = self.lock();
         self.ensure(&mut inner, false)?;
-        let tripwire_timeout = inner.tripwire.as_ref().map(|t| t.timeout);
+        let tripwire_timeouts: Vec<Option<Duration>> = [&inner.tripwire, &inner.probe]
+            .into_iter()
+            .flatten()
+            .map(|t| t.timeout)
+            .collect();
         let mut want: BTreeMap<IpAddr, Option<Duration>> = BTreeMap::new();
         for (addr, timeout) in active {
             want.insert(addr.to_canonical(), *timeout);
@@ -293,7 +314,7 @@ impl NftBans {
             }
         }
         for (addr, e) in &have {
-            if !want.contains_key(addr) && !e.fresh_from_tripwire(tripwire_timeout) {
+            if !want.contains_key(addr) && !e.fresh_from_tripwire(&tripwire_timeouts) {
                 ops.remove.push(*addr);
             }
         }
@@ -330,6 +351,76 @@ impl NftBans {
         self.ensure(&mut inner, true)
     }
 
+    /// Installs (or replaces) the probe tripwire of the raw modes (`-stcp`, `-atcp`): a TCP
+    /// packet without ACK and RST (SYN, FIN, NULL, XMAS: the probes PortSentry's stealth
+    /// modes detect) to one of `tcp_decoys` on which no socket exists puts the source in the
+    /// ban set with `timeout` (`None`: no timeout) and is dropped, from the packet path.
+    /// Such a packet does not prove its source (only call this when unverified evidence may
+    /// ban). Whether a socket exists is the kernel's own lookup for that packet (nft
+    /// `socket`, the one that would deliver it), so a service that starts later is never
+    /// a decoy even before [`NftBans::set_probe_decoys`] takes its port out. Loopback,
+    /// the exempt networks ([`NftBans::set_tripwire_exempt`]) and packets past
+    /// [`PROBE_TRIPWIRE_RATE`] bans a second are left alone. The packet-capture socket
+    /// still sees the probe, so user space logs and records the ban as any other. An empty
+    /// port list removes the probe tripwire. Reconcile keeps it in place.
+    pub fn install_probe_tripwire(
+        &self,
+        tcp_decoys: &[u16],
+        timeout: Option<Duration>,
+    ) -> Result<(), NftError> {
+        let mut ports = tcp_decoys.to_vec();
+        ports.sort_unstable();
+        ports.dedup();
+        let mut inner = self.lock();
+        inner.probe = (!ports.is_empty()).then_some(Tripwire { ports, timeout });
+        self.ensure(&mut inner, true)
+    }
+
+    /// Replaces the probe tripwire's decoy ports (one transaction: the packet path sees the
+    /// old or the new set), keeping its rules; does nothing without a probe tripwire or when
+    /// the ports are unchanged. Returns whether the kernel was changed. Cheap enough to call
+    /// every second: the ports go to the kernel as ranges.
+    pub fn set_probe_decoys(&self, tcp_decoys: &[u16]) -> Result<bool, NftError> {
+        let mut ports = tcp_decoys.to_vec();
+        ports.sort_unstable();
+        ports.dedup();
+        let mut inner = self.lock();
+        let Some(probe) = inner.probe.as_mut() else {
+            return Ok(false);
+        };
+        if probe.ports == ports {
+            return Ok(false);
+        }
+        probe.ports = ports;
+        let elems = port_interval_elems(&probe.ports);
+        let mut b = Batch::new(&mut inner.nl);
+        b.msg(NFT_MSG_DELSETELEM, 0, |e| {
+            e.str(NFTA_SET_ELEM_LIST_TABLE, &self.table);
+            e.str(NFTA_SET_ELEM_LIST_SET, SET_PROBE_DECOYS);
+        });
+        b.set_elems(
+            NFT_MSG_NEWSETELEM,
+            NLM_F_CREATE,
+            &self.table,
+            SET_PROBE_DECOYS,
+            &elems,
+        );
+        match b.commit(&mut inner.nl) {
+            Ok(()) => Ok(true),
+            Err(e) if errno_of(&e) == Some(ENOENT) => self.ensure(&mut inner, true).map(|()| true),
+            Err(e) => Err(self.kernel("set probe decoys", e)),
+        }
+    }
+
+    /// The probe tripwire's decoy ports as the kernel holds them (empty without one).
+    pub fn probe_decoys(&self) -> Result<Vec<u16>, NftError> {
+        let mut inner = self.lock();
+        let elems = self
+            .dump_elems(&mut inner.nl, SET_PROBE_DECOYS, "list probe decoys")?
+            .unwrap_or_default();
+        Ok(ports_of_interval_elems(&elems))
+    }
+
     /// Deletes the whole table (sets, chains, bans). Already gone is not an error.
     pub fn remove(&self) -> Result<(), NftError> {
         let mut inner = self.lock();
@@ -352,7 +443,7 @@ impl NftBans {
     /// Rebuilds table, sets and chains if `force` or if the kernel's rules (or decoy ports)
     /// differ from what they should be. Set elements are never touched here.
     fn ensure(&self, inner: &mut Inner, force: bool) -> Result<(), NftError> {
-        let want = wanted_rules(inner.tripwire.as_ref());
+        let want = wanted_rules(inner.tripwire.as_ref(), inner.probe.as_ref());
         if !force {
             let have = self.dump_rule_tags(&mut inner.nl)?;
             let mut rules_ok = true;
@@ -368,17 +459,27 @@ impl NftBans {
                     .unwrap_or_default();
                 rules_ok &= w == h && have.contains_key(chain);
             }
-            let decoys_ok = match (&inner.tripwire, rules_ok) {
-                (_, false) => false,
-                (None, true) => true,
-                (Some(t), true) => {
+            let decoys_ok = match (&inner.tripwire, &inner.probe, rules_ok) {
+                (_, _, false) => false,
+                (None, None, true) => true,
+                (tripwire, probe, true) => {
                     let ports: BTreeSet<u16> = self
                         .dump_elems(&mut inner.nl, SET_DECOYS, "check decoys")?
                         .unwrap_or_default()
                         .iter()
                         .filter_map(KernelElem::port)
                         .collect();
-                    let mut ok = ports.into_iter().eq(t.ports.iter().copied());
+                    let mut ok = ports
+                        .into_iter()
+                        .eq(tripwire.iter().flat_map(|t| t.ports.iter().copied()));
+                    let probe_ports = ports_of_interval_elems(
+                        &self
+                            .dump_elems(&mut inner.nl, SET_PROBE_DECOYS, "check probe decoys")?
+                            .unwrap_or_default(),
+                    );
+                    ok &= probe_ports
+                        .into_iter()
+                        .eq(probe.iter().flat_map(|t| t.ports.iter().copied()));
                     for (set, v6) in [(SET_EXEMPT_V4, false), (SET_EXEMPT_V6, true)] {
                         let mut have: Vec<(Vec<u8>, bool)> = self
                             .dump_elems(&mut inner.nl, set, "check exempt networks")?
@@ -412,6 +513,7 @@ impl NftBans {
             (3, SET_DECOYS, TYPE_INET_SERVICE, 2, 0),
             (4, SET_EXEMPT_V4, TYPE_IPADDR, 4, NFT_SET_INTERVAL),
             (5, SET_EXEMPT_V6, TYPE_IP6ADDR, 16, NFT_SET_INTERVAL),
+            (6, SET_PROBE_DECOYS, TYPE_INET_SERVICE, 2, NFT_SET_INTERVAL),
         ] {
             b.msg(NFT_MSG_NEWSET, NLM_F_CREATE, |e| {
                 e.str(NFTA_SET_TABLE, &self.table);
@@ -454,7 +556,7 @@ impl NftBans {
                 e.bytes(NFTA_RULE_USERDATA, &udata_comment(&rule.tag));
             });
         }
-        for set in [SET_DECOYS, SET_EXEMPT_V4, SET_EXEMPT_V6] {
+        for set in [SET_DECOYS, SET_EXEMPT_V4, SET_EXEMPT_V6, SET_PROBE_DECOYS] {
             // No element list: the kernel flushes the set.
             b.msg(NFT_MSG_DELSETELEM, 0, |e| {
                 e.str(NFTA_SET_ELEM_LIST_TABLE, &self.table);
@@ -473,6 +575,15 @@ impl NftBans {
                 &self.table,
                 SET_DECOYS,
                 &elems,
+            );
+        }
+        if let Some(t) = &inner.probe {
+            b.set_elems(
+                NFT_MSG_NEWSETELEM,
+                NLM_F_CREATE,
+                &self.table,
+                SET_PROBE_DECOYS,
+                &port_interval_elems(&t.ports),
             );
         }
         b.commit(&mut inner.nl)
@@ -712,9 +823,15 @@ enum RuleKind {
     /// `meta l4proto tcp; tcp dport @decoys; ct state established; meta nfproto F;
     /// update @set { <saddr> [timeout T] }`
     Tripwire(Family, Option<Duration>),
+    /// `meta l4proto tcp; tcp dport @probe_decoys; tcp flags & (ack|rst) == 0; socket
+    /// transparent; accept`: a port some socket serves is no decoy (the next rule is skipped).
+    ProbeInUse,
+    /// `meta l4proto tcp; tcp dport @probe_decoys; tcp flags & (ack|rst) == 0; not loopback;
+    /// meta nfproto F; saddr != @exempt; limit; update @set { <saddr> [timeout T] }; drop`
+    ProbeTripwire(Family, Option<Duration>),
 }
 
-fn wanted_rules(tripwire: Option<&Tripwire>) -> Vec<RuleSpec> {
+fn wanted_rules(tripwire: Option<&Tripwire>, probe: Option<&Tripwire>) -> Vec<RuleSpec> {
     let mut v = Vec::new();
     for chain in [CHAIN_INPUT, CHAIN_FORWARD] {
         for f in [Family::V4, Family::V6] {
@@ -734,6 +851,26 @@ fn wanted_rules(tripwire: Option<&Tripwire>) -> Vec<RuleSpec> {
                         chain,
                         tag: format!("{RULE_MARK} tripwire {} timeout {timeout}", f.name()),
                         kind: RuleKind::Tripwire(f, t.timeout),
+                    });
+                }
+            }
+            if let Some(t) = probe {
+                v.push(RuleSpec {
+                    chain,
+                    tag: format!("{RULE_MARK} probe tripwire skips ports in use"),
+                    kind: RuleKind::ProbeInUse,
+                });
+                for f in [Family::V4, Family::V6] {
+                    let timeout = t
+                        .timeout
+                        .map_or_else(|| "none".to_owned(), |d| format!("{}ms", millis(d)));
+                    v.push(RuleSpec {
+                        chain,
+                        tag: format!(
+                            "{RULE_MARK} probe tripwire {} timeout {timeout} rate {PROBE_TRIPWIRE_RATE}/s burst {PROBE_TRIPWIRE_BURST}",
+                            f.name()
+                        ),
+                        kind: RuleKind::ProbeTripwire(f, t.timeout),
                     });
                 }
             }
@@ -811,8 +948,89 @@ impl RuleKind {
                     }
                 });
             }
+            RuleKind::ProbeInUse => {
+                expr_probe_match(e);
+                // Loads nothing useful: the expression breaks (the rule does not match) when
+                // the kernel finds no socket for the packet, listeners and TIME_WAIT included.
+                expr(e, "socket", |e| {
+                    e.be32(NFTA_SOCKET_KEY, NFT_SOCKET_TRANSPARENT);
+                    e.be32(NFTA_SOCKET_DREG, NFT_REG_1);
+                });
+                expr_verdict(e, NF_ACCEPT);
+            }
+            RuleKind::ProbeTripwire(f, timeout) => {
+                expr_probe_match(e);
+                expr_meta(e, NFT_META_IIFTYPE);
+                expr_cmp(e, NFT_CMP_NEQ, &ARPHRD_LOOPBACK.to_ne_bytes());
+                expr_meta(e, NFT_META_NFPROTO);
+                expr_cmp(e, NFT_CMP_EQ, &[f.nfproto()]);
+                expr_saddr(e, f);
+                expr(e, "lookup", |e| {
+                    e.str(NFTA_LOOKUP_SET, f.exempt_set());
+                    e.be32(NFTA_LOOKUP_SREG, NFT_REG_1);
+                    e.be32(NFTA_LOOKUP_FLAGS, NFT_LOOKUP_F_INV);
+                });
+                expr(e, "limit", |e| {
+                    e.be64(NFTA_LIMIT_RATE, PROBE_TRIPWIRE_RATE);
+                    e.be64(NFTA_LIMIT_UNIT, 1);
+                    e.be32(NFTA_LIMIT_BURST, PROBE_TRIPWIRE_BURST);
+                    e.be32(NFTA_LIMIT_TYPE, NFT_LIMIT_PKTS);
+                    e.be32(NFTA_LIMIT_FLAGS, 0);
+                });
+                // The limit leaves register 1 alone: it still holds the source address.
+                expr(e, "dynset", |e| {
+                    e.str(NFTA_DYNSET_SET_NAME, f.set());
+                    e.be32(NFTA_DYNSET_OP, NFT_DYNSET_OP_UPDATE);
+                    e.be32(NFTA_DYNSET_SREG_KEY, NFT_REG_1);
+                    if let Some(t) = timeout {
+                        e.be64(NFTA_DYNSET_TIMEOUT, millis(t));
+                    }
+                });
+                expr_verdict(e, NF_DROP);
+            }
         }
     }
+}
+
+/// `meta l4proto tcp; tcp dport @probe_decoys; tcp flags & (ack|rst) == 0`.
+fn expr_probe_match(e: &mut Enc) {
+    expr_meta(e, NFT_META_L4PROTO);
+    expr_cmp(e, NFT_CMP_EQ, &[IPPROTO_TCP]);
+    expr(e, "payload", |e| {
+        e.be32(NFTA_PAYLOAD_DREG, NFT_REG_1);
+        e.be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_TRANSPORT_HEADER);
+        e.be32(NFTA_PAYLOAD_OFFSET, 2); // TCP destination port
+        e.be32(NFTA_PAYLOAD_LEN, 2);
+    });
+    expr(e, "lookup", |e| {
+        e.str(NFTA_LOOKUP_SET, SET_PROBE_DECOYS);
+        e.be32(NFTA_LOOKUP_SREG, NFT_REG_1);
+    });
+    expr(e, "payload", |e| {
+        e.be32(NFTA_PAYLOAD_DREG, NFT_REG_1);
+        e.be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_TRANSPORT_HEADER);
+        e.be32(NFTA_PAYLOAD_OFFSET, 13); // TCP flags
+        e.be32(NFTA_PAYLOAD_LEN, 1);
+    });
+    expr(e, "bitwise", |e| {
+        e.be32(NFTA_BITWISE_SREG, NFT_REG_1);
+        e.be32(NFTA_BITWISE_DREG, NFT_REG_1);
+        e.be32(NFTA_BITWISE_LEN, 1);
+        e.nest(NFTA_BITWISE_MASK, |e| {
+            e.bytes(NFTA_DATA_VALUE, &[TCP_ACK | TCP_RST]);
+        });
+        e.nest(NFTA_BITWISE_XOR, |e| e.bytes(NFTA_DATA_VALUE, &[0]));
+    });
+    expr_cmp(e, NFT_CMP_EQ, &[0]);
+}
+
+fn expr_verdict(e: &mut Enc, code: u32) {
+    expr(e, "immediate", |e| {
+        e.be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
+        e.nest(NFTA_IMMEDIATE_DATA, |e| {
+            e.nest(NFTA_DATA_VERDICT, |e| e.be32(NFTA_VERDICT_CODE, code));
+        });
+    });
 }
 
 fn expr(e: &mut Enc, name: &str, data: impl FnOnce(&mut Enc)) {
@@ -946,6 +1164,12 @@ fn exempt_elems(nets: &[IpNet], v6: bool) -> Vec<Elem> {
             _ => None,
         })
         .collect();
+    interval_elems(ranges)
+}
+
+/// Interval elements of sorted, disjoint `(first, last, key length)` ranges (see
+/// [`exempt_elems`] for the layout).
+fn interval_elems(ranges: Vec<(u128, u128, usize)>) -> Vec<Elem> {
     let key = |v: u128, len: usize| v.to_be_bytes()[16 - len..].to_vec();
     let elem = |v: u128, len: usize, end: bool| Elem {
         key: key(v, len),
@@ -961,14 +1185,46 @@ fn exempt_elems(nets: &[IpNet], v6: bool) -> Vec<Elem> {
     }
     for (start, last, len) in ranges {
         out.push(elem(start, len, false));
-        let top = if len == 4 {
-            u128::from(u32::MAX)
-        } else {
-            u128::MAX
+        let top = match len {
+            2 => u128::from(u16::MAX),
+            4 => u128::from(u32::MAX),
+            _ => u128::MAX,
         };
         if last < top {
             out.push(elem(last + 1, len, true));
         }
+    }
+    out
+}
+
+/// Interval elements of a set of ports (sorted, deduplicated): consecutive ports make one range.
+fn port_interval_elems(ports: &[u16]) -> Vec<Elem> {
+    let mut ranges: Vec<(u128, u128, usize)> = Vec::new();
+    for &port in ports {
+        let port = u128::from(port);
+        match ranges.last_mut() {
+            Some(last) if last.1 + 1 == port => last.1 = port,
+            _ => ranges.push((port, port, 2)),
+        }
+    }
+    interval_elems(ranges)
+}
+
+/// The ports an interval set of ports holds, from its elements as the kernel lists them
+/// (in any order: each opening element runs to the next element above it, which closes it).
+fn ports_of_interval_elems(elems: &[KernelElem]) -> Vec<u16> {
+    let mut bounds: Vec<(u32, bool)> = elems
+        .iter()
+        .filter_map(|e| Some((u32::from(e.port()?), e.end)))
+        .collect();
+    bounds.sort_unstable();
+    let mut out = Vec::new();
+    for (i, &(start, end)) in bounds.iter().enumerate() {
+        if end {
+            continue;
+        }
+        let stop = bounds.get(i + 1).map_or(u32::from(u16::MAX) + 1, |b| b.0);
+        out.extend((start..stop).filter_map(|p| u16::try_from(p).ok()));
     }
     out
 }
@@ -1038,15 +1294,15 @@ impl KernelElem {
     }
     /// Added by the tripwire rule (no marker, the tripwire's timeout) less than
     /// [`TRIPWIRE_GRACE`] ago.
-    fn fresh_from_tripwire(&self, tripwire_timeout: Option<Option<Duration>>) -> bool {
-        let Some(Some(tw)) = tripwire_timeout else {
-            return false;
-        };
+    fn fresh_from_tripwire(&self, tripwire_timeouts: &[Option<Duration>]) -> bool {
         let (Some(t), Some(x)) = (self.timeout_ms, self.expiration_ms) else {
             return false;
         };
         !self.marked
-            && t == millis(tw)
+            && tripwire_timeouts
+                .iter()
+                .flatten()
+                .any(|tw| t == millis(*tw))
             && Duration::from_millis(t.saturating_sub(x)) < TRIPWIRE_GRACE
     }
 }
@@ -1482,6 +1738,9 @@ const NF_ACCEPT: u32 = 1;
 const CT_STATE_ESTABLISHED: u32 = 1 << 1;
 /// `dev->type` of loopback devices (linux/if_arp.h), as `meta iiftype` loads it (2 bytes).
 const ARPHRD_LOOPBACK: u16 = 772;
+/// TCP header flag bits (byte 13).
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 // enum nf_tables_msg_types
 const NFT_MSG_NEWTABLE: u16 = 0;
@@ -1569,6 +1828,15 @@ const NFT_META_L4PROTO: u32 = 16;
 const NFTA_CT_DREG: u16 = 1;
 const NFTA_CT_KEY: u16 = 2;
 const NFT_CT_STATE: u32 = 0;
+const NFTA_SOCKET_KEY: u16 = 1;
+const NFTA_SOCKET_DREG: u16 = 2;
+const NFT_SOCKET_TRANSPARENT: u32 = 0;
+const NFTA_LIMIT_RATE: u16 = 1;
+const NFTA_LIMIT_UNIT: u16 = 2;
+const NFTA_LIMIT_BURST: u16 = 3;
+const NFTA_LIMIT_TYPE: u16 = 4;
+const NFTA_LIMIT_FLAGS: u16 = 5;
+const NFT_LIMIT_PKTS: u32 = 0;
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
 
@@ -1593,6 +1861,56 @@ mod tests {
         assert_eq!(inner, vec![(NFTA_EXPR_NAME, &b"ct\0"[..])]);
     }
 
+    fn as_kernel(elems: &[Elem]) -> Vec<KernelElem> {
+        elems
+            .iter()
+            .map(|e| KernelElem {
+                key: e.key.clone(),
+                timeout_ms: None,
+                expiration_ms: None,
+                marked: false,
+                end: e.end,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn probe_decoy_ports_go_to_the_kernel_as_ranges_laid_out_as_nft_does() {
+        let elems = port_interval_elems(&[1, 2, 3, 5, 7, 8]);
+        let laid: Vec<(u16, bool)> = elems
+            .iter()
+            .map(|e| (u16::from_be_bytes([e.key[0], e.key[1]]), e.end))
+            .collect();
+        assert_eq!(
+            laid,
+            vec![
+                (0, true),
+                (1, false),
+                (4, true),
+                (5, false),
+                (6, true),
+                (7, false),
+                (9, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn probe_decoy_ranges_read_back_as_the_same_ports_in_any_order() {
+        let ports: Vec<u16> = (1..113).chain(114..139).chain(140..2000).collect();
+        let mut elems = as_kernel(&port_interval_elems(&ports));
+        elems.reverse();
+        assert_eq!(ports_of_interval_elems(&elems), ports);
+    }
+
+    #[test]
+    fn a_probe_decoy_range_may_run_to_port_65535() {
+        let ports: Vec<u16> = (65000..=65535).collect();
+        let elems = port_interval_elems(&ports);
+        assert_eq!(elems.len(), 2, "closing 0 and the open start: {elems:?}");
+        assert_eq!(ports_of_interval_elems(&as_kernel(&elems)), ports);
+    }
+
     #[test]
     fn comments_round_trip_in_libnftnl_userdata_layout() {
         let u = udata_comment("portsentry");
@@ -1609,14 +1927,14 @@ mod tests {
             marked: false,
             end: false,
         };
-        assert!(e.fresh_from_tripwire(Some(Some(Duration::from_secs(60)))));
-        assert!(!e.fresh_from_tripwire(Some(Some(Duration::from_secs(61)))));
-        assert!(!e.fresh_from_tripwire(None));
+        assert!(e.fresh_from_tripwire(&[Some(Duration::from_secs(60))]));
+        assert!(!e.fresh_from_tripwire(&[Some(Duration::from_secs(61))]));
+        assert!(!e.fresh_from_tripwire(&[]));
         let old = KernelElem {
             expiration_ms: Some(40_000),
             ..e
         };
-        assert!(!old.fresh_from_tripwire(Some(Some(Duration::from_secs(60)))));
+        assert!(!old.fresh_from_tripwire(&[Some(Duration::from_secs(60))]));
     }
 
     #[test]

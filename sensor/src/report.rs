@@ -174,7 +174,7 @@ pub fn start(settings: Settings, metrics: &Metrics) -> Result<Reporter> {
     )?;
     metrics.register(Box::new(detections.clone()))?;
     metrics.register(Box::new(attempts_failed.clone()))?;
-    let tls = Arc::new(client_tls(&settings.ca_file)?);
+    let tls = Arc::new(client_tls(&settings.ca_file, false)?);
     let (queue, receiver) = mpsc::channel(QUEUE);
     let counters = Counters {
         detections,
@@ -184,7 +184,9 @@ pub fn start(settings: Settings, metrics: &Metrics) -> Result<Reporter> {
     Ok(Reporter { queue, counters })
 }
 
-fn client_tls(ca_file: &std::path::Path) -> Result<rustls::ClientConfig> {
+/// A TLS client trusting the PEM certificates of `ca_file` (with `require_roots`, a file
+/// holding none is an error).
+fn client_tls(ca_file: &std::path::Path, require_roots: bool) -> Result<rustls::ClientConfig> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     let pem = std::fs::read(ca_file)
         .map_err(|e| Error::Report(format!("--report-ca-file {}: {e}", ca_file.display())))?;
@@ -194,6 +196,12 @@ fn client_tls(ca_file: &std::path::Path) -> Result<rustls::ClientConfig> {
         roots
             .add(cert)
             .map_err(|e| Error::Report(format!("--report-ca-file: {e}")))?;
+    }
+    if require_roots && roots.is_empty() {
+        return Err(Error::Report(format!(
+            "--report-ca-file {} holds no certificate",
+            ca_file.display()
+        )));
     }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -209,7 +217,7 @@ fn client_tls(ca_file: &std::path::Path) -> Result<rustls::ClientConfig> {
 /// Takes what is queued (up to a report's worth) and posts it until it is done.
 async fn report_task(
     settings: Settings,
-    tls: Arc<rustls::ClientConfig>,
+    mut tls: Arc<rustls::ClientConfig>,
     mut queue: mpsc::Receiver<Detection>,
     counters: Counters,
 ) {
@@ -220,15 +228,17 @@ async fn report_task(
             detections: std::mem::take(&mut batch),
         };
         let count = report.detections.len() as u64;
-        let fate = send(&settings, &tls, &report, &counters).await;
+        let fate = send(&settings, &mut tls, &report, &counters).await;
         counters.detections.with_label_values(&[fate]).inc_by(count);
     }
 }
 
-/// Posts one report, retrying with backoff: "sent" or "refused".
+/// Posts one report, retrying with backoff: "sent" or "refused". Before each retry the CA
+/// file is read again: a rotated CA (the ConfigMap's `ca.crt` updated) is trusted without a
+/// restart; an unreadable or empty file keeps the previous roots.
 async fn send(
     settings: &Settings,
-    tls: &Arc<rustls::ClientConfig>,
+    tls: &mut Arc<rustls::ClientConfig>,
     report: &Report,
     counters: &Counters,
 ) -> &'static str {
@@ -263,6 +273,9 @@ async fn send(
             Next::Retry(wait) => {
                 counters.attempts_failed.inc();
                 tokio::time::sleep(wait).await;
+                if let Ok(fresh) = client_tls(&settings.ca_file, true) {
+                    *tls = Arc::new(fresh);
+                }
             }
         }
     }

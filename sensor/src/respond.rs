@@ -10,8 +10,11 @@
 //!
 //! A host is recorded as blocked (history/blocked lines, "already blocked" state) only when
 //! at least one action ran and every action succeeded; 1.2 records failures as success.
-//! `$TARGET$`, `$PORT$`, `$MODE$` are replaced by a parsed address, a number and `tcp`/`udp`:
-//! nothing an attacker sends reaches the shell.
+//! `$TARGET$`, `$PORT$`, `$MODE$` are replaced by a parsed address, a number and the name of
+//! the mode that detected the hit, as 1.2 names it (`tcp`, `udp`, `stcp`, `atcp`, `sudp`,
+//! `audp`): nothing an attacker sends reaches the shell. Each mode has its own blocked file,
+//! `BLOCKED_FILE.<mode>` (1.2 runs a process per mode, each appending its mode name); the
+//! history line says `TCP` or `UDP` in every mode, as 1.2's does.
 
 use std::{
     collections::BTreeMap,
@@ -30,7 +33,47 @@ use crate::{
     config::{BlockLevel, Config, Mode},
     error::{Error, Result},
     metrics::Metrics,
+    stealth::RawMode,
 };
+
+/// The PortSentry mode that detected a hit: a connect mode (`-tcp`, `-udp`) or a raw-socket
+/// mode (`-stcp`, `-atcp`, `-sudp`, `-audp`). A plain [`Mode`] converts into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Detection {
+    Connect(Mode),
+    Raw(RawMode),
+}
+
+impl Detection {
+    /// What `$MODE$` becomes and the blocked file's suffix: 1.2's detection type.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Detection::Connect(mode) => mode.as_str(),
+            Detection::Raw(mode) => mode.as_str(),
+        }
+    }
+
+    /// The protocol's mode, whose `BLOCK_TCP` / `BLOCK_UDP` applies.
+    pub const fn mode(self) -> Mode {
+        match self {
+            Detection::Connect(mode) => mode,
+            Detection::Raw(RawMode::Stcp | RawMode::Atcp) => Mode::Tcp,
+            Detection::Raw(RawMode::Sudp | RawMode::Audp) => Mode::Udp,
+        }
+    }
+}
+
+impl From<Mode> for Detection {
+    fn from(mode: Mode) -> Self {
+        Detection::Connect(mode)
+    }
+}
+
+impl From<RawMode> for Detection {
+    fn from(mode: RawMode) -> Self {
+        Detection::Raw(mode)
+    }
+}
 
 /// Longest a KILL_ROUTE / KILL_RUN_CMD may run before it is killed and counted as failed.
 pub const ACTION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -64,11 +107,11 @@ impl Enforcer for crate::nft::NftBans {
 }
 
 /// Replaces `$TARGET$`, `$PORT$` and `$MODE$` with validated values.
-pub fn substitute(template: &str, target: IpAddr, port: u16, mode: Mode) -> String {
+pub fn substitute(template: &str, target: IpAddr, port: u16, mode: impl Into<Detection>) -> String {
     template
         .replace("$TARGET$", &target.to_string())
         .replace("$PORT$", &port.to_string())
-        .replace("$MODE$", mode.as_str())
+        .replace("$MODE$", mode.into().as_str())
 }
 
 /// A history/blocked line: `%ld - %02d/%02d/%04d %02d:%02d:%02d Host: %s/%s Port: %d %s Blocked`,
@@ -109,9 +152,9 @@ pub struct Responder {
     kill_run_cmd: Option<String>,
     run_cmd_first: bool,
     history_file: Option<PathBuf>,
-    blocked_files: BTreeMap<Mode, PathBuf>,
+    blocked_files: BTreeMap<Detection, PathBuf>,
     /// Lines of the hosts blocked now, per mode, to rewrite blocked files on expiry.
-    blocked: Mutex<BTreeMap<IpAddr, (Mode, String)>>,
+    blocked: Mutex<BTreeMap<IpAddr, (Detection, String)>>,
     enforcer: Option<Arc<dyn Enforcer>>,
     alerts: Arc<Alerts>,
     metrics: Arc<Metrics>,
@@ -150,7 +193,8 @@ impl EarlyBan {
 }
 
 impl Responder {
-    /// Builds the responder; empties the blocked files as 1.2 does at start-up.
+    /// Builds the responder; empties the blocked files of the connect modes (`.tcp`, `.udp`)
+    /// as 1.2 does at start-up. [`Responder::with_raw_modes`] adds the raw modes' files.
     pub fn new(
         config: &Config,
         enforcer: Option<Arc<dyn Enforcer>>,
@@ -159,14 +203,7 @@ impl Responder {
     ) -> Result<Self> {
         let mut blocked_files = BTreeMap::new();
         for mode in [Mode::Tcp, Mode::Udp] {
-            if let Some(path) = config.blocked_file(mode) {
-                std::fs::write(&path, "").map_err(|source| Error::WriteRecord {
-                    what: "blocked",
-                    path: path.clone(),
-                    source,
-                })?;
-                blocked_files.insert(mode, path);
-            }
+            add_blocked_file(&mut blocked_files, config, mode.into())?;
         }
         Ok(Self {
             block_tcp: config.block_tcp,
@@ -185,8 +222,17 @@ impl Responder {
         })
     }
 
-    fn plan(&self, mode: Mode, target: IpAddr, port: u16) -> Vec<Action> {
-        let level = match mode {
+    /// Adds (and empties, as 1.2 does at start-up) the blocked files of the raw `modes`
+    /// running in this process: `BLOCKED_FILE.stcp` and so on.
+    pub fn with_raw_modes(mut self, config: &Config, modes: &[RawMode]) -> Result<Self> {
+        for mode in modes {
+            add_blocked_file(&mut self.blocked_files, config, (*mode).into())?;
+        }
+        Ok(self)
+    }
+
+    fn plan(&self, mode: Detection, target: IpAddr, port: u16) -> Vec<Action> {
+        let level = match mode.mode() {
             Mode::Tcp => self.block_tcp,
             Mode::Udp => self.block_udp,
         };
@@ -225,11 +271,11 @@ impl Responder {
     pub async fn ban_early(
         &self,
         target: IpAddr,
-        mode: Mode,
+        mode: impl Into<Detection>,
         port: u16,
         duration: Option<Duration>,
     ) -> EarlyBan {
-        if !native_first(&self.plan(mode, target, port)) {
+        if !native_first(&self.plan(mode.into(), target, port)) {
             return EarlyBan::default();
         }
         EarlyBan(Some(self.native_ban(target, duration).await))
@@ -239,7 +285,7 @@ impl Responder {
     pub async fn block(
         &self,
         host: &HostName,
-        mode: Mode,
+        mode: impl Into<Detection>,
         port: u16,
         duration: Option<Duration>,
     ) -> Outcome {
@@ -251,11 +297,12 @@ impl Responder {
     pub async fn block_after(
         &self,
         host: &HostName,
-        mode: Mode,
+        mode: impl Into<Detection>,
         port: u16,
         duration: Option<Duration>,
         early: EarlyBan,
     ) -> Outcome {
+        let mode = mode.into();
         let target = host.address;
         let actions = self.plan(mode, target, port);
         if actions.is_empty() {
@@ -328,8 +375,8 @@ impl Responder {
     }
 
     /// Appends the history line and the mode's blocked line for a host just blocked.
-    fn record(&self, host: &HostName, mode: Mode, port: u16) -> Result<()> {
-        let line = record_line(&jiff::Zoned::now(), host, port, mode.protocol());
+    fn record(&self, host: &HostName, mode: Detection, port: u16) -> Result<()> {
+        let line = record_line(&jiff::Zoned::now(), host, port, mode.mode().protocol());
         if let Some(path) = &self.history_file {
             append(path, "history", &line)?;
         }
@@ -360,7 +407,7 @@ impl Responder {
             &lines::expired(address),
             Fields::new("expired").source(address),
         );
-        let remaining: Vec<(Mode, String)> = {
+        let remaining: Vec<(Detection, String)> = {
             let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
             blocked.remove(&address);
             blocked.values().cloned().collect()
@@ -392,6 +439,23 @@ impl Responder {
             .await
             .map_err(|e| Error::Enforcer(e.to_string()))?
     }
+}
+
+/// Empties (creates) the blocked file of `mode`, if the config names one, and keeps its path.
+fn add_blocked_file(
+    files: &mut BTreeMap<Detection, PathBuf>,
+    config: &Config,
+    mode: Detection,
+) -> Result<()> {
+    if let Some(path) = config.blocked_file_of(mode.as_str()) {
+        std::fs::write(&path, "").map_err(|source| Error::WriteRecord {
+            what: "blocked",
+            path: path.clone(),
+            source,
+        })?;
+        files.insert(mode, path);
+    }
+    Ok(())
 }
 
 fn append(path: &PathBuf, what: &'static str, line: &str) -> Result<()> {
@@ -465,6 +529,24 @@ mod tests {
             ),
             "/x 192.0.2.1 111 udp 192.0.2.1"
         );
+    }
+
+    #[test]
+    fn mode_becomes_the_raw_modes_name_as_in_1_2() {
+        for (mode, name) in [
+            (RawMode::Stcp, "stcp"),
+            (RawMode::Atcp, "atcp"),
+            (RawMode::Sudp, "sudp"),
+            (RawMode::Audp, "audp"),
+        ] {
+            assert_eq!(substitute("$MODE$", ip("192.0.2.1"), 1, mode), name);
+        }
+    }
+
+    #[test]
+    fn a_raw_mode_answers_to_its_protocols_block_level() {
+        assert_eq!(Detection::from(RawMode::Atcp).mode(), Mode::Tcp);
+        assert_eq!(Detection::from(RawMode::Sudp).mode(), Mode::Udp);
     }
 
     #[test]
@@ -686,6 +768,48 @@ mod tests {
         );
         assert_eq!(read(dir.path().join("blocked.tcp")), history);
         assert_eq!(read(dir.path().join("blocked.udp")), "");
+    }
+
+    #[tokio::test]
+    async fn a_raw_mode_block_writes_its_own_blocked_file_and_a_tcp_history_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(
+            dir.path(),
+            &format!(
+                "BLOCK_TCP=\"1\"\nKILL_RUN_CMD=\"echo $MODE$ >> {}/mode\"\n",
+                dir.path().display()
+            ),
+        );
+        responder(&config)
+            .with_raw_modes(&config, &[RawMode::Atcp])
+            .expect("raw modes")
+            .block(
+                &HostName::unresolved(ip("192.0.2.9")),
+                RawMode::Atcp,
+                143,
+                None,
+            )
+            .await;
+        let history = read(dir.path().join("history"));
+        assert!(
+            history.ends_with(" Host: 192.0.2.9/192.0.2.9 Port: 143 TCP Blocked\n"),
+            "{history}"
+        );
+        assert_eq!(read(dir.path().join("blocked.atcp")), history);
+        assert_eq!(read(dir.path().join("blocked.tcp")), "");
+        assert_eq!(read(dir.path().join("mode")), "atcp\n");
+    }
+
+    #[tokio::test]
+    async fn raw_mode_blocked_files_are_emptied_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("blocked.stcp"), "old\n").expect("write");
+        let config = config(dir.path(), "");
+        let _responder = responder(&config)
+            .with_raw_modes(&config, &[RawMode::Stcp])
+            .expect("raw modes");
+        assert_eq!(read(dir.path().join("blocked.stcp")), "");
+        assert!(!dir.path().join("blocked.atcp").exists());
     }
 
     #[tokio::test]

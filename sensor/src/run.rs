@@ -29,7 +29,8 @@ use crate::{
     error::{Error, Result},
     listen::{self, Decoy, HitSink},
     metrics::{self, Metrics},
-    respond::{Enforcer, Outcome, Responder},
+    reload,
+    respond::{Detection, Enforcer, Outcome, Responder},
     stealth::{self, DEFAULT_ADVANCED_PORTS, RawMode, Watch},
 };
 
@@ -48,6 +49,8 @@ pub struct Options {
     pub metrics_addr: Option<SocketAddr>,
     /// `--report-url`: post alarms to the operator.
     pub report: Option<crate::report::Settings>,
+    /// `--watch-bans`: keep nftables equal to cluster bans (node sensors).
+    pub ban_watch: Option<crate::ban_watch::Settings>,
 }
 
 /// The engine's settings for a config.
@@ -190,20 +193,27 @@ async fn respond_task(
 ) {
     while let Some(alarm) = alarms.recv().await {
         let hit = alarm.hit;
+        // `$MODE$` and the blocked file: the raw mode that captured it, else the connect mode.
+        let mode: Detection = match hit.captured {
+            Some(captured) => captured.mode.into(),
+            None => mode_of(hit.protocol).into(),
+        };
         // The ban first: name resolution, log lines and history files come after it.
         let early = match &alarm.outcome {
             Ok(plan) => Some(
                 responder
-                    .ban_early(hit.source, mode_of(hit.protocol), hit.port, plan.duration)
+                    .ban_early(hit.source, mode, hit.port, plan.duration)
                     .await,
             ),
             Err(_) => None,
         };
         let host = host_name(hit.source, resolve).await;
         let line = match (hit.protocol, hit.captured) {
-            (Protocol::Tcp, Some(captured)) => {
-                lines::probe_alarm(&classify::label(hit.kind, captured.flags), &host, hit.port)
-            }
+            (Protocol::Tcp, Some(captured)) => lines::probe_alarm(
+                &classify::captured_label(hit.kind, &captured),
+                &host,
+                hit.port,
+            ),
             _ => lines::alarm(&host, hit.protocol, hit.port),
         };
         core.alerts.emit(
@@ -240,7 +250,7 @@ async fn respond_task(
         let outcome = responder
             .block_after(
                 &host,
-                mode_of(hit.protocol),
+                mode,
                 hit.port,
                 plan.duration,
                 early.unwrap_or_default(),
@@ -460,6 +470,7 @@ pub async fn run(options: Options) -> Result<()> {
         alerts,
         metrics_addr,
         report,
+        ban_watch,
     } = options;
     let ignore = match &config.ignore_file {
         Some(path) => match load_ignore(path)? {
@@ -508,14 +519,15 @@ pub async fn run(options: Options) -> Result<()> {
     let report = report
         .map(|settings| crate::report::start(settings, &metrics))
         .transpose()?;
+    if let Some(settings) = ban_watch {
+        crate::ban_watch::start(settings, &metrics).await?;
+    }
     let nft = open_enforcer(&config)?;
     let enforcer: Option<Arc<dyn Enforcer>> = nft.clone().map(|n| n as Arc<dyn Enforcer>);
-    let responder = Arc::new(Responder::new(
-        &config,
-        enforcer,
-        alerts.clone(),
-        metrics.clone(),
-    )?);
+    let responder = Arc::new(
+        Responder::new(&config, enforcer, alerts.clone(), metrics.clone())?
+            .with_raw_modes(&config, &raw)?,
+    );
 
     let mut engine = Engine::new(settings(&config));
     engine.set_ignore(ignore);
@@ -555,39 +567,20 @@ pub async fn run(options: Options) -> Result<()> {
     let banner: Option<Arc<str>> = config.port_banner.as_deref().map(Arc::from);
     let mut tcp_bound = Vec::new();
     let mut udp_bound = Vec::new();
+    let mut listeners = reload::Listeners::new(core.clone(), banner);
     for decoy in bound {
-        let sink: Arc<dyn HitSink> = core.clone();
-        match decoy {
-            Decoy::Tcp(port, _, listener) => {
-                if !tcp_bound.contains(&port) {
-                    alerts.emit(
-                        &lines::listening(Protocol::Tcp, port),
-                        Fields::new("listening").port(Protocol::Tcp, port),
-                    );
-                    tcp_bound.push(port);
-                }
-                let banner = banner.clone();
-                tokio::spawn(async move {
-                    if let Err(error) = listen::serve_tcp(listener, port, banner, sink).await {
-                        tracing::error!(port, %error, "TCP decoy stopped");
-                    }
-                });
-            }
-            Decoy::Udp(port, _, socket) => {
-                if !udp_bound.contains(&port) {
-                    alerts.emit(
-                        &lines::listening(Protocol::Udp, port),
-                        Fields::new("listening").port(Protocol::Udp, port),
-                    );
-                    udp_bound.push(port);
-                }
-                tokio::spawn(async move {
-                    if let Err(error) = listen::serve_udp(socket, port, sink).await {
-                        tracing::error!(port, %error, "UDP decoy stopped");
-                    }
-                });
-            }
+        let (protocol, port, seen) = match &decoy {
+            Decoy::Tcp(port, ..) => (Protocol::Tcp, *port, &mut tcp_bound),
+            Decoy::Udp(port, ..) => (Protocol::Udp, *port, &mut udp_bound),
+        };
+        if !seen.contains(&port) {
+            alerts.emit(
+                &lines::listening(protocol, port),
+                Fields::new("listening").port(protocol, port),
+            );
+            seen.push(port);
         }
+        listeners.spawn(decoy);
     }
     let mut tripwire = None;
     if let Some(nft) = &nft
@@ -610,6 +603,35 @@ pub async fn run(options: Options) -> Result<()> {
     } else {
         Some(start_capture(&config, &raw, &core)?)
     };
+    // The raw TCP modes' kernel tripwire: bans on the first probe to a free decoy port
+    // (armed once the capture runs, so user space sees and records every probe it bans).
+    match (&nft, stealth::probe_tripwire_off(&config, &raw)) {
+        (Some(nft), None) => {
+            let exempt = core.engine().exempt_prefixes();
+            let (watch, first) = (Watch::new(&config, &raw), settings(&config).ban.first);
+            let (alerts, metrics) = (alerts.clone(), metrics.clone());
+            stealth::arm_probe_tripwire(nft.clone(), watch, first, &exempt, alerts, metrics)
+                .map_err(|error| Error::Enforcer(error.to_string()))?;
+            tripwire = Some(nft.clone());
+        }
+        (Some(_), Some(why)) if config.nft_tripwire && !raw.is_empty() => alerts.emit(
+            &format!("adminalert: Kernel tripwire not armed for the raw modes: {why}"),
+            Fields::new("probe_tripwire_off"),
+        ),
+        _ => {}
+    }
+    // The config file is followed: a changed ConfigMap rebinds the decoys without a restart.
+    reload::start(
+        reload::Reload {
+            path: config.path.clone(),
+            config: config.clone(),
+            modes: modes.clone(),
+            pinned: !raw.is_empty() || tripwire.is_some(),
+            listeners,
+            alerts: alerts.clone(),
+        },
+        &metrics,
+    )?;
     tokio::spawn(respond_task(
         alarm_rx,
         core.clone(),

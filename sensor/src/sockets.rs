@@ -66,6 +66,11 @@ impl Table {
         }
     }
 
+    /// Whether any socket of this table has `port` as its local port, on any address.
+    pub fn uses_port(&self, port: u16) -> bool {
+        self.ports.contains_key(&port)
+    }
+
     /// Whether a packet to `destination:port` would reach a socket of this table.
     pub fn in_use(&self, port: u16, destination: IpAddr) -> bool {
         let destination = destination.to_canonical();

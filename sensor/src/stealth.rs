@@ -22,13 +22,15 @@ use std::{
 use portsentry_crds::{PortRange, ProbeKind, Protocol};
 
 use crate::{
-    capture::{self, Capture, Received},
+    alert::{Alerts, Fields},
+    capture::{self, Capture, Fragment, Received},
     classify::{self, Captured},
-    config::Config,
+    config::{BlockLevel, Config},
     engine::Hit,
     listen::{self, HitSink},
     metrics::Metrics,
-    sockets::LiveSockets,
+    nft::{NftBans, NftError},
+    sockets::{LiveSockets, Table},
 };
 
 /// One raw-socket mode.
@@ -111,6 +113,9 @@ impl PortSet {
 pub struct Watch {
     tcp: PortSet,
     udp: PortSet,
+    /// The part of each that a stealth mode (`-stcp`, `-sudp`) watches.
+    stealth_tcp: PortSet,
+    stealth_udp: PortSet,
 }
 
 impl Watch {
@@ -118,15 +123,17 @@ impl Watch {
     pub fn new(config: &Config, modes: &[RawMode]) -> Self {
         let mut watch = Self::default();
         for mode in modes {
-            let (set, listed, below, exclude) = match mode.protocol() {
+            let (set, stealth, listed, below, exclude) = match mode.protocol() {
                 Protocol::Tcp => (
                     &mut watch.tcp,
+                    &mut watch.stealth_tcp,
                     &config.tcp_ports,
                     config.advanced_ports_tcp,
                     &config.advanced_exclude_tcp,
                 ),
                 Protocol::Udp => (
                     &mut watch.udp,
+                    &mut watch.stealth_udp,
                     &config.udp_ports,
                     config.advanced_ports_udp,
                     &config.advanced_exclude_udp,
@@ -148,6 +155,7 @@ impl Watch {
             } else {
                 for port in expand(listed) {
                     set.insert(port);
+                    stealth.insert(port);
                 }
             }
         }
@@ -162,6 +170,17 @@ impl Watch {
         match protocol {
             Protocol::Tcp => &self.tcp,
             Protocol::Udp => &self.udp,
+        }
+    }
+
+    /// The raw mode a watched port belongs to: the stealth mode when it lists the port (with
+    /// `-stcp -atcp` together a listed port is the stealth mode's), else the advanced one.
+    pub fn mode_of(&self, protocol: Protocol, port: u16) -> RawMode {
+        match protocol {
+            Protocol::Tcp if self.stealth_tcp.contains(port) => RawMode::Stcp,
+            Protocol::Tcp => RawMode::Atcp,
+            Protocol::Udp if self.stealth_udp.contains(port) => RawMode::Sudp,
+            Protocol::Udp => RawMode::Audp,
         }
     }
 }
@@ -260,6 +279,8 @@ pub fn examine(
     }
     let kind = match packet.protocol {
         Protocol::Udp => ProbeKind::Datagram,
+        // Flags unknown (they come in a later fragment): a probe of unknown type.
+        Protocol::Tcp if packet.fragment == Fragment::FlagsMissing => ProbeKind::Unknown,
         Protocol::Tcp => match classify::classify(packet.flags) {
             Some(kind) => kind,
             None => return Examined::NotAProbe,
@@ -280,6 +301,8 @@ pub fn examine(
         captured: Some(Captured {
             flags: packet.flags,
             ip_options: packet.ip_options,
+            mode: watch.mode_of(packet.protocol, packet.port),
+            fragment: packet.fragment,
         }),
     })
 }
@@ -318,6 +341,89 @@ pub fn capture_loop(
         }
     }
 }
+
+/// The TCP ports the kernel probe tripwire treats as decoys: every port the raw TCP modes
+/// watch that no socket of `in_use` has as its local port (any address, any state).
+pub fn probe_decoys(watch: &Watch, in_use: &Table) -> Vec<u16> {
+    let ports = watch.ports(Protocol::Tcp);
+    (1..=u16::MAX)
+        .filter(|port| ports.contains(*port) && !in_use.uses_port(*port))
+        .collect()
+}
+
+/// Why the kernel probe tripwire is not armed for this config and these modes (`None`: it is).
+pub fn probe_tripwire_off(config: &Config, raw: &[RawMode]) -> Option<&'static str> {
+    if !raw.iter().any(|mode| mode.protocol() == Protocol::Tcp) {
+        Some("no raw TCP mode (-stcp, -atcp)")
+    } else if !config.nft_tripwire {
+        Some("NFT_TRIPWIRE is not \"1\"")
+    } else if !config.ban_unverified {
+        Some("BAN_UNVERIFIED is not \"1\" (a probe does not prove its source)")
+    } else if config.block_tcp != BlockLevel::All {
+        Some("BLOCK_TCP is not \"1\"")
+    } else if config.scan_trigger > 1 {
+        Some("SCAN_TRIGGER is above 1 (the kernel bans on the first probe)")
+    } else {
+        None
+    }
+}
+
+/// Arms the kernel probe tripwire on the ports free now (see [`NftBans::install_probe_tripwire`])
+/// and keeps its decoys equal to the free watched ports, re-read once a second from the
+/// kernel's socket tables, so a port a service binds later stops being a decoy. (Between
+/// the bind and the next re-read the kernel rule itself finds the new socket and lets the
+/// packet through.) `exempt` are the networks never to ban, set before the rule exists.
+pub fn arm_probe_tripwire(
+    nft: Arc<NftBans>,
+    watch: Watch,
+    timeout: Option<Duration>,
+    exempt: &[ipnet::IpNet],
+    alerts: Arc<Alerts>,
+    metrics: Arc<Metrics>,
+) -> Result<(), NftError> {
+    nft.set_tripwire_exempt(exempt)?;
+    let decoys = probe_decoys(&watch, &Table::read(Protocol::Tcp));
+    nft.install_probe_tripwire(&decoys, timeout)?;
+    alerts.emit(
+        &format!(
+            "adminalert: Kernel tripwire armed: the first SYN, FIN, NULL or XMAS probe to one of {} free decoy TCP port(s) bans its source from the packet path (NFT_TRIPWIRE=\"1\", BAN_UNVERIFIED=\"1\")",
+            decoys.len()
+        ),
+        Fields::new("probe_tripwire"),
+    );
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(PROBE_DECOY_SYNC);
+        let mut last_error: Option<String> = None;
+        loop {
+            ticker.tick().await;
+            let (nft, watch) = (nft.clone(), watch.clone());
+            let result = tokio::task::spawn_blocking(move || {
+                nft.set_probe_decoys(&probe_decoys(&watch, &Table::read(Protocol::Tcp)))
+            })
+            .await;
+            let error = match result {
+                Ok(Ok(_)) => {
+                    last_error = None;
+                    continue;
+                }
+                Ok(Err(error)) => error.to_string(),
+                Err(join) => join.to_string(),
+            };
+            if last_error.as_deref() != Some(&error) {
+                metrics.action_failure("nftables");
+                alerts.emit(
+                    &format!("adminalert: ERROR: cannot update the kernel tripwire's decoy ports: {error}"),
+                    Fields::new("probe_tripwire_failed"),
+                );
+            }
+            last_error = Some(error);
+        }
+    });
+    Ok(())
+}
+
+/// How often the probe tripwire's decoy ports are brought up to date.
+pub const PROBE_DECOY_SYNC: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
@@ -454,6 +560,74 @@ mod tests {
             ),
             Examined::Unparsed
         );
+    }
+
+    #[test]
+    fn probe_decoys_are_the_watched_tcp_ports_no_socket_uses() {
+        let watch = Watch::new(
+            &config("ADVANCED_PORTS_TCP=\"100\"\nADVANCED_EXCLUDE_TCP=\"22\"\n"),
+            &[RawMode::Atcp],
+        );
+        let mut in_use = Table::default();
+        // 0.0.0.0:80 listening, 10.1.1.1:50 bound.
+        in_use.extend("  sl  local_address rem_address   st\n   0: 00000000:0050 00000000:0000 0A\n   1: 0101010A:0032 00000000:0000 0A\n");
+        let decoys = probe_decoys(&watch, &in_use);
+        assert_eq!(decoys.len(), 99 - 3);
+        assert!(!decoys.contains(&22) && !decoys.contains(&80) && !decoys.contains(&50));
+        assert!(decoys.contains(&1) && decoys.contains(&99));
+    }
+
+    #[test]
+    fn the_probe_tripwire_needs_nft_tripwire_ban_unverified_and_block_tcp_1() {
+        let base = "NFT_BAN=\"1\"\nBLOCK_TCP=\"1\"\n";
+        let on = config(&format!("{base}NFT_TRIPWIRE=\"1\"\nBAN_UNVERIFIED=\"1\"\n"));
+        assert_eq!(probe_tripwire_off(&on, &[RawMode::Atcp]), None);
+        assert_eq!(probe_tripwire_off(&on, &[RawMode::Stcp]), None);
+        assert!(probe_tripwire_off(&on, &[RawMode::Audp]).is_some());
+        let unverified_off = config(&format!("{base}NFT_TRIPWIRE=\"1\"\n"));
+        assert!(
+            probe_tripwire_off(&unverified_off, &[RawMode::Atcp])
+                .is_some_and(|why| why.contains("BAN_UNVERIFIED"))
+        );
+        let tripwire_off = config(&format!("{base}BAN_UNVERIFIED=\"1\"\n"));
+        assert!(
+            probe_tripwire_off(&tripwire_off, &[RawMode::Atcp])
+                .is_some_and(|why| why.contains("NFT_TRIPWIRE"))
+        );
+    }
+
+    #[test]
+    fn the_probe_tripwire_stays_off_when_scan_trigger_asks_for_several_hits() {
+        let c = config(
+            "NFT_BAN=\"1\"\nBLOCK_TCP=\"1\"\nNFT_TRIPWIRE=\"1\"\nBAN_UNVERIFIED=\"1\"\nSCAN_TRIGGER=\"3\"\n",
+        );
+        assert!(
+            probe_tripwire_off(&c, &[RawMode::Atcp])
+                .is_some_and(|why| why.contains("SCAN_TRIGGER"))
+        );
+    }
+
+    #[test]
+    fn a_hit_names_the_raw_mode_that_watches_its_port() {
+        let watch = Watch::new(
+            &config(
+                "TCP_PORTS=\"31337\"\nUDP_PORTS=\"161\"\nADVANCED_PORTS_TCP=\"100\"\nADVANCED_PORTS_UDP=\"100\"\n",
+            ),
+            &[RawMode::Stcp, RawMode::Atcp, RawMode::Sudp, RawMode::Audp],
+        );
+        assert_eq!(watch.mode_of(Protocol::Tcp, 31337), RawMode::Stcp);
+        assert_eq!(watch.mode_of(Protocol::Tcp, 80), RawMode::Atcp);
+        assert_eq!(watch.mode_of(Protocol::Udp, 161), RawMode::Sudp);
+        assert_eq!(watch.mode_of(Protocol::Udp, 53), RawMode::Audp);
+    }
+
+    #[test]
+    fn a_captured_probe_carries_its_raw_mode() {
+        let port = free_port();
+        match examine_tcp([127, 0, 0, 1], port, true, false) {
+            Examined::Probe(hit) => assert_eq!(hit.captured.map(|c| c.mode), Some(RawMode::Stcp)),
+            other => panic!("expected a probe, got {other:?}"),
+        }
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use portsentry_sensor::nft::{NftBans, SET_DECOYS, SET_EXEMPT_V4, SET_EXEMPT_V6, SET_V4, SET_V6};
+use portsentry_sensor::nft::{
+    NftBans, SET_DECOYS, SET_EXEMPT_V4, SET_EXEMPT_V6, SET_PROBE_DECOYS, SET_V4, SET_V6,
+};
 use serde_json::Value;
 
 const TABLE: &str = "portsentry-test";
@@ -866,4 +868,121 @@ fn an_invalid_table_name_is_refused_before_touching_the_kernel() {
     );
     let err = NftBans::open(&"x".repeat(300)).expect_err("long name");
     assert!(err.to_string().contains("1 to 255"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The probe tripwire of the raw modes (first SYN to a free decoy port)
+
+impl Pair {
+    /// Listens on the open port only (the decoy stays free), inside the victim namespace.
+    fn listen_open(&self, victim_addr: &str) -> TcpListener {
+        let a = ip(victim_addr);
+        self.victim
+            .enter(|| TcpListener::bind(SocketAddr::new(a, OPEN)).expect("bind in victim"))
+    }
+}
+
+#[test]
+fn probe_tripwire_bans_and_drops_the_first_syn_to_a_free_decoy_port() {
+    if !prerequisites() {
+        return;
+    }
+    let pair = Pair::new();
+    let _open = pair.listen_open(V4_VICTIM);
+    let bans = pair.victim.open_bans();
+    bans.install_probe_tripwire(&[DECOY, 7], Some(Duration::from_secs(600)))
+        .expect("probe tripwire");
+    assert!(pair.connects(V4_VICTIM, OPEN), "connects before");
+    assert!(
+        !pair.connects(V4_VICTIM, DECOY),
+        "the SYN to the decoy gets no answer"
+    );
+    assert!(
+        pair.victim.gets(SET_V4, V4_ATTACKER),
+        "banned by the kernel"
+    );
+    let e = pair.victim.elements(SET_V4);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].1, Some(600));
+    assert!(!pair.connects(V4_VICTIM, OPEN), "dropped after the SYN");
+}
+
+#[test]
+fn probe_tripwire_bans_an_ipv6_source() {
+    if !prerequisites() {
+        return;
+    }
+    let pair = Pair::new();
+    let _open = pair.listen_open(V6_VICTIM);
+    let bans = pair.victim.open_bans();
+    bans.install_probe_tripwire(&[DECOY], None)
+        .expect("probe tripwire");
+    assert!(!pair.connects(V6_VICTIM, DECOY));
+    assert!(
+        pair.victim.gets(SET_V6, V6_ATTACKER),
+        "banned by the kernel"
+    );
+    assert!(!pair.connects(V6_VICTIM, OPEN), "dropped after the SYN");
+}
+
+#[test]
+fn probe_tripwire_lets_a_syn_through_to_a_decoy_port_a_socket_listens_on() {
+    if !prerequisites() {
+        return;
+    }
+    let pair = Pair::new();
+    let _listeners = pair.listen(V4_VICTIM);
+    let bans = pair.victim.open_bans();
+    bans.install_probe_tripwire(&[DECOY], Some(Duration::from_secs(60)))
+        .expect("probe tripwire");
+    assert!(pair.connects(V4_VICTIM, DECOY), "the service answers");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(pair.victim.elements(SET_V4).is_empty());
+    assert!(pair.connects(V4_VICTIM, OPEN), "still connects");
+}
+
+#[test]
+fn probe_tripwire_never_bans_a_source_in_an_exempt_network() {
+    if !prerequisites() {
+        return;
+    }
+    let pair = Pair::new();
+    let _open = pair.listen_open(V4_VICTIM);
+    let bans = pair.victim.open_bans();
+    bans.set_tripwire_exempt(&["10.250.0.0/24".parse().expect("net")])
+        .expect("exempt");
+    bans.install_probe_tripwire(&[DECOY], Some(Duration::from_secs(60)))
+        .expect("probe tripwire");
+    assert!(!pair.connects(V4_VICTIM, DECOY), "the decoy is closed");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(pair.victim.elements(SET_V4).is_empty());
+    assert!(pair.connects(V4_VICTIM, OPEN), "still connects");
+}
+
+#[test]
+fn set_probe_decoys_replaces_the_ports_and_reconcile_restores_them() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::new();
+    let bans = ns.open_bans();
+    let first: Vec<u16> = (1..100).collect();
+    bans.install_probe_tripwire(&first, Some(Duration::from_secs(60)))
+        .expect("probe tripwire");
+    assert_eq!(bans.probe_decoys().expect("list"), first);
+    let rules = ns.rules("input");
+    assert_eq!(rules.len(), 5, "{rules:?}");
+    let second: Vec<u16> = (1..50).chain(51..100).collect();
+    assert!(bans.set_probe_decoys(&second).expect("set"), "changed");
+    assert!(!bans.set_probe_decoys(&second).expect("set"), "unchanged");
+    assert_eq!(bans.probe_decoys().expect("list"), second);
+    ns.nft(&["flush", "set", "inet", TABLE, SET_PROBE_DECOYS]);
+    bans.reconcile(&[]).expect("reconcile");
+    assert_eq!(bans.probe_decoys().expect("list"), second);
+    ns.nft(&["delete", "table", "inet", TABLE]);
+    bans.reconcile(&[]).expect("reconcile");
+    assert_eq!(ns.rules("input"), rules);
+    assert_eq!(bans.probe_decoys().expect("list"), second);
+    bans.install_probe_tripwire(&[], None).expect("remove");
+    assert_eq!(ns.rules("input").len(), 2);
 }

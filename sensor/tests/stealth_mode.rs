@@ -117,6 +117,38 @@ fn an_ipv6_syn_scan_is_detected() {
 }
 
 #[test]
+fn an_nmap_fragmented_syn_scan_is_a_fragmented_scan() {
+    if !prerequisites(&["ip", "nmap"]) {
+        return;
+    }
+    let mut net = Net::new(37);
+    net.start(&config(&net, ""), &["-stcp"]);
+    let victim = net.v4.0.clone();
+    // -f: 8-byte fragments, the TCP flags only in the second one.
+    nmap(&net, &["-sS", "-f", "-p", "31337", &victim]);
+    let attacker = &net.v4.1;
+    net.wait_log(&format!(
+        "attackalert: TCP fragmented scan from host: {attacker}/{attacker} to TCP port: 31337\n"
+    ));
+}
+
+#[test]
+fn an_nmap_syn_scan_in_16_byte_fragments_is_a_syn_scan() {
+    if !prerequisites(&["ip", "nmap"]) {
+        return;
+    }
+    let mut net = Net::new(38);
+    net.start(&config(&net, ""), &["-stcp"]);
+    let victim = net.v4.0.clone();
+    // --mtu 16: the first fragment holds the flags.
+    nmap(&net, &["-sS", "--mtu", "16", "-p", "31337", &victim]);
+    let attacker = &net.v4.1;
+    net.wait_log(&format!(
+        "attackalert: TCP SYN/Normal scan from host: {attacker}/{attacker} to TCP port: 31337\n"
+    ));
+}
+
+#[test]
 fn stealth_mode_leaves_its_decoys_closed() {
     if !prerequisites(&["ip", "nmap"]) {
         return;

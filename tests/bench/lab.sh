@@ -44,6 +44,20 @@ in_attacker() { ip netns exec "$LAB_ATTACKER" "$@"; }
 # Resident memory (KiB) of a process.
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
+# Pid of the process running the program $1 in the victim namespace (0 if none). `in_victim
+# prog &` leaves in $! the shell that runs `ip netns exec`, not the program: measure this one.
+victim_pid_of() {
+  local exe p
+  exe=$(readlink -f "$1")
+  for _ in $(seq 50); do
+    for p in $(ip netns pids "$LAB_VICTIM"); do
+      if [ "$(readlink "/proc/$p/exe" 2>/dev/null)" = "$exe" ]; then echo "$p"; return 0; fi
+    done
+    sleep 0.05
+  done
+  echo 0
+}
+
 # Waits until a TCP port in the victim accepts connections from the attacker.
 wait_tcp() {
   local port=$1 tries=100

@@ -65,6 +65,10 @@ pub struct OperatorSettings {
     pub extra_args: Vec<String>,
     /// Wait in `start` until this replica leads (false: return once it serves).
     pub wait_leading: bool,
+    /// Set: the operator issues its intake certificate (named `report_ip`) from its own CA,
+    /// kept in this Secret of `namespace`, as in a cluster. Unset: it serves a certificate of
+    /// the control plane's CA from files (`--report-ca-file` that CA).
+    pub intake_ca_secret: Option<String>,
 }
 
 impl OperatorSettings {
@@ -76,6 +80,7 @@ impl OperatorSettings {
             lease_name: lease_name.to_owned(),
             extra_args: Vec::new(),
             wait_leading: true,
+            intake_ca_secret: None,
         }
     }
 }
@@ -91,9 +96,12 @@ pub struct Operator {
     /// `https://IP:PORT/v1/reports`.
     pub report_url: String,
     pub metrics_addr: SocketAddr,
-    /// PEM of the CA that signed the intake's certificate.
+    /// PEM of the CA that signed the intake's certificate (read from the operator's Secret
+    /// once it exists when the operator issues its own).
     pub ca_pem: String,
     wait_leading: bool,
+    /// The operator's own intake CA: where to read it.
+    intake_ca: Option<(kube::Config, String, String)>,
 }
 
 impl Operator {
@@ -106,6 +114,7 @@ impl Operator {
             .tempdir()?;
         let cert = plane.issue_serving_cert(&[&settings.report_ip.to_string()])?;
         cert.write(dir.path(), "intake")?;
+        fs::write(dir.path().join("intake-ca.crt"), plane.ca_pem())?;
         let report_port = free_port_on(settings.report_ip)?;
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let host = match settings.report_ip {
@@ -118,31 +127,54 @@ impl Operator {
                 "--report-addr={}",
                 SocketAddr::new(settings.report_ip, report_port)
             ),
-            format!(
-                "--report-cert-file={}",
-                dir.path().join("intake.crt").display()
-            ),
-            format!(
-                "--report-key-file={}",
-                dir.path().join("intake.key").display()
-            ),
             format!("--namespace={}", settings.namespace),
             format!("--instance={}", settings.identity),
             format!("--lease-name={}", settings.lease_name),
             "--lease-duration-secs=3".to_owned(),
             "--guard-refresh-secs=5".to_owned(),
         ];
+        let report_url = format!("https://{host}:{report_port}/v1/reports");
+        // What injected sidecars are told (used only with the webhook on).
+        args.push(format!("--report-url={report_url}"));
+        match &settings.intake_ca_secret {
+            Some(secret) => args.extend([
+                format!("--report-ca-secret={secret}"),
+                format!("--report-dns-name={}", settings.report_ip),
+            ]),
+            None => args.extend(
+                ["intake.crt", "intake.key", "intake-ca.crt"]
+                    .iter()
+                    .zip([
+                        "--report-cert-file",
+                        "--report-key-file",
+                        "--report-ca-file",
+                    ])
+                    .map(|(file, flag)| format!("{flag}={}", dir.path().join(file).display())),
+            ),
+        }
         args.extend(settings.extra_args.iter().cloned());
+        let intake_ca = match &settings.intake_ca_secret {
+            Some(secret) => Some((
+                plane.admin_config().clone(),
+                settings.namespace.clone(),
+                secret.clone(),
+            )),
+            None => None,
+        };
         let mut operator = Self {
             child: None,
             program,
             args,
             kubeconfig: plane.kubeconfig_path().to_owned(),
             dir,
-            report_url: format!("https://{host}:{report_port}/v1/reports"),
+            report_url,
             metrics_addr,
-            ca_pem: plane.ca_pem().to_owned(),
+            ca_pem: match intake_ca {
+                Some(_) => String::new(),
+                None => plane.ca_pem().to_owned(),
+            },
             wait_leading: settings.wait_leading,
+            intake_ca,
         };
         operator.launch().await?;
         Ok(operator)
@@ -169,6 +201,17 @@ impl Operator {
                 && let Some(status) = child.try_wait()?
             {
                 bail!("the operator exited ({status}):\n{}", self.log());
+            }
+            if self.ca_pem.is_empty()
+                && let Some((config, namespace, name)) = &self.intake_ca
+                && let Ok(client) = kube::Client::try_from(config.clone())
+                && let Ok(Some(secret)) =
+                    kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client, namespace)
+                        .get_opt(name)
+                        .await
+                && let Some(pem) = secret.data.and_then(|d| d.get("ca.crt").cloned())
+            {
+                self.ca_pem = String::from_utf8(pem.0)?;
             }
             if let Ok(leading) = self.leading().await
                 && (leading || !self.wait_leading)

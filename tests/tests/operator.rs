@@ -397,6 +397,62 @@ async fn a_flood_of_reports_from_one_sensor_is_refused_with_429() {
 }
 
 #[tokio::test]
+async fn a_flood_of_bad_tokens_costs_a_bounded_number_of_reviews_and_never_holds_up_a_known_sensor()
+{
+    let (plane, operator) = operator_for(
+        "refuse-bad-tokens",
+        &["--review-burst=5", "--review-rate=0.1"],
+    )
+    .await;
+    let token = plane
+        .token_for_pod("refuse-bad-tokens", "default", "web-0", PORTSENTRY_AUDIENCE)
+        .await
+        .unwrap();
+    let known = |i: u32| {
+        let url = operator.report_url.clone();
+        let ca = operator.ca_pem.clone();
+        let token = token.clone();
+        async move {
+            post_report(
+                &url,
+                &ca,
+                Some(&token),
+                &report(&[format!("203.0.113.{i}")]),
+            )
+            .await
+            .unwrap()
+            .0
+        }
+    };
+    assert_eq!(known(20).await, 200, "the sensor's token is reviewed once");
+    let mut statuses = Vec::new();
+    for i in 0..20 {
+        let forged = format!("forged.token.{i}");
+        let (status, _) = post_report(
+            &operator.report_url,
+            &operator.ca_pem,
+            Some(&forged),
+            &report(&["203.0.113.99".to_owned()]),
+        )
+        .await
+        .unwrap();
+        statuses.push(status);
+    }
+    let reviewed = statuses.iter().filter(|s| **s == 401).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(reviewed >= 1 && limited >= 10, "{statuses:?}");
+    assert_eq!(reviewed + limited, statuses.len(), "{statuses:?}");
+    assert_eq!(known(21).await, 200, "a known sensor is not held up");
+    assert_eq!(
+        operator
+            .metric(r#"portsentry_operator_reports_refused_total{reason="rate_limited"}"#)
+            .await
+            .unwrap(),
+        limited as f64
+    );
+}
+
+#[tokio::test]
 async fn an_ignore_listed_attacker_is_never_banned() {
     let (plane, operator) = operator_for("ignore-listed", &[]).await;
     let token = plane

@@ -62,3 +62,23 @@ app.kubernetes.io/component: operator
 {{- define "portsentry.webhookSecret" -}}
 {{- printf "%s-webhook-tls" (include "portsentry.operator" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+
+{{/* ServiceAccount of the node sensors (the operator names it in their DaemonSets). */}}
+{{- define "portsentry.nodeSensorServiceAccount" -}}
+{{- default (printf "%s-node-sensor" (include "portsentry.fullname" .) | trunc 63 | trimSuffix "-") .Values.nodeSensors.serviceAccount.name -}}
+{{- end -}}
+
+{{/* Image of the node sensors: their own when set, else the sidecar's. */}}
+{{- define "portsentry.nodeSensorImage" -}}
+{{- if .Values.nodeSensors.image.repository -}}
+{{- printf "%s:%s" .Values.nodeSensors.image.repository (default .Chart.AppVersion .Values.nodeSensors.image.tag) -}}
+{{- else -}}
+{{- include "portsentry.sensorImage" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The node sensors' settings as the operator reads them (PORTSENTRY_NODE_SENSOR_SETTINGS). */}}
+{{- define "portsentry.nodeSensorSettings" -}}
+{{- $settings := dict "image" (include "portsentry.nodeSensorImage" .) "imagePullPolicy" (default .Values.sensor.image.pullPolicy .Values.nodeSensors.image.pullPolicy) "serviceAccountName" (include "portsentry.nodeSensorServiceAccount" .) "tolerations" .Values.nodeSensors.tolerations "priorityClassName" .Values.nodeSensors.priorityClassName "resources" .Values.nodeSensors.resources -}}
+{{- toJson $settings -}}
+{{- end -}}

@@ -1,0 +1,676 @@
+//! Injection end to end through the operator process (webhook + intake + controller) against
+//! a real control plane (with controllers): the injected sidecar run exactly as its pod spec
+//! says, the operator's own intake certificate verified with the ConfigMap's `ca.crt`, and
+//! the sensor ConfigMaps the controller keeps and removes.
+//!
+//! Network tests need root, `ip`, `nmap`, `setpriv`, `curl` and `sysctl`; with `CI=true` a
+//! missing one fails the test. Traffic goes only to addresses inside the network namespaces
+//! these tests create (10.232.181-182.0/24, 10.233.181-182.0/30).
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use futures::FutureExt;
+use ipnet::IpNet;
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Pod},
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use portsentry_crds::{PolicyKind, PortSentryBan, PortSentryPolicy};
+use portsentry_operator::{
+    inject::{self, Governing, Skipped},
+    webhook,
+};
+use portsentry_tests::{
+    ControlPlane, FIELD_MANAGER, Operator, OperatorSettings, Options, PodNet, install_crds,
+    prerequisites, repo_root, shared, wait_for,
+};
+use serde_json::json;
+use tokio::sync::OnceCell;
+
+static CONTROL_PLANE: OnceCell<ControlPlane> = OnceCell::const_new();
+static SETUP: OnceCell<()> = OnceCell::const_new();
+
+/// The operator's namespace (and the chart's release namespace).
+const SYSTEM: &str = "psinj-system";
+const RELEASE: &str = "psinj";
+const DECOYS: &str = "1,79,111,31337,40421";
+
+async fn plane() -> &'static ControlPlane {
+    let plane = shared(&CONTROL_PLANE, Options::with_controllers())
+        .await
+        .unwrap();
+    SETUP
+        .get_or_try_init(|| async {
+            install_crds(&plane.client()?, Duration::from_secs(60))
+                .await
+                .map(|_| ())
+        })
+        .await
+        .unwrap();
+    plane.ensure_namespace(SYSTEM).await.unwrap();
+    plane
+}
+
+/// Namespace `namespace` with policy `web` selecting `app=web` on [`DECOYS`], banning on the
+/// first verified scan, and its `default` service account.
+async fn namespace_with_policy(plane: &ControlPlane, namespace: &str) -> PortSentryPolicy {
+    plane.ensure_namespace(namespace).await.unwrap();
+    plane
+        .ensure_service_account(namespace, "default")
+        .await
+        .unwrap();
+    let policy = json!({
+        "apiVersion": "portsentry.io/v1alpha1", "kind": "PortSentryPolicy",
+        "metadata": {"name": "web", "namespace": namespace},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "decoys": {"tcp": [1, 79, 111, 31337, 40421]},
+            "response": {"banDuration": "1h"},
+        }
+    });
+    Api::<PortSentryPolicy>::namespaced(plane.client().unwrap(), namespace)
+        .patch(
+            "web",
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(policy),
+        )
+        .await
+        .unwrap()
+}
+
+fn pod(name: &str, annotations: serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "web"}, "annotations": annotations},
+        "spec": {
+            "serviceAccountName": "default",
+            "containers": [{"name": "app", "image": "registry.invalid/app:1"}]
+        }
+    }))
+    .unwrap()
+}
+
+/// Waits until `check` gives a value; the operator's log tail on timeout.
+async fn wait_value<T, F, Fut>(operator: &Operator, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; operator log:\n{}",
+            operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The data of ConfigMap `namespace/name` once it has `ca.crt`.
+async fn config_map_with_ca(
+    operator: &Operator,
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
+    wait_value(operator, &format!("ConfigMap {name} with ca.crt"), || {
+        let api = api.clone();
+        async move {
+            let data = api.get_opt(name).await.ok()??.data?;
+            data.contains_key(inject::REPORT_CA_KEY).then_some(data)
+        }
+    })
+    .await
+}
+
+/// Every `except` prefix of the generated NetworkPolicies of `namespace`.
+async fn excepted(client: &Client, namespace: &str) -> Vec<IpNet> {
+    Api::<NetworkPolicy>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=portsentry-operator"))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter_map(|np| np.spec.as_ref()?.ingress.as_ref())
+        .flatten()
+        .filter_map(|rule| rule.from.as_ref())
+        .flatten()
+        .filter_map(|peer| peer.ip_block.as_ref()?.except.as_ref())
+        .flatten()
+        .filter_map(|text| text.parse().ok())
+        .collect()
+}
+
+/// A process killed on drop, even when the test panics.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The chart installed with its webhook URL at this machine; uninstalled on drop, so no
+/// later test's pod creation calls a webhook that is gone.
+struct Release {
+    plane: &'static ControlPlane,
+}
+
+impl Release {
+    fn install(plane: &'static ControlPlane, webhook_port: u16) -> Self {
+        let mut helm = plane.helm().unwrap();
+        helm.args(["install", RELEASE])
+            .arg(repo_root().join("charts/portsentry"))
+            .args(["-n", SYSTEM, "--create-namespace"])
+            .args([
+                "--set",
+                &format!("webhook.url=https://127.0.0.1:{webhook_port}/mutate-pods"),
+            ]);
+        let output = helm.output().unwrap();
+        assert!(
+            output.status.success(),
+            "helm install failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Self { plane }
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if let Ok(mut helm) = self.plane.helm() {
+            let _ = helm.args(["uninstall", RELEASE, "-n", SYSTEM]).output();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The sensor binary built next to this test (`cargo build --workspace --bins`).
+fn sensor_binary() -> PathBuf {
+    let path =
+        portsentry_tests::workspace_binary("portsentry-sensor", "portsentry-sensor").unwrap();
+    assert!(path.is_file(), "{} is missing", path.display());
+    path
+}
+
+/// `path` and everything under it readable (and folders enterable) by any user, as the
+/// kubelet's volumes are for the sidecar's user.
+fn open_up(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if path.is_dir() { 0o755 } else { 0o644 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            open_up(&entry.unwrap().path());
+        }
+    }
+}
+
+/// GET `path` of the sensor's metrics port from inside the pod's network namespace.
+fn sensor_get(net: &PodNet, path: &str) -> Option<String> {
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.victim,
+            "curl",
+            "-sf",
+            "--max-time",
+            "2",
+        ])
+        .arg(format!(
+            "http://127.0.0.1:{}{path}",
+            inject::SENSOR_METRICS_PORT
+        ))
+        .output()
+        .unwrap();
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[tokio::test]
+async fn an_injected_sidecar_run_as_its_pod_spec_says_gets_an_nmap_scanner_banned_by_the_operator()
+{
+    if !prerequisites(&["ip", "nmap", "setpriv", "curl", "sysctl"]) {
+        return;
+    }
+    let plane = plane().await;
+    let client = plane.client().unwrap();
+    let namespace = "psinj-inject";
+    let net = PodNet::new(181).unwrap();
+    let webhook_port = free_port();
+    let _release = Release::install(plane, webhook_port);
+    let mut settings = OperatorSettings::new("psinj-lease-inject");
+    settings.namespace = SYSTEM.into();
+    settings.report_ip = net.host_addr.parse().unwrap();
+    settings.intake_ca_secret = Some("psinj-intake-ca".into());
+    settings.extra_args = vec![
+        format!("--webhook-addr=127.0.0.1:{webhook_port}"),
+        "--webhook-dns-name=127.0.0.1".into(),
+        format!("--webhook-configuration={RELEASE}-portsentry-operator"),
+        "--webhook-ca-secret=psinj-webhook-ca".into(),
+        format!("--operator-namespace={SYSTEM}"),
+        "--sensor-image=ghcr.io/portsentry-k8s/portsentry-sensor:test".into(),
+    ];
+    let operator = Operator::start(plane, settings).await.unwrap();
+    namespace_with_policy(plane, namespace).await;
+
+    // Admission: the API server calls the operator's webhook (once its caBundle is patched
+    // and its caches hold the policy; dry runs until then).
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    let injected = |pod: &Pod| {
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.name == inject::SIDECAR_NAME))
+    };
+    wait_value(&operator, "the webhook to inject a dry-run pod", || {
+        let pods = pods.clone();
+        async move {
+            let params = PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            };
+            let pod = pods.create(&params, &pod("web-0", json!({}))).await.ok()?;
+            injected(&pod).then_some(())
+        }
+    })
+    .await;
+    let pod = pods
+        .create(&PostParams::default(), &pod("web-0", json!({})))
+        .await
+        .unwrap();
+    assert!(injected(&pod));
+    let spec = pod.spec.clone().unwrap();
+    let sidecar = spec
+        .init_containers
+        .clone()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name == inject::SIDECAR_NAME)
+        .unwrap();
+
+    // The kubelet's part. The config volume: the ConfigMap the pod names, as the API server
+    // has it (rendered by the operator's controller, with the intake's CA).
+    let volumes = spec.volumes.clone().unwrap();
+    let config_map_name = volumes
+        .iter()
+        .find(|v| v.name == inject::CONFIG_VOLUME)
+        .and_then(|v| v.config_map.as_ref())
+        .map(|c| c.name.clone())
+        .unwrap();
+    let data = config_map_with_ca(&operator, &client, namespace, &config_map_name).await;
+    assert_eq!(data[inject::REPORT_CA_KEY], operator.ca_pem);
+    // The token volume: a token of the pod's service account, bound to the pod, with the
+    // projected source's audience, at the source's path.
+    let projected = volumes
+        .iter()
+        .find(|v| v.name == inject::TOKEN_VOLUME)
+        .and_then(|v| v.projected.as_ref())
+        .unwrap();
+    let token_source = projected
+        .sources
+        .iter()
+        .flatten()
+        .find_map(|s| s.service_account_token.clone())
+        .unwrap();
+    let audience = token_source.audience.clone().unwrap();
+    assert_eq!(audience, "portsentry.io");
+    let service_account = spec.service_account_name.clone().unwrap();
+    let token = plane
+        .token_for_pod(namespace, &service_account, "web-0", &audience)
+        .await
+        .unwrap();
+    let root = tempfile::Builder::new()
+        .prefix("psinj-pod-")
+        .tempdir()
+        .unwrap();
+    let mut mounts = Vec::new();
+    for mount in sidecar.volume_mounts.clone().unwrap() {
+        let dir = root.path().join(mount.mount_path.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).unwrap();
+        if mount.name == inject::CONFIG_VOLUME {
+            for (key, value) in &data {
+                std::fs::write(dir.join(key), value).unwrap();
+            }
+        } else if mount.name == inject::TOKEN_VOLUME {
+            std::fs::write(dir.join(&token_source.path), &token).unwrap();
+        }
+        mounts.push((mount.mount_path.clone(), dir));
+    }
+    let binary = root.path().join("portsentry-sensor");
+    std::fs::copy(sensor_binary(), &binary).unwrap();
+    open_up(root.path());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let args: Vec<String> = sidecar
+        .args
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|arg| {
+            mounts
+                .iter()
+                .find_map(|(path, dir)| {
+                    arg.strip_prefix(path.as_str())
+                        .map(|rest| format!("{}{rest}", dir.display()))
+                })
+                .unwrap_or(arg)
+        })
+        .collect();
+    assert!(
+        args.iter().any(|a| a == &operator.report_url),
+        "the sidecar reports elsewhere: {args:?}"
+    );
+    for sysctl in spec
+        .security_context
+        .clone()
+        .and_then(|c| c.sysctls)
+        .unwrap_or_default()
+    {
+        let setting = format!("{}={}", sysctl.name, sysctl.value);
+        let status = Command::new("ip")
+            .args(["netns", "exec", &net.victim, "sysctl", "-qw", &setting])
+            .status()
+            .unwrap();
+        assert!(status.success(), "sysctl {setting}");
+    }
+    let security = sidecar.security_context.clone().unwrap();
+    let log = root.path().join("sensor.log");
+    let sensor = Running(
+        Command::new("ip")
+            .args(["netns", "exec", &net.victim, "setpriv"])
+            .arg(format!("--reuid={}", security.run_as_user.unwrap()))
+            .arg(format!("--regid={}", security.run_as_group.unwrap()))
+            .args([
+                "--clear-groups",
+                "--no-new-privs",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ])
+            .arg(&binary)
+            .args(&args)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(root.path().join("sensor.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let sensor_logs = || {
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(root.path().join("sensor.err")).unwrap_or_default()
+        )
+    };
+    // The startup probe.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sensor_get(&net, "/readyz").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the sensor never became ready:\n{}",
+            sensor_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The attack, and the ban it earns.
+    let scanned = Instant::now();
+    net.nmap_connect_scan(DECOYS).unwrap();
+    let attacker: IpAddr = net.attacker_addr.parse().unwrap();
+    let bans = Api::<PortSentryBan>::namespaced(client.clone(), namespace);
+    let ban_name = format!("web-v4-{}", net.attacker_addr.replace('.', "-"));
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let ban = loop {
+        if let Some(ban) = bans.get_opt(&ban_name).await.unwrap() {
+            break ban;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no PortSentryBan {ban_name}; sensor log:\n{}\noperator log:\n{}",
+            sensor_logs(),
+            operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let banned_after = scanned.elapsed();
+    assert_eq!(ban.spec.source.to_string(), attacker.to_string());
+    assert!(
+        ban.spec
+            .evidence
+            .iter()
+            .all(|e| e.reporter == format!("{namespace}/web-0"))
+    );
+    let (client2, ns) = (client.clone(), namespace.to_owned());
+    wait_for(
+        Duration::from_secs(30),
+        "the attacker's prefix in the generated NetworkPolicy",
+        move || {
+            let (client, ns) = (client2.clone(), ns.clone());
+            async move {
+                Ok(excepted(&client, &ns)
+                    .await
+                    .iter()
+                    .any(|p| p.contains(&attacker)))
+            }
+            .boxed()
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "injected sidecar: nmap start to PortSentryBan {banned_after:?}, to NetworkPolicy {:?}",
+        scanned.elapsed()
+    );
+    drop(sensor);
+}
+
+/// The sensor's `name` counter (no labels) read from its metrics port, or 0.
+fn sensor_counter(net: &PodNet, name: &str) -> f64 {
+    sensor_get(net, "/metrics")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// An operator issuing its own intake certificate; namespace `namespace` with policy `web`
+/// and pod `web-0`, whose ConfigMap carries the intake CA (returned); and a sensor in
+/// `PodNet::new(index)` reporting as that pod but trusting another CA, scanned by `nmap`,
+/// once it has failed to report twice.
+async fn sensor_refusing_the_intake(namespace: &str, index: u8) -> (Operator, PodNet, String) {
+    let plane = plane().await;
+    let client = plane.client().unwrap();
+    let mut net = PodNet::new(index).unwrap();
+    let mut settings = OperatorSettings::new(&format!("psinj-lease-{namespace}"));
+    settings.namespace = SYSTEM.into();
+    settings.report_ip = net.host_addr.parse().unwrap();
+    settings.intake_ca_secret = Some("psinj-intake-ca".into());
+    let operator = Operator::start(plane, settings).await.unwrap();
+    namespace_with_policy(plane, namespace).await;
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &pod("web-0", json!({})))
+        .await
+        .unwrap();
+    let data = config_map_with_ca(&operator, &client, namespace, "portsentry-sensor-web").await;
+    let intake_ca = data[inject::REPORT_CA_KEY].clone();
+    assert_eq!(intake_ca, operator.ca_pem);
+    let token = plane
+        .token_for_pod(namespace, "default", "web-0", "portsentry.io")
+        .await
+        .unwrap();
+    std::fs::write(net.path("token"), token).unwrap();
+    std::fs::write(
+        net.path("ca.crt"),
+        webhook::Ca::generate().unwrap().cert_pem,
+    )
+    .unwrap();
+    let config = format!(
+        "TCP_PORTS=\"{DECOYS}\"\nUDP_PORTS=\"\"\nSCAN_TRIGGER=\"0\"\nBLOCK_TCP=\"0\"\nBLOCK_UDP=\"0\"\nHISTORY_FILE=\"{h}\"\nBLOCKED_FILE=\"{b}\"\n",
+        h = net.path("history").display(),
+        b = net.path("blocked").display(),
+    );
+    let args = vec![
+        "-tcp".to_owned(),
+        format!("--metrics-addr=127.0.0.1:{}", inject::SENSOR_METRICS_PORT),
+        format!("--report-url={}", operator.report_url),
+        format!("--report-token-file={}", net.path("token").display()),
+        format!("--report-ca-file={}", net.path("ca.crt").display()),
+        "--report-policy=PortSentryPolicy/web".to_owned(),
+    ];
+    net.start_sensor(&config, &args).unwrap();
+    net.nmap_connect_scan(DECOYS).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sensor_counter(&net, "portsentry_sensor_report_attempts_failed_total") < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the sensor never failed to report:\n{}",
+            net.sensor_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (operator, net, intake_ca)
+}
+
+#[tokio::test]
+async fn a_sensor_trusting_another_ca_refuses_the_operators_intake_and_bans_nothing() {
+    if !prerequisites(&["ip", "nmap", "curl"]) {
+        return;
+    }
+    let namespace = "psinj-refuse";
+    let (_operator, net, _) = sensor_refusing_the_intake(namespace, 182).await;
+    let metrics = sensor_get(&net, "/metrics").unwrap_or_default();
+    let sent = metrics.lines().any(|l| {
+        l.starts_with("portsentry_sensor_report_detections_total{fate=\"sent\"}")
+            && !l.ends_with(" 0")
+    });
+    assert!(!sent, "a report went through:\n{metrics}");
+    let log = net.sensor_log();
+    assert!(
+        log.to_lowercase().contains("certificate"),
+        "the sensor does not say the certificate was refused:\n{log}"
+    );
+    let client = plane().await.client().unwrap();
+    let bans = Api::<PortSentryBan>::namespaced(client, namespace)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(bans.items.is_empty(), "a ban without a verified report");
+}
+
+#[tokio::test]
+async fn a_sensor_given_the_config_maps_ca_after_refusing_delivers_its_held_report() {
+    if !prerequisites(&["ip", "nmap", "curl"]) {
+        return;
+    }
+    let namespace = "psinj-rotate";
+    let (operator, net, intake_ca) = sensor_refusing_the_intake(namespace, 183).await;
+    // The ConfigMap's CA lands in the file (as a rotated ca.crt would), atomically.
+    let next = net.path("ca.crt.next");
+    std::fs::write(&next, &intake_ca).unwrap();
+    std::fs::rename(&next, net.path("ca.crt")).unwrap();
+    let bans = Api::<PortSentryBan>::namespaced(plane().await.client().unwrap(), namespace);
+    let ban_name = format!("web-v4-{}", net.attacker_addr.replace('.', "-"));
+    wait_value(&operator, "the held report to become a ban", || {
+        let (bans, name) = (bans.clone(), ban_name.clone());
+        async move { bans.get_opt(&name).await.ok()? }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_skip_specific_config_map_is_deleted_as_soon_as_the_last_pod_using_it_is() {
+    let plane = plane().await;
+    let client = plane.client().unwrap();
+    let namespace = "psinj-stale";
+    let mut settings = OperatorSettings::new("psinj-lease-stale");
+    settings.namespace = SYSTEM.into();
+    let operator = Operator::start(plane, settings).await.unwrap();
+    let policy = namespace_with_policy(plane, namespace).await;
+    // A pod as the webhook admits it when its app declares 31337/TCP.
+    let skipped = [Skipped {
+        port: 31337,
+        protocol: portsentry_crds::Protocol::Tcp,
+    }];
+    let governing = Governing {
+        kind: PolicyKind::PortSentryPolicy,
+        name: "web",
+        rules: &policy.spec.rules,
+    };
+    let skip_specific = inject::config_map_name(&governing, &skipped);
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    pods.create(
+        &PostParams::default(),
+        &pod(
+            "web-skips",
+            json!({
+                inject::INJECTED_ANNOTATION: governing.reference(),
+                inject::CONFIG_MAP_ANNOTATION: skip_specific,
+                inject::SKIPPED_ANNOTATION: inject::skipped_annotation(&skipped),
+            }),
+        ),
+    )
+    .await
+    .unwrap();
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), namespace);
+    let data = config_map_with_ca(&operator, &client, namespace, &skip_specific).await;
+    assert!(!data["portsentry.conf"].contains("31337"));
+
+    // Only the pod goes: its deletion reconciles the policy (whose resync is minutes away).
+    pods.delete("web-skips", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    wait_value(
+        &operator,
+        "the skip-specific ConfigMap to be deleted",
+        || {
+            let config_maps = config_maps.clone();
+            let name = skip_specific.clone();
+            async move {
+                config_maps
+                    .get_opt(&name)
+                    .await
+                    .ok()?
+                    .is_none()
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        config_maps
+            .get_opt("portsentry-sensor-web")
+            .await
+            .unwrap()
+            .is_some(),
+        "the base ConfigMap pods admitted next need was deleted"
+    );
+}
