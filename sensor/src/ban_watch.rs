@@ -10,9 +10,9 @@
 //! Elements are leased (at most 10 to 20 minutes, refreshed while the sensor runs), so a node
 //! whose sensor is gone stops dropping on its own. Never installed: loopback and unspecified
 //! addresses, this node's own addresses, the API server the sensor talks to, and the ignore
-//! file's prefixes. The kernel sets hold addresses,
-//! so a prefix ban is expanded when it covers at most [`MAX_PREFIX_ADDRESSES`] addresses and
-//! skipped (counted, logged) when larger.
+//! file's prefixes; nor is a prefix ban that contains one of them (it is refused as a whole,
+//! as the operator refuses it). A ban of one address goes to the address sets, a prefix ban
+//! of any size to the prefix (interval) sets as one range ([`NftBans::reconcile_nets`]).
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -38,8 +38,6 @@ use crate::{
 
 /// Kernel elements are leased for one to two of these windows (see [`kernel_lease`]).
 pub const LEASE: Duration = Duration::from_secs(600);
-/// Largest prefix ban expanded into addresses (a /24 or a /120).
-pub const MAX_PREFIX_ADDRESSES: u128 = 256;
 /// Never banned whatever the bans say.
 const ALWAYS_PROTECTED: [&str; 4] = ["127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128"];
 
@@ -61,19 +59,16 @@ pub struct Settings {
 /// Why a ban is not in the kernel sets (a bounded metric label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Skip {
-    /// Loopback, this node, the API server or an ignored prefix.
+    /// Loopback, this node, the API server or an ignored prefix, or a prefix containing one.
     Protected,
-    /// A prefix of more than [`MAX_PREFIX_ADDRESSES`] addresses.
-    PrefixTooLarge,
 }
 
 impl Skip {
-    pub const ALL: [Skip; 2] = [Skip::Protected, Skip::PrefixTooLarge];
+    pub const ALL: [Skip; 1] = [Skip::Protected];
 
     pub const fn label(self) -> &'static str {
         match self {
             Skip::Protected => "protected",
-            Skip::PrefixTooLarge => "prefix_too_large",
         }
     }
 }
@@ -81,8 +76,9 @@ impl Skip {
 /// What the kernel sets should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// Addresses with their kernel timeout: the ban's remaining time, at most the lease.
-    pub elements: Vec<(IpAddr, Option<Duration>)>,
+    /// Banned networks (an address as a /32 or /128) with their kernel timeout: the ban's
+    /// remaining time, at most the lease.
+    pub elements: Vec<(IpNet, Option<Duration>)>,
     /// Active bans of the policy left out, by reason.
     pub skipped: BTreeMap<Skip, usize>,
 }
@@ -110,49 +106,16 @@ fn canonical(net: IpNet) -> IpNet {
     }
 }
 
-fn addresses_of(net: IpNet) -> Option<Vec<IpAddr>> {
-    let host_bits = u32::from(net.max_prefix_len() - net.prefix_len());
-    if host_bits >= 128 || 1u128 << host_bits > MAX_PREFIX_ADDRESSES {
-        return None;
-    }
-    Some(net.hosts_all())
-}
-
-trait HostsAll {
-    fn hosts_all(&self) -> Vec<IpAddr>;
-}
-
-impl HostsAll for IpNet {
-    /// Every address of the prefix, network and broadcast included (a ban is of a range).
-    fn hosts_all(&self) -> Vec<IpAddr> {
-        match self {
-            IpNet::V4(v4) => {
-                let first = u32::from(v4.network());
-                let last = u32::from(v4.broadcast());
-                (first..=last)
-                    .map(|a| IpAddr::from(a.to_be_bytes()))
-                    .collect()
-            }
-            IpNet::V6(v6) => {
-                let first = u128::from(v6.network());
-                let last = u128::from(v6.broadcast());
-                (first..=last)
-                    .map(|a| IpAddr::from(a.to_be_bytes()))
-                    .collect()
-            }
-        }
-    }
-}
-
 /// The kernel set contents for the active bans of `policy` among `bans` at `now`, leaving
-/// out whatever overlaps `never` and prefixes too large to list address by address.
+/// out whatever overlaps `never`: a ban inside a protected network, and a prefix ban that
+/// contains a protected address (refused as a whole, never installed minus the hole).
 pub fn desired<'a>(
     bans: impl IntoIterator<Item = &'a PortSentryBan>,
     policy: &PolicyRef,
     never: &[IpNet],
     now: Timestamp,
 ) -> Desired {
-    let mut want: BTreeMap<IpAddr, Option<Duration>> = BTreeMap::new();
+    let mut want: BTreeMap<IpNet, Option<Duration>> = BTreeMap::new();
     let mut skipped: BTreeMap<Skip, usize> = BTreeMap::new();
     for ban in bans {
         if ban.spec.policy != *policy {
@@ -171,25 +134,19 @@ pub fn desired<'a>(
             *skipped.entry(Skip::Protected).or_default() += 1;
             continue;
         }
-        let Some(addresses) = addresses_of(net) else {
-            *skipped.entry(Skip::PrefixTooLarge).or_default() += 1;
-            continue;
+        // Two bans of one network: the longer one wins. Overlapping networks are merged by
+        // NftBans (each address gets the longest timeout).
+        let entry = want.entry(net).or_insert(remaining);
+        *entry = match (*entry, remaining) {
+            (None, _) | (_, None) => None,
+            (Some(a), Some(b)) => Some(a.max(b)),
         };
-        for address in addresses {
-            let address = address.to_canonical();
-            // Two bans of one address: the longer one wins.
-            let entry = want.entry(address).or_insert(remaining);
-            *entry = match (*entry, remaining) {
-                (None, _) | (_, None) => None,
-                (Some(a), Some(b)) => Some(a.max(b)),
-            };
-        }
     }
     let lease = kernel_lease(now);
     Desired {
         elements: want
             .into_iter()
-            .map(|(address, left)| (address, Some(left.map_or(lease, |l| l.min(lease)))))
+            .map(|(net, left)| (net, Some(left.map_or(lease, |l| l.min(lease)))))
             .collect(),
         skipped,
     }
@@ -220,7 +177,7 @@ impl Counters {
     fn register(metrics: &Metrics) -> Result<Self> {
         let enforced = IntGauge::new(
             "node_bans_enforced",
-            "Addresses of cluster bans in this node sensor's nftables sets.",
+            "Cluster bans (addresses and prefixes) in this node sensor's nftables sets.",
         )?;
         let skipped = IntGaugeVec::new(
             Opts::new(
@@ -376,7 +333,8 @@ async fn reconcile_task(
         }
         let count = want.elements.len();
         let kernel = nft.clone();
-        let result = tokio::task::spawn_blocking(move || kernel.reconcile(&want.elements)).await;
+        let result =
+            tokio::task::spawn_blocking(move || kernel.reconcile_nets(&want.elements)).await;
         let error = match result {
             Ok(Ok(())) => None,
             Ok(Err(error)) => Some(error.to_string()),
@@ -389,7 +347,7 @@ async fn reconcile_task(
                     .enforced
                     .set(i64::try_from(count).unwrap_or(i64::MAX));
                 if last_count != Some(count) {
-                    tracing::info!(addresses = count, "nftables sets equal the cluster bans");
+                    tracing::info!(bans = count, "nftables sets equal the cluster bans");
                     last_count = Some(count);
                 }
                 last_error = None;
@@ -457,6 +415,15 @@ mod tests {
         text.parse().unwrap()
     }
 
+    /// An address as the /32 or /128 element it becomes.
+    fn host(text: &str) -> IpNet {
+        IpNet::from(addr(text))
+    }
+
+    fn net(text: &str) -> IpNet {
+        text.parse().unwrap()
+    }
+
     #[test]
     fn active_bans_of_the_policy_become_elements_with_their_remaining_time() {
         let bans = [
@@ -466,8 +433,8 @@ mod tests {
         assert_eq!(
             run(&bans, &[]).elements,
             vec![
-                (addr("203.0.113.7"), Some(Duration::from_secs(90))),
-                (addr("2001:db8::7"), Some(lease())),
+                (host("203.0.113.7"), Some(Duration::from_secs(90))),
+                (host("2001:db8::7"), Some(lease())),
             ]
         );
     }
@@ -500,7 +467,7 @@ mod tests {
         let bans = [ban(edge(), "203.0.113.7", Some(T0 + 5))];
         assert_eq!(
             run(&bans, &[]).elements,
-            vec![(addr("203.0.113.7"), Some(Duration::from_secs(5)))]
+            vec![(host("203.0.113.7"), Some(Duration::from_secs(5)))]
         );
     }
 
@@ -552,33 +519,97 @@ mod tests {
             "192.168.7.0/24".parse().unwrap(),
         ];
         let want = run(&bans, &never);
-        assert_eq!(want.elements, vec![(addr("203.0.113.7"), Some(lease()))]);
+        assert_eq!(want.elements, vec![(host("203.0.113.7"), Some(lease()))]);
         assert_eq!(want.skipped.get(&Skip::Protected), Some(&3));
     }
 
     #[test]
-    fn small_prefixes_are_expanded_and_large_ones_skipped() {
+    fn a_prefix_containing_the_nodes_own_address_is_refused_as_a_whole() {
         let bans = [
-            ban(edge(), "198.51.100.0/30", None),
-            ban(edge(), "198.51.0.0/16", None),
+            ban(edge(), "198.51.100.0/22", None),
+            ban(edge(), "203.0.113.0/24", None),
         ];
-        let want = run(&bans, &[]);
-        assert_eq!(want.elements.len(), 4);
-        assert_eq!(want.elements[0].0, addr("198.51.100.0"));
-        assert_eq!(want.skipped.get(&Skip::PrefixTooLarge), Some(&1));
+        let want = run(&bans, &[host("198.51.102.9")]);
+        assert_eq!(want.elements, vec![(net("203.0.113.0/24"), Some(lease()))]);
+        assert_eq!(want.skipped.get(&Skip::Protected), Some(&1));
     }
 
     #[test]
-    fn the_longer_of_two_bans_of_one_address_wins() {
+    fn an_ipv6_prefix_containing_the_api_server_is_refused_as_a_whole() {
+        let bans = [ban(edge(), "fd00:10::/64", None)];
+        let want = run(&bans, &[host("fd00:10::1")]);
+        assert!(want.elements.is_empty());
+        assert_eq!(want.skipped.get(&Skip::Protected), Some(&1));
+    }
+
+    #[test]
+    fn a_prefix_containing_loopback_is_refused() {
         let bans = [
-            ban(edge(), "203.0.113.7", Some(T0 + 10)),
-            ban(edge(), "203.0.113.4/30", Some(T0 + 50)),
-            ban(edge(), "203.0.113.5", None),
+            ban(edge(), "0.0.0.0/0", None),
+            ban(edge(), "::/0", None),
+            ban(edge(), "127.0.0.0/8", None),
         ];
         let want = run(&bans, &[]);
-        let of = |a: &str| want.elements.iter().find(|(x, _)| *x == addr(a)).unwrap().1;
-        assert_eq!(of("203.0.113.7"), Some(Duration::from_secs(50)));
-        assert_eq!(of("203.0.113.5"), Some(lease()));
+        assert!(want.elements.is_empty());
+        assert_eq!(want.skipped.get(&Skip::Protected), Some(&3));
+    }
+
+    #[test]
+    fn prefixes_of_any_size_are_installed_as_prefixes() {
+        let bans = [
+            ban(edge(), "198.51.100.0/30", None),
+            ban(edge(), "198.51.0.0/16", Some(T0 + 60)),
+            ban(edge(), "10.0.0.0/8", None),
+            ban(edge(), "2001:db8:1:2::/64", None),
+            ban(edge(), "2001:db8::/32", None),
+        ];
+        let want = run(&bans, &[]);
+        assert_eq!(
+            want.elements,
+            vec![
+                (net("10.0.0.0/8"), Some(lease())),
+                (net("198.51.0.0/16"), Some(Duration::from_secs(60))),
+                (net("198.51.100.0/30"), Some(lease())),
+                (net("2001:db8::/32"), Some(lease())),
+                (net("2001:db8:1:2::/64"), Some(lease())),
+            ]
+        );
+        assert!(want.skipped.is_empty(), "{:?}", want.skipped);
+    }
+
+    #[test]
+    fn a_prefix_ban_is_truncated_to_its_network() {
+        let bans = [ban(edge(), "198.51.100.77/22", None)];
+        assert_eq!(
+            run(&bans, &[]).elements,
+            vec![(net("198.51.100.0/22"), Some(lease()))]
+        );
+    }
+
+    #[test]
+    fn the_longer_of_two_bans_of_one_source_wins() {
+        let bans = [
+            ban(edge(), "203.0.113.7", Some(T0 + 10)),
+            ban(edge(), "203.0.113.7", Some(T0 + 50)),
+            ban(edge(), "198.51.100.0/22", Some(T0 + 30)),
+            ban(edge(), "198.51.100.0/22", None),
+        ];
+        assert_eq!(
+            run(&bans, &[]).elements,
+            vec![
+                (net("198.51.100.0/22"), Some(lease())),
+                (host("203.0.113.7"), Some(Duration::from_secs(50))),
+            ]
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_prefixes_are_installed_as_ipv4() {
+        let bans = [ban(edge(), "::ffff:198.51.100.0/118", None)];
+        assert_eq!(
+            run(&bans, &[]).elements,
+            vec![(net("198.51.100.0/22"), Some(lease()))]
+        );
     }
 
     #[test]
@@ -586,7 +617,7 @@ mod tests {
         let bans = [ban(edge(), "::ffff:203.0.113.7", None)];
         assert_eq!(
             run(&bans, &[]).elements,
-            vec![(addr("203.0.113.7"), Some(lease()))]
+            vec![(host("203.0.113.7"), Some(lease()))]
         );
     }
 

@@ -26,7 +26,7 @@ use std::{
     time::Duration,
 };
 
-use etherparse::{IpNumber, Ipv6ExtensionSlice, LaxNetSlice, LaxSlicedPacket, TransportSlice};
+use etherparse::{IpNumber, LaxNetSlice, LaxSlicedPacket, TransportSlice};
 use nix::sys::socket::{
     ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt,
 };
@@ -173,7 +173,7 @@ pub fn parse(bytes: &[u8]) -> Option<Packet> {
             Fragment::Whole,
         ),
         Some(TransportSlice::Icmpv4(_) | TransportSlice::Icmpv6(_)) => return None,
-        None => first_fragment(&packet)?,
+        None => first_fragment(bytes, &packet)?,
     };
     Some(Packet {
         source: source.to_canonical(),
@@ -189,16 +189,13 @@ pub fn parse(bytes: &[u8]) -> Option<Packet> {
 
 /// Protocol, ports, flags of the first fragment of a TCP or UDP packet; `None` for anything
 /// else (whole packets are parsed by etherparse, later fragments have no transport header).
-fn first_fragment(packet: &LaxSlicedPacket) -> Option<(Protocol, u16, u16, TcpFlags, Fragment)> {
+fn first_fragment(
+    bytes: &[u8],
+    packet: &LaxSlicedPacket,
+) -> Option<(Protocol, u16, u16, TcpFlags, Fragment)> {
     let (payload, first) = match packet.net.as_ref()? {
         LaxNetSlice::Ipv4(ip) => (ip.payload(), ip.header().fragments_offset().value() == 0),
-        LaxNetSlice::Ipv6(ip) => (
-            ip.payload(),
-            ip.extensions().clone().into_iter().all(|ext| match ext {
-                Ipv6ExtensionSlice::Fragment(frag) => frag.fragment_offset().value() == 0,
-                _ => true,
-            }),
-        ),
+        LaxNetSlice::Ipv6(ip) => (ip.payload(), ipv6_fragment_offset(bytes) == Some(0)),
         LaxNetSlice::Arp(_) => return None,
     };
     if !payload.fragmented || !first {
@@ -232,6 +229,31 @@ fn first_fragment(packet: &LaxSlicedPacket) -> Option<(Protocol, u16, u16, TcpFl
             Fragment::First,
         )),
         _ => None,
+    }
+}
+
+/// The fragment offset of an IPv6 packet's Fragment header (`None` without one or when the
+/// extension chain is cut short). Walked here, bounds-checked, rather than with etherparse
+/// 0.19's extension iterator: on a truncated chain from lax parsing that iterator reads past
+/// its slice (`get_unchecked`; found by the packet-path property test).
+fn ipv6_fragment_offset(bytes: &[u8]) -> Option<u16> {
+    const HOP_BY_HOP: u8 = 0;
+    const ROUTING: u8 = 43;
+    const FRAGMENT: u8 = 44;
+    const AUTHENTICATION: u8 = 51;
+    const DESTINATION_OPTIONS: u8 = 60;
+    let mut next = *bytes.get(6)?;
+    let mut at = 40usize;
+    loop {
+        let header = bytes.get(at..at + 8)?;
+        let length = match next {
+            FRAGMENT => return Some(u16::from_be_bytes([header[2], header[3]]) >> 3),
+            HOP_BY_HOP | ROUTING | DESTINATION_OPTIONS => (usize::from(header[1]) + 1) * 8,
+            AUTHENTICATION => (usize::from(header[1]) + 2) * 4,
+            _ => return None,
+        };
+        next = header[0];
+        at += length;
     }
 }
 
@@ -387,6 +409,63 @@ mod tests {
         let mut later = first_tcp_fragment(8);
         later[6..8].copy_from_slice(&1u16.to_be_bytes()); // offset 8 bytes, last fragment
         assert_eq!(parse(&later), None);
+    }
+
+    /// An IPv6 TCP SYN to 31337 cut after `tcp_bytes` bytes of TCP header behind a Fragment
+    /// header with `offset` (in 8-byte units) and more fragments to follow.
+    fn ipv6_tcp_fragment(offset: u16, tcp_bytes: usize) -> Vec<u8> {
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&31337u16.to_be_bytes());
+        tcp[12] = 0x50;
+        tcp[13] = TcpFlags::SYN;
+        tcp.truncate(tcp_bytes);
+        let mut packet = vec![0u8; 40];
+        packet[0] = 0x60;
+        packet[4..6].copy_from_slice(&((8 + tcp.len()) as u16).to_be_bytes());
+        packet[6] = 44; // Fragment header
+        packet[7] = 64;
+        packet[8..24].copy_from_slice(
+            &"2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        packet[24..40].copy_from_slice(
+            &"2001:db8::2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        packet.extend_from_slice(&[6, 0]); // next header TCP
+        packet.extend_from_slice(&((offset << 3) | 1).to_be_bytes()); // more fragments
+        packet.extend_from_slice(&7u32.to_be_bytes()); // identification
+        packet.extend_from_slice(&tcp);
+        packet
+    }
+
+    #[test]
+    fn an_ipv6_first_fragment_cut_before_the_tcp_flags_gives_the_ports_and_says_so() {
+        let packet = parse(&ipv6_tcp_fragment(0, 8)).expect("parsed");
+        assert_eq!((packet.protocol, packet.port), (Protocol::Tcp, 31337));
+        assert_eq!(packet.fragment, Fragment::FlagsMissing);
+    }
+
+    #[test]
+    fn an_ipv6_later_fragment_is_not_parsed() {
+        assert_eq!(parse(&ipv6_tcp_fragment(1, 8)), None);
+    }
+
+    #[test]
+    fn an_ipv6_extension_chain_cut_short_is_not_parsed_and_never_read_past() {
+        let whole = ipv6_tcp_fragment(0, 8);
+        for cut in 0..whole.len() {
+            let _ = parse(&whole[..cut]);
+        }
+        let mut chain = whole[..40].to_vec();
+        chain[6] = 0; // hop-by-hop header claiming 2 KiB more than there is
+        chain.extend_from_slice(&[44, 255, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(ipv6_fragment_offset(&chain), None);
     }
 
     #[test]

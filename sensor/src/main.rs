@@ -106,20 +106,29 @@ fn portsentry_args() -> Vec<String> {
         .collect()
 }
 
+/// Logs to stderr at `RUST_LOG`'s levels (`target=level` directives; no span or field
+/// filters, which would pull a regex engine into every start-up: the sensor stays small).
 fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(match format {
-            LogFormat::Classic => "warn",
-            LogFormat::Json => "warn,portsentry_sensor::alert=info",
-        })
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::{filter::Targets, prelude::*};
+    let default = match format {
+        LogFormat::Classic => "warn",
+        LogFormat::Json => "warn,portsentry_sensor::alert=info",
+    };
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) => directives.parse::<Targets>().unwrap_or_else(|error| {
+            eprintln!("portsentry-sensor: RUST_LOG={directives:?} ignored: {error}");
+            default.parse().unwrap_or_default()
+        }),
+        Err(_) => default.parse().unwrap_or_default(),
+    };
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Classic => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Classic => tracing_subscriber::registry()
+            .with(layer.with_filter(filter))
+            .init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(layer.json().with_filter(filter))
+            .init(),
     }
 }
 

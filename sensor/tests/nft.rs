@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! The native nftables response against the real kernel, each test in network namespaces of its
 //! own (the host firewall is never touched); state is inspected with `nft -j` from outside.
 
@@ -7,8 +8,10 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use portsentry_sensor::nft::{
-    NftBans, SET_DECOYS, SET_EXEMPT_V4, SET_EXEMPT_V6, SET_PROBE_DECOYS, SET_V4, SET_V6,
+    NftBans, SET_DECOYS, SET_EXEMPT_V4, SET_EXEMPT_V6, SET_PREFIX_V4, SET_PREFIX_V6,
+    SET_PROBE_DECOYS, SET_V4, SET_V6,
 };
 use serde_json::Value;
 
@@ -19,6 +22,8 @@ const V4_VICTIM: &str = "10.250.0.1";
 const V4_ATTACKER: &str = "10.250.0.2";
 const V6_VICTIM: &str = "fd00:250::1";
 const V6_ATTACKER: &str = "fd00:250::2";
+/// Rules of each chain without tripwires: drop the address and the prefix bans, per family.
+const DROP_RULES: usize = 4;
 
 // ---------------------------------------------------------------------------------------------
 // Harness
@@ -85,9 +90,14 @@ struct Netns {
 
 impl Netns {
     fn new() -> Self {
+        Self::named("psnft")
+    }
+
+    /// A namespace named `<prefix>-<pid>-<n>`.
+    fn named(prefix: &str) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
-            "psnft-{}-{}",
+            "{prefix}-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
@@ -220,8 +230,12 @@ struct Pair {
 
 impl Pair {
     fn new() -> Self {
-        let victim = Netns::new();
-        let attacker = Netns::new();
+        Self::named("psnft")
+    }
+
+    fn named(prefix: &str) -> Self {
+        let victim = Netns::named(prefix);
+        let attacker = Netns::named(prefix);
         victim.ip(&[
             "link",
             "add",
@@ -280,6 +294,8 @@ fn open_creates_the_table_with_both_sets_and_drop_chains_on_input_and_forward() 
     for (set, ty) in [
         (SET_V4, "ipv4_addr"),
         (SET_V6, "ipv6_addr"),
+        (SET_PREFIX_V4, "ipv4_addr"),
+        (SET_PREFIX_V6, "ipv6_addr"),
         (SET_DECOYS, "inet_service"),
     ] {
         let s = table
@@ -295,6 +311,12 @@ fn open_creates_the_table_with_both_sets_and_drop_chains_on_input_and_forward() 
                 .filter_map(Value::as_str)
                 .collect();
             assert!(flags.contains(&"timeout"), "{set} flags {flags:?}");
+            let interval = [SET_PREFIX_V4, SET_PREFIX_V6].contains(&set);
+            assert_eq!(
+                flags.contains(&"interval"),
+                interval,
+                "{set} flags {flags:?}"
+            );
         }
     }
     for (chain, hook) in [("input", "input"), ("forward", "forward")] {
@@ -306,13 +328,18 @@ fn open_creates_the_table_with_both_sets_and_drop_chains_on_input_and_forward() 
         assert_eq!(c["prio"], -10);
         assert_eq!(c["type"], "filter");
         let rules = ns.rules(chain);
-        assert_eq!(rules.len(), 2, "{chain}: {rules:?}");
+        assert_eq!(rules.len(), DROP_RULES, "{chain}: {rules:?}");
     }
     let listing =
         String::from_utf8_lossy(&ns.nft(&["list", "chain", "inet", TABLE, "input"]).stdout)
             .into_owned();
     assert!(listing.contains("ip saddr @bans4 drop"), "{listing}");
     assert!(listing.contains("ip6 saddr @bans6 drop"), "{listing}");
+    assert!(listing.contains("ip saddr @prefix_bans4 drop"), "{listing}");
+    assert!(
+        listing.contains("ip6 saddr @prefix_bans6 drop"),
+        "{listing}"
+    );
 }
 
 #[test]
@@ -459,7 +486,7 @@ fn ban_recreates_a_table_someone_deleted() {
     bans.ban(ip("192.0.2.16"), Some(Duration::from_secs(60)))
         .expect("ban");
     assert!(ns.has(SET_V4, "192.0.2.16"));
-    assert_eq!(ns.rules("input").len(), 2);
+    assert_eq!(ns.rules("input").len(), DROP_RULES);
 }
 
 #[test]
@@ -528,8 +555,8 @@ fn reconcile_recreates_a_deleted_table_with_its_bans() {
     assert!(ns.table().is_none());
     bans.reconcile(&active).expect("reconcile");
     assert!(ns.has(SET_V4, "192.0.2.21"));
-    assert_eq!(ns.rules("input").len(), 2);
-    assert_eq!(ns.rules("forward").len(), 2);
+    assert_eq!(ns.rules("input").len(), DROP_RULES);
+    assert_eq!(ns.rules("forward").len(), DROP_RULES);
 }
 
 #[test]
@@ -696,7 +723,7 @@ fn reconcile_brings_back_the_tripwire_and_its_decoys_after_the_table_is_deleted(
     bans.install_tripwire(&[111, 80, 80], Some(Duration::from_secs(3600)))
         .expect("tripwire");
     let rules = ns.rules("input");
-    assert_eq!(rules.len(), 4, "{rules:?}");
+    assert_eq!(rules.len(), DROP_RULES + 2, "{rules:?}");
     let ports = |ns: &Netns| {
         let mut p: Vec<String> = ns.elements(SET_DECOYS).into_iter().map(|e| e.0).collect();
         p.sort();
@@ -711,7 +738,7 @@ fn reconcile_brings_back_the_tripwire_and_its_decoys_after_the_table_is_deleted(
     bans.reconcile(&[]).expect("reconcile");
     assert_eq!(ports(&ns), vec!["111", "80"]);
     bans.install_tripwire(&[], None).expect("remove tripwire");
-    assert_eq!(ns.rules("input").len(), 2);
+    assert_eq!(ns.rules("input").len(), DROP_RULES);
 }
 
 #[test]
@@ -971,7 +998,7 @@ fn set_probe_decoys_replaces_the_ports_and_reconcile_restores_them() {
         .expect("probe tripwire");
     assert_eq!(bans.probe_decoys().expect("list"), first);
     let rules = ns.rules("input");
-    assert_eq!(rules.len(), 5, "{rules:?}");
+    assert_eq!(rules.len(), DROP_RULES + 3, "{rules:?}");
     let second: Vec<u16> = (1..50).chain(51..100).collect();
     assert!(bans.set_probe_decoys(&second).expect("set"), "changed");
     assert!(!bans.set_probe_decoys(&second).expect("set"), "unchanged");
@@ -984,5 +1011,405 @@ fn set_probe_decoys_replaces_the_ports_and_reconcile_restores_them() {
     assert_eq!(ns.rules("input"), rules);
     assert_eq!(bans.probe_decoys().expect("list"), second);
     bans.install_probe_tripwire(&[], None).expect("remove");
-    assert_eq!(ns.rules("input").len(), 2);
+    assert_eq!(ns.rules("input").len(), DROP_RULES);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefix bans (interval sets), over a veth pair whose attacker side also has addresses inside
+// and outside the banned prefixes
+
+/// Inside 198.51.100.0/22 (198.51.100.0 to 198.51.103.255).
+const V4_IN_22: &str = "198.51.103.7";
+/// Just past it.
+const V4_PAST_22: &str = "198.51.104.7";
+/// Inside 2001:db8:1:2::/64.
+const V6_IN_64: &str = "2001:db8:1:2::7";
+/// In the next /64.
+const V6_PAST_64: &str = "2001:db8:1:3::7";
+
+fn net(s: &str) -> IpNet {
+    s.parse().expect("prefix")
+}
+
+impl Pair {
+    /// A pair (namespaces named `psnp-*`) whose attacker also holds [`V4_IN_22`],
+    /// [`V4_PAST_22`], [`V6_IN_64`] and [`V6_PAST_64`], with the victim's routes back to them.
+    fn with_prefix_sources() -> Self {
+        let pair = Pair::named("psnp");
+        for a in [V4_IN_22, V4_PAST_22] {
+            pair.attacker
+                .ip(&["addr", "add", &format!("{a}/32"), "dev", "va"]);
+        }
+        for a in [V6_IN_64, V6_PAST_64] {
+            pair.attacker
+                .ip(&["addr", "add", &format!("{a}/128"), "dev", "va", "nodad"]);
+        }
+        pair.victim
+            .ip(&["route", "add", "198.51.96.0/20", "dev", "vv"]);
+        pair.victim
+            .ip(&["route", "add", "2001:db8:1::/48", "dev", "vv"]);
+        pair
+    }
+
+    /// Whether a TCP connection from the attacker's `from` to `victim_addr:OPEN` completes
+    /// within 1.5 s.
+    fn connects_from(&self, from: &str, victim_addr: &str) -> bool {
+        let to = SocketAddr::new(ip(victim_addr), OPEN);
+        let from = SocketAddr::new(ip(from), 0);
+        self.attacker
+            .enter(|| {
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(to),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                s.bind(&from.into())?;
+                s.connect_timeout(&to.into(), Duration::from_millis(1500))
+            })
+            .is_ok()
+    }
+}
+
+impl Netns {
+    /// Elements of the prefix set `set` as `nft -j` lists them: ("addr/len", timeout seconds).
+    fn prefixes(&self, set: &str) -> Vec<(String, Option<u64>)> {
+        let table = self.table().expect("table exists");
+        let set = table
+            .iter()
+            .find_map(|o| o.get("set").filter(|s| s["name"] == set))
+            .unwrap_or_else(|| panic!("set {set} exists"));
+        let Some(elems) = set["elem"].as_array() else {
+            return Vec::new();
+        };
+        elems
+            .iter()
+            .map(|e| {
+                let (val, timeout) = match e.get("elem") {
+                    Some(d) => (&d["val"], d["timeout"].as_u64()),
+                    None => (e, None),
+                };
+                let text = match val.get("prefix") {
+                    Some(p) => format!("{}/{}", scalar(&p["addr"]), p["len"]),
+                    None => scalar(val),
+                };
+                (text, timeout)
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_banned_ipv4_slash_22_drops_a_source_inside_it_and_not_one_outside() {
+    if !prerequisites() {
+        return;
+    }
+    let pair = Pair::with_prefix_sources();
+    let _l4 = pair.listen(V4_VICTIM);
+    let bans = pair.victim.open_bans();
+    assert!(pair.connects_from(V4_IN_22, V4_VICTIM), "connects before");
+    bans.ban_prefix(net("198.51.100.0/22"), Some(Duration::from_secs(600)))
+        .expect("ban prefix");
+    assert!(!pair.connects_from(V4_IN_22, V4_VICTIM), "dropped inside");
+    assert!(
+        pair.connects_from(V4_PAST_22, V4_VICTIM),
+        "not past the /22"
+    );
+    assert_eq!(
+        pair.victim.prefixes(SET_PREFIX_V4),
+        vec![("198.51.100.0/22".to_owned(), Some(600))]
+    );
+    assert!(
+        pair.victim.elements(SET_V4).is_empty(),
+        "no address expanded"
+    );
+}
+
+#[test]
+fn a_banned_ipv6_slash_64_drops_a_source_inside_it_and_not_one_outside() {
+    if !prerequisites() {
+        return;
+    }
+    let pair = Pair::with_prefix_sources();
+    let _l6 = pair.listen(V6_VICTIM);
+    let bans = pair.victim.open_bans();
+    assert!(pair.connects_from(V6_IN_64, V6_VICTIM), "connects before");
+    bans.ban_prefix(net("2001:db8:1:2::/64"), None)
+        .expect("ban prefix");
+    assert!(!pair.connects_from(V6_IN_64, V6_VICTIM), "dropped inside");
+    assert!(
+        pair.connects_from(V6_PAST_64, V6_VICTIM),
+        "not past the /64"
+    );
+    assert_eq!(
+        pair.victim.prefixes(SET_PREFIX_V6),
+        vec![("2001:db8:1:2::/64".to_owned(), None)]
+    );
+}
+
+#[test]
+fn unban_prefix_lets_the_sources_of_a_banned_prefix_in_again() {
+    if !prerequisites() {
+        return;
+    }
+    let pair = Pair::with_prefix_sources();
+    let _l4 = pair.listen(V4_VICTIM);
+    let _l6 = pair.listen(V6_VICTIM);
+    let bans = pair.victim.open_bans();
+    bans.ban_prefix(net("198.51.100.0/22"), None).expect("ban");
+    bans.ban_prefix(net("2001:db8:1:2::/64"), None)
+        .expect("ban");
+    assert!(!pair.connects_from(V4_IN_22, V4_VICTIM));
+    assert!(!pair.connects_from(V6_IN_64, V6_VICTIM));
+    bans.unban_prefix(net("198.51.100.0/22")).expect("unban");
+    bans.unban_prefix(net("2001:db8:1:2::/64")).expect("unban");
+    assert!(pair.connects_from(V4_IN_22, V4_VICTIM), "v4 after unban");
+    assert!(pair.connects_from(V6_IN_64, V6_VICTIM), "v6 after unban");
+    assert!(bans.banned_prefixes().expect("list").is_empty());
+    bans.unban_prefix(net("198.51.100.0/22"))
+        .expect("unbanning twice is fine");
+}
+
+#[test]
+fn unban_prefix_of_part_of_a_banned_prefix_keeps_the_rest_banned() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::named("psnp");
+    let bans = ns.open_bans();
+    bans.ban_prefix(net("10.0.0.0/22"), Some(Duration::from_secs(600)))
+        .expect("ban");
+    bans.unban_prefix(net("10.0.1.0/24")).expect("unban");
+    let left: Vec<IpNet> = bans
+        .banned_prefixes()
+        .expect("list")
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(left, vec![net("10.0.0.0/24"), net("10.0.2.0/23")]);
+}
+
+#[test]
+fn banning_a_prefix_inside_a_banned_one_sets_only_its_own_timeout() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::named("psnp");
+    let bans = ns.open_bans();
+    bans.ban_prefix(net("10.0.0.0/22"), Some(Duration::from_secs(600)))
+        .expect("ban");
+    bans.ban_prefix(net("10.0.1.0/24"), Some(Duration::from_secs(3600)))
+        .expect("ban inside");
+    let got = ns.prefixes(SET_PREFIX_V4);
+    let nets: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(nets, ["10.0.0.0/24", "10.0.1.0/24", "10.0.2.0/23"]);
+    assert_eq!(got[1].1, Some(3600), "{got:?}");
+    // The rest keeps what was left of its 600 s (rewritten with the remaining time).
+    for outer in [&got[0], &got[2]] {
+        assert!(outer.1.is_some_and(|t| t <= 600), "{got:?}");
+    }
+}
+
+#[test]
+fn a_prefix_running_to_the_top_of_the_address_space_is_listed_as_that_prefix() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::named("psnp");
+    let bans = ns.open_bans();
+    bans.ban_prefix(net("240.0.0.0/4"), None).expect("ban");
+    bans.ban_prefix(net("ff00::/8"), None).expect("ban");
+    assert_eq!(
+        ns.prefixes(SET_PREFIX_V4),
+        vec![("240.0.0.0/4".to_owned(), None)]
+    );
+    assert_eq!(
+        ns.prefixes(SET_PREFIX_V6),
+        vec![("ff00::/8".to_owned(), None)]
+    );
+    assert_eq!(
+        bans.banned_prefixes().expect("list"),
+        vec![(net("240.0.0.0/4"), None), (net("ff00::/8"), None)]
+    );
+}
+
+#[test]
+fn a_host_prefix_is_banned_in_the_address_set() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::named("psnp");
+    let bans = ns.open_bans();
+    bans.ban_prefix(net("192.0.2.40/32"), None).expect("ban");
+    bans.ban_prefix(net("::ffff:192.0.2.41/128"), None)
+        .expect("ban");
+    let mut e = ns.elements(SET_V4);
+    e.sort();
+    assert_eq!(
+        e,
+        vec![
+            ("192.0.2.40".to_owned(), None, None),
+            ("192.0.2.41".to_owned(), None, None)
+        ]
+    );
+    assert!(ns.prefixes(SET_PREFIX_V4).is_empty());
+}
+
+#[test]
+fn reconcile_nets_merges_overlapping_and_adjacent_prefixes_into_disjoint_ranges() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::named("psnp");
+    let bans = ns.open_bans();
+    let hour = Some(Duration::from_secs(3600));
+    bans.reconcile_nets(&[
+        (net("198.51.100.0/23"), hour),
+        (net("198.51.101.0/24"), hour),
+        (net("198.51.102.0/23"), hour),
+        (net("203.0.113.0/24"), Some(Duration::from_secs(600))),
+        (net("203.0.113.128/25"), hour),
+        (net("2001:db8::/32"), None),
+        (net("2001:db8:7::/48"), hour),
+    ])
+    .expect("reconcile");
+    assert_eq!(
+        ns.prefixes(SET_PREFIX_V4),
+        vec![
+            ("198.51.100.0/22".to_owned(), Some(3600)),
+            ("203.0.113.0/25".to_owned(), Some(600)),
+            ("203.0.113.128/25".to_owned(), Some(3600)),
+        ]
+    );
+    assert_eq!(
+        ns.prefixes(SET_PREFIX_V6),
+        vec![("2001:db8::/32".to_owned(), None)]
+    );
+}
+
+#[test]
+fn reconcile_nets_puts_addresses_in_the_address_sets_and_prefixes_in_the_prefix_sets() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::named("psnp");
+    let bans = ns.open_bans();
+    bans.reconcile_nets(&[
+        (net("192.0.2.50/32"), None),
+        (net("2001:db8::50/128"), None),
+        (net("198.51.100.0/22"), None),
+    ])
+    .expect("reconcile");
+    assert_eq!(
+        ns.elements(SET_V4),
+        vec![("192.0.2.50".to_owned(), None, None)]
+    );
+    assert_eq!(
+        ns.elements(SET_V6),
+        vec![("2001:db8::50".to_owned(), None, None)]
+    );
+    assert_eq!(
+        ns.prefixes(SET_PREFIX_V4),
+        vec![("198.51.100.0/22".to_owned(), None)]
+    );
+}
+
+#[test]
+fn reconcile_restores_a_flushed_prefix_set() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::named("psnp");
+    let bans = ns.open_bans();
+    let active = [
+        (net("198.51.100.0/22"), Some(Duration::from_secs(600))),
+        (net("2001:db8:1:2::/64"), None),
+    ];
+    bans.reconcile_nets(&active).expect("reconcile");
+    let before = (ns.prefixes(SET_PREFIX_V4), ns.prefixes(SET_PREFIX_V6));
+    ns.nft(&["flush", "set", "inet", TABLE, SET_PREFIX_V4]);
+    ns.nft(&["flush", "set", "inet", TABLE, SET_PREFIX_V6]);
+    assert!(ns.prefixes(SET_PREFIX_V4).is_empty());
+    bans.reconcile_nets(&active).expect("reconcile");
+    assert_eq!(
+        (ns.prefixes(SET_PREFIX_V4), ns.prefixes(SET_PREFIX_V6)),
+        before
+    );
+}
+
+#[test]
+fn reconcile_removes_prefixes_not_in_the_list() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::named("psnp");
+    let bans = ns.open_bans();
+    bans.ban_prefix(net("198.51.100.0/22"), None).expect("ban");
+    bans.ban_prefix(net("2001:db8:1:2::/64"), None)
+        .expect("ban");
+    bans.reconcile_nets(&[(net("203.0.113.0/24"), None)])
+        .expect("reconcile");
+    assert_eq!(
+        ns.prefixes(SET_PREFIX_V4),
+        vec![("203.0.113.0/24".to_owned(), None)]
+    );
+    assert!(ns.prefixes(SET_PREFIX_V6).is_empty());
+    bans.reconcile(&[]).expect("reconcile addresses only");
+    assert!(ns.prefixes(SET_PREFIX_V4).is_empty());
+}
+
+#[test]
+fn reconcile_corrects_a_prefix_timeout_that_differs() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::named("psnp");
+    let bans = ns.open_bans();
+    bans.ban_prefix(net("198.51.100.0/22"), Some(Duration::from_secs(60)))
+        .expect("ban");
+    bans.reconcile_nets(&[(net("198.51.100.0/22"), Some(Duration::from_secs(3600)))])
+        .expect("reconcile");
+    assert_eq!(
+        ns.prefixes(SET_PREFIX_V4),
+        vec![("198.51.100.0/22".to_owned(), Some(3600))]
+    );
+}
+
+#[test]
+fn a_banned_prefix_survives_a_deleted_table_through_reconcile() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::named("psnp");
+    let bans = ns.open_bans();
+    let active = [(net("198.51.100.0/22"), None)];
+    bans.reconcile_nets(&active).expect("reconcile");
+    ns.nft(&["delete", "table", "inet", TABLE]);
+    bans.reconcile_nets(&active).expect("reconcile");
+    assert_eq!(
+        ns.prefixes(SET_PREFIX_V4),
+        vec![("198.51.100.0/22".to_owned(), None)]
+    );
+    assert_eq!(ns.rules("input").len(), DROP_RULES);
+}
+
+#[test]
+fn reconcile_nets_writes_more_prefixes_than_one_batch_holds() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::named("psnp");
+    let bans = ns.open_bans();
+    // 1200 /30s with gaps between them (not merged): three batches of ranges.
+    let active: Vec<(IpNet, Option<Duration>)> = (0..1200u32)
+        .map(|i| {
+            let a = std::net::Ipv4Addr::from(0x0a00_0000 + i * 8);
+            (IpNet::V4(ipnet::Ipv4Net::new(a, 30).unwrap()), None)
+        })
+        .collect();
+    bans.reconcile_nets(&active).expect("reconcile");
+    let mut got = bans.banned_prefixes().expect("list");
+    got.sort();
+    let mut want = active.clone();
+    want.sort();
+    assert_eq!(got, want);
 }
