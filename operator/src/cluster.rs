@@ -240,26 +240,17 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
     status["status"]["sensorsInjected"] =
         Value::from(i64::from(desired).saturating_add(observed.injected_pods as i64));
     status["status"]["sensorsReady"] = Value::from(ready);
-    let ban_conditions = active
-        .iter()
-        .filter_map(|ban| {
-            let state = match observed
+    let ban_conditions = status::ban_condition_changes(
+        active.iter().map(|ban| {
+            let protected = observed
                 .guards
-                .protected(&ban.spec.source, &rules.detection.ignore)
-            {
-                Some(why) => BanEnforcement::Protected(why),
-                None if enforced => BanEnforcement::Enforced,
-                None => BanEnforcement::PolicyNotEnforced,
-            };
-            let previous = ban
-                .status
-                .as_ref()
-                .map(|s| s.conditions.as_slice())
-                .unwrap_or_default();
-            let desired = ban_condition(previous, state, now);
-            status::differs(previous, &desired).then(|| (ban.name_any(), desired))
-        })
-        .collect();
+                .protected(&ban.spec.source, &rules.detection.ignore);
+            (*ban, protected)
+        }),
+        enforced,
+        now,
+        ban_condition,
+    );
     let requeue_after = active
         .iter()
         .filter_map(|ban| bans::requeue_after(now, &ban.spec))

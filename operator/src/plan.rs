@@ -16,7 +16,7 @@ use crate::{
     bans::{self, Guards},
     netpol,
     prefixes::BannedPrefixes,
-    status::{self, BanEnforcement, Enforcement},
+    status::{self, Enforcement},
     widen,
 };
 
@@ -200,24 +200,15 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
     );
 
     let enforced = enforcement.is_safe();
-    let ban_conditions = active
-        .iter()
-        .zip(&protection)
-        .filter_map(|(ban, protected)| {
-            let state = match protected {
-                Some(why) => BanEnforcement::Protected(*why),
-                None if enforced => BanEnforcement::Enforced,
-                None => BanEnforcement::PolicyNotEnforced,
-            };
-            let previous = ban
-                .status
-                .as_ref()
-                .map(|s| s.conditions.as_slice())
-                .unwrap_or_default();
-            let desired = status::ban_condition(previous, state, now);
-            status::differs(previous, &desired).then(|| (ban.name_any(), desired))
-        })
-        .collect();
+    let ban_conditions = status::ban_condition_changes(
+        active
+            .iter()
+            .map(|ban| &**ban)
+            .zip(protection.iter().copied()),
+        enforced,
+        now,
+        status::ban_condition,
+    );
     let requeue_after = active
         .iter()
         .filter_map(|ban| bans::requeue_after(now, &ban.spec))

@@ -5,6 +5,9 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde_json::{Value, json};
 
+use kube::ResourceExt;
+use portsentry_crds::PortSentryBan;
+
 use crate::{bans::Protection, widen};
 
 pub const READY: &str = "Ready";
@@ -193,6 +196,31 @@ pub fn differs(previous: &[Condition], desired: &Condition) -> bool {
             && c.reason == desired.reason
             && c.message == desired.message
     })
+}
+
+/// The `Enforced` conditions to write: for each ban (with the protection that keeps it from
+/// being enforced, if any), `condition`'s verdict where it differs from what the ban has.
+pub fn ban_condition_changes<'a>(
+    bans: impl Iterator<Item = (&'a PortSentryBan, Option<Protection>)>,
+    enforced: bool,
+    now: Timestamp,
+    condition: fn(&[Condition], BanEnforcement, Timestamp) -> Condition,
+) -> Vec<(String, Condition)> {
+    bans.filter_map(|(ban, protected)| {
+        let state = match protected {
+            Some(why) => BanEnforcement::Protected(why),
+            None if enforced => BanEnforcement::Enforced,
+            None => BanEnforcement::PolicyNotEnforced,
+        };
+        let previous = ban
+            .status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default();
+        let desired = condition(previous, state, now);
+        differs(previous, &desired).then(|| (ban.name_any(), desired))
+    })
+    .collect()
 }
 
 #[cfg(test)]
