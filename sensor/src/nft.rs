@@ -1124,18 +1124,7 @@ impl RuleKind {
                 });
             }
             RuleKind::Tripwire(f, timeout) => {
-                expr_meta(e, NFT_META_L4PROTO);
-                expr_cmp(e, NFT_CMP_EQ, &[IPPROTO_TCP]);
-                expr(e, "payload", |e| {
-                    e.be32(NFTA_PAYLOAD_DREG, NFT_REG_1);
-                    e.be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_TRANSPORT_HEADER);
-                    e.be32(NFTA_PAYLOAD_OFFSET, 2); // TCP destination port
-                    e.be32(NFTA_PAYLOAD_LEN, 2);
-                });
-                expr(e, "lookup", |e| {
-                    e.str(NFTA_LOOKUP_SET, SET_DECOYS);
-                    e.be32(NFTA_LOOKUP_SREG, NFT_REG_1);
-                });
+                expr_tcp_dport_in(e, SET_DECOYS);
                 // ct state is a host-endian bit mask: bit (ctinfo + 1), ESTABLISHED is ctinfo 0.
                 expr(e, "ct", |e| {
                     e.be32(NFTA_CT_DREG, NFT_REG_1);
@@ -1217,8 +1206,8 @@ impl RuleKind {
     }
 }
 
-/// `meta l4proto tcp; tcp dport @probe_decoys; tcp flags & (ack|rst) == 0`.
-fn expr_probe_match(e: &mut Enc) {
+/// `meta l4proto tcp; tcp dport @set`.
+fn expr_tcp_dport_in(e: &mut Enc, set: &str) {
     expr_meta(e, NFT_META_L4PROTO);
     expr_cmp(e, NFT_CMP_EQ, &[IPPROTO_TCP]);
     expr(e, "payload", |e| {
@@ -1228,9 +1217,14 @@ fn expr_probe_match(e: &mut Enc) {
         e.be32(NFTA_PAYLOAD_LEN, 2);
     });
     expr(e, "lookup", |e| {
-        e.str(NFTA_LOOKUP_SET, SET_PROBE_DECOYS);
+        e.str(NFTA_LOOKUP_SET, set);
         e.be32(NFTA_LOOKUP_SREG, NFT_REG_1);
     });
+}
+
+/// `meta l4proto tcp; tcp dport @probe_decoys; tcp flags & (ack|rst) == 0`.
+fn expr_probe_match(e: &mut Enc) {
+    expr_tcp_dport_in(e, SET_PROBE_DECOYS);
     expr(e, "payload", |e| {
         e.be32(NFTA_PAYLOAD_DREG, NFT_REG_1);
         e.be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_TRANSPORT_HEADER);
