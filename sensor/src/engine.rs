@@ -174,6 +174,17 @@ impl Engine {
         }
     }
 
+    /// Applies reloaded settings to every hit from now on. `max_sources` stays as started
+    /// (the state table's bound is fixed for the process); counts, offences and active bans
+    /// are kept, so a ban already in force keeps the duration it was given.
+    pub fn retune(&mut self, settings: Settings) {
+        let max_sources = self.settings.max_sources;
+        self.settings = Settings {
+            max_sources,
+            ..settings
+        };
+    }
+
     /// Replaces the ignore list (the ignore file was re-read).
     pub fn set_ignore(&mut self, prefixes: Vec<IpNet>) {
         self.ignore = prefixes;
@@ -992,5 +1003,55 @@ mod tests {
             ..unverified_first_sight(1)
         };
         assert!(gate.admit(&verified, secs(0)));
+    }
+
+    #[test]
+    fn a_retuned_trigger_applies_to_the_next_hits() {
+        let mut engine = engine(|s| s.scan_trigger = 3);
+        assert!(matches!(
+            engine.observe(connect("192.0.2.7", 1), secs(1)),
+            Verdict::Counted {
+                count: 1,
+                needed: 3
+            }
+        ));
+        engine.retune(Settings {
+            scan_trigger: 2,
+            ..settings()
+        });
+        assert!(matches!(
+            engine.observe(connect("192.0.2.7", 2), secs(2)),
+            Verdict::Alarm(_)
+        ));
+    }
+
+    #[test]
+    fn a_retune_keeps_the_state_bound_of_the_start() {
+        let mut engine = engine(|s| s.max_sources = 2);
+        engine.retune(Settings {
+            max_sources: 1_000_000,
+            scan_trigger: 5,
+            ..settings()
+        });
+        for n in 0..10u8 {
+            engine.observe(connect(&format!("192.0.2.{n}"), 1), secs(1));
+        }
+        assert!(engine.sources_tracked() <= 2);
+    }
+
+    #[test]
+    fn a_retune_keeps_the_bans_in_force() {
+        let mut engine = engine(|_| {});
+        let source = ip("192.0.2.9");
+        assert!(matches!(
+            engine.observe(connect("192.0.2.9", 1), secs(1)),
+            Verdict::Alarm(_)
+        ));
+        engine.confirm(source, secs(1));
+        engine.retune(Settings {
+            scan_trigger: 4,
+            ..settings()
+        });
+        assert!(engine.is_banned(source));
     }
 }

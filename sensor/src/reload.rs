@@ -9,15 +9,18 @@
 //!                        │ ok               reloads_total{result="invalid"}
 //!                        ▼
 //!                  delta(old decoys, new decoys) ──▶ close removed listeners, bind added ones
+//!                  detection keys changed ──▶ the engine is retuned for the next hits
 //!                  keys not applied live ──▶ logged: they take effect at the next restart
 //! ```
 //!
 //! The kubelet updates a ConfigMap volume by swapping a `..data` symlink, so inotify on the
 //! file itself misses updates: the content is polled instead (a small file, every 2 s).
-//! Live: the connect-mode decoys (`TCP_PORTS`, `UDP_PORTS`), unless raw modes or the kernel
-//! tripwire pinned them at start; the ignore file is re-read by the maintenance task when it
-//! changes. Everything else (trigger, blocking, banner of running listeners) is reported as
-//! needing a restart.
+//! Live, unless raw modes or the kernel tripwire pinned them at start (the capture thread and
+//! the kernel rules were built from them): the connect-mode decoys ([`DECOY_KEYS`]) and the
+//! detection settings ([`DETECTION_KEYS`]: trigger, window, ban durations and escalation,
+//! trust switch). The ignore file is re-read by the maintenance task when it changes.
+//! Everything else (blocking and kill actions, files, state bound, banner of running
+//! listeners) is reported as needing a restart.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -42,8 +45,30 @@ use crate::{
 /// How often the config file is read for changes.
 pub const INTERVAL: Duration = Duration::from_secs(2);
 
-/// Keys a reload applies without a restart.
-pub const LIVE_KEYS: &[&str] = &["TCP_PORTS", "UDP_PORTS"];
+/// Decoy keys a reload applies without a restart: listeners are opened and closed.
+pub const DECOY_KEYS: &[&str] = &["TCP_PORTS", "UDP_PORTS"];
+
+/// Detection keys a reload applies without a restart: the engine judges the next hits by them.
+pub const DETECTION_KEYS: &[&str] = &[
+    "SCAN_TRIGGER",
+    "SCAN_WINDOW",
+    "SCAN_DISTINCT_PORTS",
+    "BAN_UNVERIFIED",
+    "BAN_DURATION",
+    "BAN_MAX_DURATION",
+    "BAN_ESCALATION_WINDOW",
+];
+
+/// Every key a reload applies without a restart.
+fn live(key: &str) -> bool {
+    DECOY_KEYS.contains(&key) || DETECTION_KEYS.contains(&key)
+}
+
+/// The running detection engine, as a reload sees it.
+pub trait Retune: Send + Sync {
+    /// Judges the next hits by `config`'s detection settings.
+    fn retune(&self, config: &Config);
+}
 
 /// A decoy: protocol and port.
 pub type Key = (Protocol, u16);
@@ -75,15 +100,22 @@ pub fn delta(old: &BTreeSet<Key>, new: &BTreeSet<Key>) -> Delta {
     }
 }
 
-/// Keys whose value differs between `old` and `new` (added, removed or changed), except the
-/// live ones: what only a restart applies.
-pub fn restart_keys(old: &Config, new: &Config) -> Vec<String> {
+/// Keys whose value differs between `old` and `new` (added, removed or changed).
+pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
     let value = |config: &Config, key: &str| config.entries.get(key).map(|e| e.value.clone());
     let keys: BTreeSet<&String> = old.entries.keys().chain(new.entries.keys()).collect();
     keys.into_iter()
-        .filter(|key| !LIVE_KEYS.contains(&key.as_str()))
         .filter(|key| value(old, key) != value(new, key))
         .cloned()
+        .collect()
+}
+
+/// Changed keys only a restart applies: all of them when the start pinned the port lists
+/// and detection settings, else those that are not live.
+pub fn restart_keys(old: &Config, new: &Config, pinned: bool) -> Vec<String> {
+    changed_keys(old, new)
+        .into_iter()
+        .filter(|key| pinned || !live(key))
         .collect()
 }
 
@@ -157,7 +189,6 @@ impl Listeners {
 }
 
 /// What the reload task follows and acts on.
-#[derive(Debug)]
 pub struct Reload {
     pub path: PathBuf,
     pub config: Config,
@@ -168,7 +199,19 @@ pub struct Reload {
     /// and ban clients of whatever binds the port next). Changes then need a restart.
     pub pinned: bool,
     pub listeners: Listeners,
+    pub engine: Arc<dyn Retune>,
     pub alerts: Arc<Alerts>,
+}
+
+impl std::fmt::Debug for Reload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reload")
+            .field("path", &self.path)
+            .field("modes", &self.modes)
+            .field("pinned", &self.pinned)
+            .field("listeners", &self.listeners)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `reloads_total{result}` with result `applied`, `invalid` or `unreadable`.
@@ -281,19 +324,24 @@ fn apply(reload: &mut Reload, config: Config) {
         }
         reload.listeners.spawn(decoy);
     }
-    let mut restart = restart_keys(&reload.config, &config);
-    if reload.pinned {
-        for key in LIVE_KEYS {
-            let differs = reload.config.entries.get(*key).map(|e| &e.value)
-                != config.entries.get(*key).map(|e| &e.value);
-            if differs {
-                restart.push((*key).to_owned());
-            }
-        }
+    let changed = changed_keys(&reload.config, &config);
+    let retuned: Vec<&str> = changed
+        .iter()
+        .map(String::as_str)
+        .filter(|key| DETECTION_KEYS.contains(key))
+        .collect();
+    if !reload.pinned && !retuned.is_empty() {
+        reload.engine.retune(&config);
     }
+    let restart = restart_keys(&reload.config, &config, reload.pinned);
+    let retuned = if reload.pinned || retuned.is_empty() {
+        String::new()
+    } else {
+        format!("; {} applied to the next hits", retuned.join(", "))
+    };
     reload.alerts.emit(
         &format!(
-            "adminalert: Config file {} reloaded: {} decoy(s) opened, {} closed",
+            "adminalert: Config file {} reloaded: {} decoy(s) opened, {} closed{retuned}",
             reload.path.display(),
             opened.len(),
             change.close.len()
@@ -350,11 +398,64 @@ mod tests {
     }
 
     #[test]
-    fn keys_other_than_the_port_lists_are_reported_as_needing_a_restart() {
+    fn keys_other_than_decoys_and_detection_are_reported_as_needing_a_restart() {
         let old = config("TCP_PORTS=\"1\"\nSCAN_TRIGGER=\"0\"\nBLOCK_TCP=\"0\"\n");
         let new =
-            config("TCP_PORTS=\"2\"\nSCAN_TRIGGER=\"2\"\nRESOLVE_HOST=\"0\"\nBLOCK_TCP=\"0\"\n");
-        assert_eq!(restart_keys(&old, &new), ["RESOLVE_HOST", "SCAN_TRIGGER"]);
+            config("TCP_PORTS=\"2\"\nSCAN_TRIGGER=\"2\"\nRESOLVE_HOST=\"0\"\nBLOCK_TCP=\"1\"\n");
+        assert_eq!(
+            restart_keys(&old, &new, false),
+            ["BLOCK_TCP", "RESOLVE_HOST"]
+        );
+    }
+
+    #[test]
+    fn a_pinned_start_reports_every_changed_key_as_needing_a_restart() {
+        let old = config("TCP_PORTS=\"1\"\nSCAN_TRIGGER=\"0\"\n");
+        let new = config("TCP_PORTS=\"2\"\nSCAN_TRIGGER=\"2\"\n");
+        assert_eq!(
+            restart_keys(&old, &new, true),
+            ["SCAN_TRIGGER", "TCP_PORTS"]
+        );
+    }
+
+    /// Records the scan triggers it was retuned to.
+    #[derive(Default)]
+    struct Triggers(std::sync::Mutex<Vec<u32>>);
+
+    impl Retune for Triggers {
+        fn retune(&self, config: &Config) {
+            self.0.lock().unwrap().push(config.scan_trigger);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reload_retunes_the_engine_when_a_detection_key_changes() {
+        let triggers = Arc::new(Triggers::default());
+        let mut reload = reload_of(config("SCAN_TRIGGER=\"0\"\n"), false);
+        reload.engine = triggers.clone();
+        apply(&mut reload, config("SCAN_TRIGGER=\"3\"\n"));
+        assert_eq!(*triggers.0.lock().unwrap(), [3]);
+    }
+
+    #[tokio::test]
+    async fn a_reload_leaves_the_engine_alone_when_no_detection_key_changes() {
+        let triggers = Arc::new(Triggers::default());
+        let mut reload = reload_of(config("SCAN_TRIGGER=\"2\"\n"), false);
+        reload.engine = triggers.clone();
+        apply(
+            &mut reload,
+            config("SCAN_TRIGGER=\"2\"\nRESOLVE_HOST=\"0\"\n"),
+        );
+        assert!(triggers.0.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_pinned_start_leaves_the_engine_for_a_restart() {
+        let triggers = Arc::new(Triggers::default());
+        let mut reload = reload_of(config("SCAN_TRIGGER=\"0\"\n"), true);
+        reload.engine = triggers.clone();
+        apply(&mut reload, config("SCAN_TRIGGER=\"3\"\n"));
+        assert!(triggers.0.lock().unwrap().is_empty());
     }
 
     struct NoSink;
@@ -372,6 +473,7 @@ mod tests {
             modes: vec![Mode::Tcp],
             pinned,
             listeners: Listeners::new(Arc::new(NoSink), None),
+            engine: Arc::new(Triggers::default()),
             alerts: Arc::new(Alerts::stderr()),
         }
     }

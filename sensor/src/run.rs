@@ -98,6 +98,12 @@ impl Core {
     }
 }
 
+impl reload::Retune for Core {
+    fn retune(&self, config: &Config) {
+        self.engine().retune(settings(config));
+    }
+}
+
 impl HitSink for Core {
     fn hit(&self, hit: crate::engine::Hit) -> bool {
         self.metrics.hit(hit.protocol, hit.port);
@@ -628,6 +634,7 @@ pub async fn run(options: Options) -> Result<()> {
             modes: modes.clone(),
             pinned: !raw.is_empty() || tripwire.is_some(),
             listeners,
+            engine: core.clone(),
             alerts: alerts.clone(),
         },
         &metrics,

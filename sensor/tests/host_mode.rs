@@ -481,3 +481,33 @@ fn the_kernel_tripwire_never_bans_an_ignore_listed_attacker() {
         "ignore-listed source is in the ban set"
     );
 }
+
+#[test]
+fn a_reloaded_scan_trigger_judges_the_next_scanner_without_a_restart() {
+    if !prerequisites(&["ip"]) {
+        return;
+    }
+    let mut net = Net::new(41);
+    let config = format!("{}BLOCK_TCP=\"0\"\nBLOCK_UDP=\"0\"\n", base_config(&net));
+    net.start(&config, &["-tcp"]);
+    fs::write(
+        net.path("sensor.conf"),
+        config.replace("SCAN_TRIGGER=\"0\"", "SCAN_TRIGGER=\"2\""),
+    )
+    .expect("rewrite config");
+    net.wait_log("SCAN_TRIGGER applied to the next hits");
+    assert!(net.connect(&net.v4.0, 79));
+    assert!(net.connect(&net.v4.0, 111));
+    let attacker = &net.v4.1;
+    let log = net.wait_log(&format!(
+        "attackalert: Connect from host: {attacker}/{attacker} to TCP port: 111"
+    ));
+    assert!(
+        !log.contains("to TCP port: 79"),
+        "the first hit alarmed although SCAN_TRIGGER is 2 now:\n{log}"
+    );
+    assert!(
+        net.sensors[0].try_wait().expect("sensor status").is_none(),
+        "the sensor exited:\n{log}"
+    );
+}
