@@ -6,8 +6,9 @@
 //!  ClusterPortSentryPolicy ──┐                        ┌─ apply DaemonSet + ConfigMap (SSA), or
 //!  DaemonSet, ConfigMap ─────┤                        │  delete them when nodeSelector is gone
 //!  (owned, operator ns)      ├─▶ reconcile(policy) ───┼─ apply sidecar ConfigMaps in every
-//!  Pod (metadata, injected ──┤   nodes::build_*,      │  namespace with a pod injected for the
-//!  ones: arrive, leave)      │   inject::cluster_     │  policy; delete the ones no pod needs
+//!  Pod (injected ones, ──────┤   nodes::build_*,      │  namespace with a pod injected for the
+//!  trimmed: arrive, leave,   │   inject::cluster_     │  policy; delete the ones no pod needs
+//!  sensor readiness flips)   │                        │
 //!  PortSentryBan ────────────┘   sensor_config_maps,  ├─ delete expired bans of the policy
 //!  (operator namespace)          plan (pure)          ├─ status: Ready, Enforced, BanCapReached,
 //!                                                     │  sensorsInjected/Ready, activeBans
@@ -84,8 +85,9 @@ pub struct Context {
     pub nodes: NodeSensors,
     /// The controller's cache of cluster policies (forgetting deleted ones' metrics).
     pub policies: Store<ClusterPortSentryPolicy>,
-    /// Metadata of every pod the webhook injected (label `portsentry.io/sensor=injected`).
-    pub pods: Store<PartialObjectMeta<Pod>>,
+    /// Every pod the webhook injected (label `portsentry.io/sensor=injected`), trimmed to
+    /// its sensor annotations and sidecar readiness ([`status::sensor_view`]).
+    pub pods: Store<Pod>,
     /// One reconcile at a time waits for the pod store's first list (see the policy
     /// controller's `bans_ready`): an empty store would read as "no pod needs a ConfigMap".
     pub pods_ready: tokio::sync::Mutex<()>,
@@ -108,8 +110,8 @@ pub struct Observed<'a> {
     pub guards: &'a Guards,
     /// Whether node sensors are managed by this operator.
     pub node_sensors_enabled: bool,
-    /// Pods the webhook injected a sidecar into for this policy.
-    pub injected_pods: usize,
+    /// Sidecars the webhook injected for this policy, and how many are ready.
+    pub sidecars: status::SensorCount,
     pub now: Timestamp,
 }
 
@@ -228,18 +230,20 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
             );
         }
     }
-    let mut status = status::policy_status_patch(
+    // Node sensors scheduled plus injected sidecars; ready: node sensors ready plus sidecars
+    // whose startup probe passed.
+    let node_sensors = status::SensorCount {
+        injected: u32::try_from(desired).unwrap_or(0),
+        ready: u32::try_from(ready).unwrap_or(0),
+    };
+    let status = status::policy_status_patch(
         &ClusterPortSentryPolicy::api_version(&()),
         &ClusterPortSentryPolicy::kind(&()),
         &conditions,
         active.len(),
+        node_sensors.plus(observed.sidecars),
         generation,
     );
-    // Node sensors scheduled plus injected sidecars; readiness is known for the former only
-    // (the pod watch is metadata).
-    status["status"]["sensorsInjected"] =
-        Value::from(i64::from(desired).saturating_add(observed.injected_pods as i64));
-    status["status"]["sensorsReady"] = Value::from(ready);
     let ban_conditions = status::ban_condition_changes(
         active.iter().map(|ban| {
             let protected = observed
@@ -329,15 +333,17 @@ pub async fn run(
     )
     .backoff(WatchBackoff::default())
     .touched_objects();
-    // Injected pods only (metadata): kept in a store for the reconciles, and their arrival
-    // or departure reconciles the cluster policy named in their annotation.
-    let (pods, pod_writer) = reflector::store::<PartialObjectMeta<Pod>>();
-    let pod_events = policy_controller::pod_triggers(
+    // Injected pods only, kept in a store for the reconciles; their arrival, departure or
+    // sensor readiness flip reconciles the cluster policy named in their annotation.
+    // Full pods (readiness is status), label-bounded and trimmed by `sensor_view`: one watch
+    // serves every reconcile and the triggers, where a list per reconcile would cost a call.
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let pod_events = policy_controller::injected_pod_triggers(
         watcher::watcher(
-            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+            Api::<Pod>::all(client.clone()),
             watcher::Config::default().labels(INJECTED_PODS),
         )
-        .modify(|pod| pod.managed_fields_mut().clear())
+        .modify(status::sensor_view)
         .reflect(pod_writer),
     );
     let context = Arc::new(Context {
@@ -453,7 +459,7 @@ async fn reconcile_policy(
         None
     };
 
-    let injected_pods = apply_sidecar_config_maps(policy, context).await?;
+    let sidecars = apply_sidecar_config_maps(policy, context).await?;
 
     // Observe the bans and plan.
     let ban_api = Api::<PortSentryBan>::namespaced(client.clone(), namespace);
@@ -469,7 +475,7 @@ async fn reconcile_policy(
         daemon_set: daemon_set.as_ref(),
         guards: &guards,
         node_sensors_enabled: nodes.enabled,
-        injected_pods,
+        sidecars,
         now: Timestamp::now(),
     });
 
@@ -504,12 +510,12 @@ async fn reconcile_policy(
 }
 
 /// Applies the ConfigMaps of the sidecars injected for `policy` (in each namespace with such
-/// a pod) and deletes the ones it controls that no pod needs any more; returns how many pods
-/// are injected for it.
+/// a pod) and deletes the ones it controls that no pod needs any more; returns the sidecars
+/// injected for it and how many of them are ready.
 async fn apply_sidecar_config_maps(
     policy: &ClusterPortSentryPolicy,
     context: &Context,
-) -> Result<usize> {
+) -> Result<status::SensorCount> {
     {
         let _one_waiter = context.pods_ready.lock().await;
         context
@@ -522,13 +528,14 @@ async fn apply_sidecar_config_maps(
         .uid()
         .ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let reference = format!("ClusterPortSentryPolicy/{}", policy.name_any());
-    let pods: Vec<ObjectMeta> = context
+    let injected: Vec<Arc<Pod>> = context
         .pods
         .state()
-        .iter()
+        .into_iter()
         .filter(|pod| pod.annotations().get(inject::INJECTED_ANNOTATION) == Some(&reference))
-        .map(|pod| pod.metadata.clone())
         .collect();
+    let sidecars = status::count_sensors(injected.iter().map(|pod| pod.as_ref()), &reference);
+    let pods: Vec<ObjectMeta> = injected.iter().map(|pod| pod.metadata.clone()).collect();
     let wanted =
         inject::cluster_sensor_config_maps(policy, &pods, context.nodes.report_ca_pem.as_deref());
     let client = &context.client;
@@ -569,7 +576,7 @@ async fn apply_sidecar_config_maps(
             Err(error) => return Err(error.into()),
         }
     }
-    Ok(pods.len())
+    Ok(sidecars)
 }
 
 /// Deletes expired bans, only if unchanged since read (an extension in between wins).
@@ -672,7 +679,7 @@ mod tests {
             daemon_set: ds,
             guards: &Guards::default(),
             node_sensors_enabled: true,
-            injected_pods: 0,
+            sidecars: status::SensorCount::default(),
             now: at(T0),
         })
     }
@@ -710,7 +717,7 @@ mod tests {
     }
 
     #[test]
-    fn injected_sidecars_count_as_sensors_injected_next_to_node_sensors() {
+    fn injected_sidecars_count_next_to_node_sensors_as_injected_and_as_ready() {
         let policy = policy(vec![Backend::NodeNftables], true);
         let plan = plan(&Observed {
             policy: &policy,
@@ -718,11 +725,14 @@ mod tests {
             daemon_set: Some(&daemon_set(3, 2)),
             guards: &Guards::default(),
             node_sensors_enabled: true,
-            injected_pods: 4,
+            sidecars: status::SensorCount {
+                injected: 4,
+                ready: 1,
+            },
             now: at(T0),
         });
         assert_eq!(plan.status["status"]["sensorsInjected"], 7);
-        assert_eq!(plan.status["status"]["sensorsReady"], 2);
+        assert_eq!(plan.status["status"]["sensorsReady"], 3);
     }
 
     #[test]
@@ -825,7 +835,7 @@ mod tests {
             daemon_set: None,
             guards: &Guards::default(),
             node_sensors_enabled: false,
-            injected_pods: 0,
+            sidecars: status::SensorCount::default(),
             now: at(T0),
         });
         assert!(!plan.enforced);

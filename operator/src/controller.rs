@@ -4,10 +4,11 @@
 //! ```text
 //!  PortSentryBan ──────┐                      ┌─ delete expired bans
 //!  NetworkPolicy ──────┤                      ├─ apply / delete generated NetworkPolicies (SSA)
-//!  Pod ────────────────┼─▶ reconcile(policy) ─┼─ policy status: Ready, Enforced, BanCapReached
-//!  PortSentryPolicy ───┘   widen::decide,     ├─ apply sensor ConfigMaps of injected pods (SSA)
-//!  (same namespace)        outranked_by,      ├─ ban status: Enforced
-//!                          netpol::build      └─ requeue at the next ban expiry
+//!  Pod ────────────────┤                      ├─ policy status: Ready, Enforced, BanCapReached,
+//!  Pod (injected: its ─┼─▶ reconcile(policy) ─┤  sensorsInjected/Ready
+//!  sensor's readiness) │   widen::decide,     ├─ apply sensor ConfigMaps of injected pods (SSA)
+//!  PortSentryPolicy ───┘   outranked_by,      ├─ ban status: Enforced
+//!  (same namespace)        netpol::build      └─ requeue at the next ban expiry
 //! ```
 
 use std::{
@@ -45,7 +46,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::{
     Error, Result,
     bans::Guards,
-    inject,
+    cluster, inject,
     metrics::Metrics,
     netpol,
     plan::{self, Observed},
@@ -158,8 +159,7 @@ pub struct PodTriggers {
     /// Every pod seen, by uid: its fingerprint and the metadata a trigger mapper reads
     /// (name, namespace, uid, the injected annotation).
     seen: HashMap<String, (u64, PartialObjectMeta<Pod>)>,
-    /// Uids listed since the current relist began.
-    relisted: Option<HashSet<String>>,
+    relisted: Relist,
 }
 
 impl PodTriggers {
@@ -170,26 +170,16 @@ impl PodTriggers {
     ) -> Vec<PartialObjectMeta<Pod>> {
         match event {
             watcher::Event::Init => {
-                self.relisted = Some(HashSet::new());
+                self.relisted.begin();
                 Vec::new()
             }
             watcher::Event::InitApply(pod) => {
-                if let (Some(relisted), Some(uid)) = (self.relisted.as_mut(), pod.uid()) {
-                    relisted.insert(uid);
-                }
+                self.relisted.saw(pod.uid());
                 self.applied(&pod)
             }
             watcher::Event::Apply(pod) => self.applied(&pod),
             watcher::Event::InitDone => {
-                let Some(relisted) = self.relisted.take() else {
-                    return Vec::new();
-                };
-                let gone: Vec<String> = self
-                    .seen
-                    .keys()
-                    .filter(|uid| !relisted.contains(*uid))
-                    .cloned()
-                    .collect();
+                let gone = self.relisted.missing(&self.seen);
                 gone.into_iter()
                     .filter_map(|uid| self.seen.remove(&uid))
                     .map(|(_, pod)| pod)
@@ -201,7 +191,7 @@ impl PodTriggers {
                 let pod = self
                     .seen
                     .remove(&uid)
-                    .map_or_else(|| trimmed(&pod), |(_, known)| known);
+                    .map_or_else(|| trimmed(&pod.metadata), |(_, known)| known);
                 if injected(&pod) {
                     vec![pod]
                 } else {
@@ -221,9 +211,38 @@ impl PodTriggers {
         if !changed {
             return Vec::new();
         }
-        let pod = trimmed(pod);
+        let pod = trimmed(&pod.metadata);
         self.seen.insert(uid, (fingerprint, pod.clone()));
         vec![pod]
+    }
+}
+
+/// The uids listed since a watch's relist began: at its end, the known pods not listed were
+/// deleted while the watch was down.
+#[derive(Debug, Default)]
+struct Relist(Option<HashSet<String>>);
+
+impl Relist {
+    fn begin(&mut self) {
+        self.0 = Some(HashSet::new());
+    }
+
+    fn saw(&mut self, uid: Option<String>) {
+        if let (Some(listed), Some(uid)) = (self.0.as_mut(), uid) {
+            listed.insert(uid);
+        }
+    }
+
+    /// Uids of `known` the relist did not list (none when no relist was under way).
+    fn missing<V>(&mut self, known: &HashMap<String, V>) -> Vec<String> {
+        let Some(listed) = self.0.take() else {
+            return Vec::new();
+        };
+        known
+            .keys()
+            .filter(|uid| !listed.contains(*uid))
+            .cloned()
+            .collect()
     }
 }
 
@@ -243,16 +262,17 @@ fn fingerprint(pod: &PartialObjectMeta<Pod>) -> u64 {
 }
 
 /// The part of a pod's metadata the trigger mappers read.
-fn trimmed(pod: &PartialObjectMeta<Pod>) -> PartialObjectMeta<Pod> {
+fn trimmed(pod: &ObjectMeta) -> PartialObjectMeta<Pod> {
     let injected = pod
-        .annotations()
-        .get(inject::INJECTED_ANNOTATION)
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(inject::INJECTED_ANNOTATION))
         .map(|value| BTreeMap::from([(inject::INJECTED_ANNOTATION.to_owned(), value.clone())]));
     let mut meta = PartialObjectMeta::<Pod>::default();
     *meta.meta_mut() = ObjectMeta {
-        name: pod.metadata.name.clone(),
-        namespace: pod.metadata.namespace.clone(),
-        uid: pod.metadata.uid.clone(),
+        name: pod.name.clone(),
+        namespace: pod.namespace.clone(),
+        uid: pod.uid.clone(),
         annotations: injected,
         ..ObjectMeta::default()
     };
@@ -261,6 +281,133 @@ fn trimmed(pod: &PartialObjectMeta<Pod>) -> PartialObjectMeta<Pod> {
 
 fn injected(pod: &PartialObjectMeta<Pod>) -> bool {
     pod.annotations().contains_key(inject::INJECTED_ANNOTATION)
+}
+
+/// Which events of a watch of injected pods (full pods: readiness is in their status) should
+/// reconcile the pod's policy because its sensor's readiness flipped ([`status::sensor_ready`]):
+/// a pod whose sensor became ready, or stopped being ready (unready, terminating, finished,
+/// deleted, or missing from a relist). A pod not seen before counts as not ready, so one first
+/// seen ready triggers (its arrival may have been counted before its probe passed) and one
+/// first seen not ready leaves its arrival to [`PodTriggers`]. Probe and status churn that
+/// leaves readiness as it was never triggers. Holds the pods whose sensor is ready, by uid.
+#[derive(Debug, Default)]
+pub struct ReadinessTriggers {
+    /// Pods whose sensor was ready when last seen, by uid: what a trigger mapper reads.
+    ready: HashMap<String, PartialObjectMeta<Pod>>,
+    relisted: Relist,
+}
+
+impl ReadinessTriggers {
+    /// The pods whose reconcile `event` calls for.
+    pub fn on(&mut self, event: &watcher::Event<Pod>) -> Vec<PartialObjectMeta<Pod>> {
+        match event {
+            watcher::Event::Init => {
+                self.relisted.begin();
+                Vec::new()
+            }
+            watcher::Event::InitApply(pod) => {
+                self.relisted.saw(pod.uid());
+                self.applied(pod)
+            }
+            watcher::Event::Apply(pod) => self.applied(pod),
+            watcher::Event::InitDone => {
+                let gone = self.relisted.missing(&self.ready);
+                gone.into_iter()
+                    .filter_map(|uid| self.ready.remove(&uid))
+                    .collect()
+            }
+            watcher::Event::Delete(pod) => self
+                .ready
+                .remove(&pod.uid().unwrap_or_default())
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    fn applied(&mut self, pod: &Pod) -> Vec<PartialObjectMeta<Pod>> {
+        let uid = pod.uid().unwrap_or_default();
+        let was = self.ready.contains_key(&uid);
+        match (was, status::sensor_ready(pod)) {
+            (false, true) => {
+                let meta = trimmed(&pod.metadata);
+                self.ready.insert(uid, meta.clone());
+                vec![meta]
+            }
+            (true, false) => self.ready.remove(&uid).into_iter().collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Both triggers of one watch of injected pods (full pods): [`PodTriggers`] on their metadata
+/// (arrival, annotations, departure) and [`ReadinessTriggers`] on their sensor; a pod both
+/// call for is passed on once.
+#[derive(Debug, Default)]
+pub struct InjectedPodTriggers {
+    metadata: PodTriggers,
+    readiness: ReadinessTriggers,
+}
+
+impl InjectedPodTriggers {
+    /// The pods whose reconcile `event` calls for.
+    pub fn on(&mut self, event: watcher::Event<Pod>) -> Vec<PartialObjectMeta<Pod>> {
+        let mut fired = self.readiness.on(&event);
+        for pod in self.metadata.on(metadata_event(event)) {
+            if !fired.iter().any(|f| f.uid() == pod.uid()) {
+                fired.push(pod);
+            }
+        }
+        fired
+    }
+}
+
+/// `event` with each pod reduced to its metadata.
+fn metadata_event(event: watcher::Event<Pod>) -> watcher::Event<PartialObjectMeta<Pod>> {
+    let meta = |pod: Pod| {
+        let mut meta = PartialObjectMeta::<Pod>::default();
+        *meta.meta_mut() = pod.metadata;
+        meta
+    };
+    match event {
+        watcher::Event::Apply(pod) => watcher::Event::Apply(meta(pod)),
+        watcher::Event::Delete(pod) => watcher::Event::Delete(meta(pod)),
+        watcher::Event::InitApply(pod) => watcher::Event::InitApply(meta(pod)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+/// The namespaced policy a pod was injected for (its `portsentry.io/injected` annotation).
+pub fn pod_to_policy(pod: &PartialObjectMeta<Pod>) -> Option<ObjectRef<PortSentryPolicy>> {
+    let name = pod
+        .annotations()
+        .get(inject::INJECTED_ANNOTATION)?
+        .strip_prefix("PortSentryPolicy/")?;
+    Some(ObjectRef::new(name).within(&pod.namespace()?))
+}
+
+/// A watch of injected pods reduced to the pods whose sensor's readiness flipped
+/// ([`ReadinessTriggers`]).
+pub fn readiness_triggers(
+    events: impl Stream<Item = Result<watcher::Event<Pod>, watcher::Error>> + Send + 'static,
+) -> impl Stream<Item = Result<PartialObjectMeta<Pod>, watcher::Error>> + Send + 'static {
+    let mut triggers = ReadinessTriggers::default();
+    events
+        .backoff(WatchBackoff::default())
+        .map_ok(move |event| stream::iter(triggers.on(&event).into_iter().map(Ok)))
+        .try_flatten()
+}
+
+/// A watch of injected pods reduced to the pods whose reconcile it calls for
+/// ([`InjectedPodTriggers`]).
+pub fn injected_pod_triggers(
+    events: impl Stream<Item = Result<watcher::Event<Pod>, watcher::Error>> + Send + 'static,
+) -> impl Stream<Item = Result<PartialObjectMeta<Pod>, watcher::Error>> + Send + 'static {
+    let mut triggers = InjectedPodTriggers::default();
+    events
+        .backoff(WatchBackoff::default())
+        .map_ok(move |event| stream::iter(triggers.on(event).into_iter().map(Ok)))
+        .try_flatten()
 }
 
 /// A metadata watch of pods reduced to the pods whose reconcile it calls for ([`PodTriggers`]).
@@ -310,6 +457,17 @@ pub async fn run(
         Api::<PartialObjectMeta<Pod>>::all(client.clone()),
         watcher::Config::default(),
     ));
+    // Injected pods (full: readiness is status), a flip of a sensor's readiness reconciling
+    // only the policy it was injected for, so `sensorsReady` follows the kubelet's probes.
+    // A second, label-bounded watch rather than the all-pods watch widened to full pods: only
+    // injected pods' status is read, and nothing is stored but one entry per ready sensor.
+    let readiness_changes = readiness_triggers(
+        watcher::watcher(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().labels(cluster::INJECTED_PODS),
+        )
+        .modify(status::sensor_view),
+    );
     let context = Arc::new(Context {
         client: client.clone(),
         metrics,
@@ -342,6 +500,7 @@ pub async fn run(
         .watches_stream(pod_changes, move |pod| {
             policies_in_namespace(&pod_store, pod.namespace())
         })
+        .watches_stream(readiness_changes, |pod| pod_to_policy(&pod))
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -412,6 +571,13 @@ async fn reconcile_policy(
         .list(&ListParams::default().labels_from(&selector))
         .await?;
     let selected_pods: Vec<_> = pods.items.iter().map(|p| p.labels().clone()).collect();
+    // Injected pods were selected by the policy at admission, so the selected pods (a full
+    // list: statuses included) cover its sensors, as they cover their ConfigMaps below; a
+    // pod relabelled out of the selector stops counting.
+    let sensors = status::count_sensors(
+        &pods.items,
+        &format!("PortSentryPolicy/{}", policy.name_any()),
+    );
     let network_policies = netpol_api.list(&ListParams::default()).await?.items;
     let guards = context
         .guards
@@ -429,6 +595,7 @@ async fn reconcile_policy(
         network_policies: &network_policies,
         policies: &policies_now,
         guards: &guards,
+        sensors,
         now: Timestamp::now(),
     })?;
 
@@ -823,5 +990,130 @@ mod tests {
         assert!(triggers.on(watcher::Event::Init).is_empty());
         assert!(triggers.on(watcher::Event::InitApply(kept)).is_empty());
         assert_eq!(names(&triggers.on(watcher::Event::InitDone)), ["pod-b"]);
+    }
+
+    /// An injected pod of `PortSentryPolicy/web` whose sidecar is `ready` (or has no status
+    /// yet: `None`), at resourceVersion `version`.
+    fn injected_pod(uid: &str, ready: Option<bool>, version: &str) -> Pod {
+        let statuses: Vec<_> = ready
+            .into_iter()
+            .map(|ready| {
+                serde_json::json!({
+                    "name": inject::SIDECAR_NAME, "image": "sensor:1", "imageID": "",
+                    "ready": ready, "restartCount": 0, "started": ready,
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": format!("pod-{uid}"), "namespace": "shop", "uid": uid,
+                "resourceVersion": version,
+                "annotations": {inject::INJECTED_ANNOTATION: "PortSentryPolicy/web"},
+            },
+            "status": {"phase": "Running", "initContainerStatuses": statuses},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_sensor_becoming_ready_triggers_its_pod() {
+        let mut triggers = ReadinessTriggers::default();
+        triggers.on(&watcher::Event::Apply(injected_pod("a", Some(false), "1")));
+        let fired = triggers.on(&watcher::Event::Apply(injected_pod("a", Some(true), "2")));
+        assert_eq!(names(&fired), ["pod-a"]);
+        assert_eq!(
+            fired[0].annotations()[inject::INJECTED_ANNOTATION],
+            "PortSentryPolicy/web"
+        );
+    }
+
+    #[test]
+    fn probe_churn_that_leaves_readiness_as_it_was_does_not_trigger() {
+        let mut triggers = ReadinessTriggers::default();
+        triggers.on(&watcher::Event::Apply(injected_pod("a", Some(true), "1")));
+        let mut restarted = injected_pod("a", Some(true), "2");
+        restarted
+            .status
+            .as_mut()
+            .unwrap()
+            .init_container_statuses
+            .as_mut()
+            .unwrap()[0]
+            .restart_count = 1;
+        assert!(triggers.on(&watcher::Event::Apply(restarted)).is_empty());
+    }
+
+    #[test]
+    fn a_sensor_no_longer_ready_triggers_its_pod() {
+        let mut triggers = ReadinessTriggers::default();
+        triggers.on(&watcher::Event::Apply(injected_pod("a", Some(true), "1")));
+        let fired = triggers.on(&watcher::Event::Apply(injected_pod("a", Some(false), "2")));
+        assert_eq!(names(&fired), ["pod-a"]);
+    }
+
+    #[test]
+    fn a_pod_first_seen_without_a_ready_sensor_does_not_trigger() {
+        let mut triggers = ReadinessTriggers::default();
+        assert!(
+            triggers
+                .on(&watcher::Event::Apply(injected_pod("a", None, "1")))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_pod_first_seen_with_a_ready_sensor_triggers() {
+        let mut triggers = ReadinessTriggers::default();
+        let fired = triggers.on(&watcher::Event::InitApply(injected_pod(
+            "a",
+            Some(true),
+            "1",
+        )));
+        assert_eq!(names(&fired), ["pod-a"]);
+    }
+
+    #[test]
+    fn deleting_a_pod_whose_sensor_was_ready_triggers() {
+        let mut triggers = ReadinessTriggers::default();
+        let pod = injected_pod("a", Some(true), "1");
+        triggers.on(&watcher::Event::Apply(pod.clone()));
+        assert_eq!(names(&triggers.on(&watcher::Event::Delete(pod))), ["pod-a"]);
+    }
+
+    #[test]
+    fn a_ready_pod_missing_from_a_relist_triggers_as_no_longer_ready() {
+        let mut triggers = ReadinessTriggers::default();
+        let kept = injected_pod("a", Some(true), "1");
+        triggers.on(&watcher::Event::Apply(kept.clone()));
+        triggers.on(&watcher::Event::Apply(injected_pod("b", Some(true), "1")));
+        assert!(triggers.on(&watcher::Event::Init).is_empty());
+        assert!(triggers.on(&watcher::Event::InitApply(kept)).is_empty());
+        assert_eq!(names(&triggers.on(&watcher::Event::InitDone)), ["pod-b"]);
+    }
+
+    #[test]
+    fn a_pod_arriving_with_a_ready_sensor_triggers_once_on_the_injected_pod_watch() {
+        let mut triggers = InjectedPodTriggers::default();
+        let fired = triggers.on(watcher::Event::Apply(injected_pod("a", Some(true), "1")));
+        assert_eq!(names(&fired), ["pod-a"]);
+    }
+
+    #[test]
+    fn the_injected_pod_watch_triggers_on_a_readiness_flip_alone() {
+        let mut triggers = InjectedPodTriggers::default();
+        triggers.on(watcher::Event::Apply(injected_pod("a", Some(false), "1")));
+        let fired = triggers.on(watcher::Event::Apply(injected_pod("a", Some(true), "2")));
+        assert_eq!(names(&fired), ["pod-a"]);
+    }
+
+    #[test]
+    fn a_pod_reconciles_the_namespaced_policy_it_was_injected_for() {
+        let pod = pod_meta("a", &[], Some("PortSentryPolicy/web"));
+        assert_eq!(
+            pod_to_policy(&pod),
+            Some(ObjectRef::new("web").within("shop"))
+        );
+        let cluster = pod_meta("a", &[], Some("ClusterPortSentryPolicy/web"));
+        assert_eq!(pod_to_policy(&cluster), None);
     }
 }

@@ -36,6 +36,8 @@ pub struct Observed<'a> {
     /// PortSentryPolicies (any namespace; only the policy's own is used), itself included.
     pub policies: &'a [Arc<PortSentryPolicy>],
     pub guards: &'a Guards,
+    /// The sensors injected for the policy, and how many are ready.
+    pub sensors: status::SensorCount,
     pub now: Timestamp,
 }
 
@@ -196,6 +198,7 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
         &PortSentryPolicy::kind(&()),
         &conditions,
         active.len(),
+        observed.sensors,
         generation,
     );
 
@@ -305,6 +308,7 @@ mod tests {
         network_policies: Vec<NetworkPolicy>,
         policies: Vec<Arc<PortSentryPolicy>>,
         guards: Guards,
+        sensors: status::SensorCount,
     }
 
     impl World {
@@ -317,6 +321,7 @@ mod tests {
                 pods: vec![labels(&[("app", "web")])],
                 network_policies: Vec::new(),
                 guards: Guards::default(),
+                sensors: status::SensorCount::default(),
             }
         }
 
@@ -328,6 +333,7 @@ mod tests {
                 network_policies: &self.network_policies,
                 policies: &self.policies,
                 guards: &self.guards,
+                sensors: self.sensors,
                 now: at(now),
             })
             .unwrap()
@@ -500,5 +506,17 @@ mod tests {
         let plan = world.plan(T0);
         assert!(plan.apply.is_empty());
         assert_eq!(plan.enforcement, Enforcement::NoBackend);
+    }
+
+    #[test]
+    fn the_status_counts_the_policys_injected_and_ready_sensors() {
+        let mut world = World::new(Vec::new());
+        world.sensors = status::SensorCount {
+            injected: 3,
+            ready: 2,
+        };
+        let plan = world.plan(T0);
+        assert_eq!(plan.status["status"]["sensorsInjected"], 3);
+        assert_eq!(plan.status["status"]["sensorsReady"], 2);
     }
 }

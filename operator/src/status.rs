@@ -1,14 +1,20 @@
 //! Status as users read it: the `Ready`, `Enforced` and `BanCapReached` conditions of a
-//! policy and the `Enforced` condition of a ban, kept stable so unchanged state writes nothing.
+//! policy and the `Enforced` condition of a ban, kept stable so unchanged state writes nothing;
+//! and the policy's sensor counts (`sensorsInjected`, `sensorsReady`) read from its pods.
+
+use std::collections::BTreeMap;
 
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::{
+    api::core::v1::{ContainerStatus, Pod, PodStatus},
+    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time},
+};
 use serde_json::{Value, json};
 
 use kube::ResourceExt;
 use portsentry_crds::PortSentryBan;
 
-use crate::{bans::Protection, widen};
+use crate::{bans::Protection, inject, widen};
 
 pub const READY: &str = "Ready";
 pub const ENFORCED: &str = "Enforced";
@@ -143,6 +149,7 @@ pub fn policy_status_patch(
     kind: &str,
     conditions: &[Condition],
     active_bans: usize,
+    sensors: SensorCount,
     generation: Option<i64>,
 ) -> Value {
     json!({
@@ -152,8 +159,118 @@ pub fn policy_status_patch(
             "observedGeneration": generation,
             "conditions": conditions,
             "activeBans": active_bans,
+            "sensorsInjected": sensors.injected,
+            "sensorsReady": sensors.ready,
         }
     })
+}
+
+/// A policy's sensors as its status counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SensorCount {
+    /// Pods given a sensor by the policy (`sensorsInjected`).
+    pub injected: u32,
+    /// Sensors whose decoys are listening (`sensorsReady`).
+    pub ready: u32,
+}
+
+impl SensorCount {
+    /// Both counts of `self` and `other` together (node sensors plus sidecars).
+    pub fn plus(self, other: SensorCount) -> SensorCount {
+        SensorCount {
+            injected: self.injected.saturating_add(other.injected),
+            ready: self.ready.saturating_add(other.ready),
+        }
+    }
+}
+
+/// True when the sensor injected into `pod` is ready: the kubelet marks the native sidecar
+/// ([`inject::SIDECAR_NAME`]) ready once its startup probe on `/readyz` passes, i.e. once its
+/// decoys listen. A pod being deleted, or finished (`Succeeded`, `Failed`), has no ready
+/// sensor whatever its last container status says: the sensor is going or gone.
+pub fn sensor_ready(pod: &Pod) -> bool {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    let Some(status) = pod.status.as_ref() else {
+        return false;
+    };
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return false;
+    }
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .any(|c| c.name == inject::SIDECAR_NAME && c.ready)
+}
+
+/// The sensors of the policy `reference` (`PortSentryPolicy/<name>` or
+/// `ClusterPortSentryPolicy/<name>`, as [`inject::INJECTED_ANNOTATION`] names it) among `pods`:
+/// the pods injected for it, and those of them whose sensor is ready ([`sensor_ready`]).
+/// Pods of other policies and pods without a sensor are not counted.
+pub fn count_sensors<'a>(pods: impl IntoIterator<Item = &'a Pod>, reference: &str) -> SensorCount {
+    pods.into_iter()
+        .filter(|pod| {
+            pod.annotations()
+                .get(inject::INJECTED_ANNOTATION)
+                .map(String::as_str)
+                == Some(reference)
+        })
+        .fold(SensorCount::default(), |count, pod| SensorCount {
+            injected: count.injected.saturating_add(1),
+            ready: count.ready.saturating_add(u32::from(sensor_ready(pod))),
+        })
+}
+
+/// Trims an injected pod, in place, to what the sensor counts and the pod triggers read: its
+/// name, namespace, uid, resourceVersion and deletionTimestamp, its sensor annotations, its
+/// phase and its sidecar's name, `ready` and `started`. What a store of injected pods then
+/// holds per pod is a few hundred bytes, whatever the pod's spec and other containers.
+pub fn sensor_view(pod: &mut Pod) {
+    let meta = std::mem::take(&mut pod.metadata);
+    let annotations: BTreeMap<String, String> = meta
+        .annotations
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(key, _)| {
+            [
+                inject::INJECTED_ANNOTATION,
+                inject::CONFIG_MAP_ANNOTATION,
+                inject::SKIPPED_ANNOTATION,
+            ]
+            .contains(&key.as_str())
+        })
+        .collect();
+    pod.metadata = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        deletion_timestamp: meta.deletion_timestamp,
+        annotations: (!annotations.is_empty()).then_some(annotations),
+        ..ObjectMeta::default()
+    };
+    pod.spec = None;
+    pod.status = pod.status.take().map(|status| {
+        let sidecar: Vec<ContainerStatus> = status
+            .init_container_statuses
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.name == inject::SIDECAR_NAME)
+            .map(|c| ContainerStatus {
+                name: c.name,
+                ready: c.ready,
+                started: c.started,
+                ..ContainerStatus::default()
+            })
+            .collect();
+        PodStatus {
+            phase: status.phase,
+            init_container_statuses: (!sidecar.is_empty()).then_some(sidecar),
+            ..PodStatus::default()
+        }
+    });
 }
 
 /// Whether one ban drops traffic.
@@ -321,12 +438,27 @@ mod tests {
     #[test]
     fn status_patch_carries_only_owned_fields() {
         let c = policy_conditions(&[], &Enforcement::NothingToEnforce, 0, 10, Some(1), at(100));
-        let patch =
-            policy_status_patch("portsentry.io/v1alpha1", "PortSentryPolicy", &c, 0, Some(1));
+        let patch = policy_status_patch(
+            "portsentry.io/v1alpha1",
+            "PortSentryPolicy",
+            &c,
+            0,
+            SensorCount::default(),
+            Some(1),
+        );
         let status = patch["status"].as_object().unwrap();
         let mut keys: Vec<&str> = status.keys().map(String::as_str).collect();
         keys.sort();
-        assert_eq!(keys, vec!["activeBans", "conditions", "observedGeneration"]);
+        assert_eq!(
+            keys,
+            vec![
+                "activeBans",
+                "conditions",
+                "observedGeneration",
+                "sensorsInjected",
+                "sensorsReady"
+            ]
+        );
         assert_eq!(patch["kind"], "PortSentryPolicy");
     }
 
@@ -344,5 +476,121 @@ mod tests {
         );
         assert!(differs(&[c], &protected));
         assert!(protected.message.contains("node"));
+    }
+
+    /// A pod the webhook injected for `policy`, its init container statuses `statuses`
+    /// (name, ready, started) and phase `phase`.
+    fn injected_pod(policy: &str, statuses: &[(&str, bool, bool)], phase: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": "web-0", "namespace": "shop", "uid": "u1",
+                "annotations": {inject::INJECTED_ANNOTATION: policy},
+            },
+            "status": {
+                "phase": phase,
+                "initContainerStatuses": statuses.iter().map(|(name, ready, started)| json!({
+                    "name": name, "image": "sensor:1", "imageID": "", "ready": ready,
+                    "restartCount": 0, "started": started,
+                })).collect::<Vec<_>>(),
+            },
+        }))
+        .unwrap()
+    }
+
+    const WEB: &str = "PortSentryPolicy/web";
+
+    #[test]
+    fn a_ready_sidecar_makes_a_ready_sensor() {
+        let pod = injected_pod(WEB, &[(inject::SIDECAR_NAME, true, true)], "Running");
+        assert!(sensor_ready(&pod));
+    }
+
+    #[test]
+    fn a_sidecar_not_yet_started_is_not_a_ready_sensor() {
+        let pod = injected_pod(WEB, &[(inject::SIDECAR_NAME, false, false)], "Pending");
+        assert!(!sensor_ready(&pod));
+    }
+
+    #[test]
+    fn a_pod_without_a_status_for_the_sidecar_has_no_ready_sensor() {
+        let pod = injected_pod(WEB, &[], "Pending");
+        assert!(!sensor_ready(&pod));
+        let mut no_status = pod;
+        no_status.status = None;
+        assert!(!sensor_ready(&no_status));
+    }
+
+    #[test]
+    fn another_containers_readiness_does_not_make_the_sensor_ready() {
+        let pod = injected_pod(
+            WEB,
+            &[
+                ("istio-proxy", true, true),
+                (inject::SIDECAR_NAME, false, true),
+            ],
+            "Running",
+        );
+        assert!(!sensor_ready(&pod));
+    }
+
+    #[test]
+    fn a_terminating_pod_has_no_ready_sensor() {
+        let mut pod = injected_pod(WEB, &[(inject::SIDECAR_NAME, true, true)], "Running");
+        pod.metadata.deletion_timestamp = Some(Time(at(100)));
+        assert!(!sensor_ready(&pod));
+    }
+
+    #[test]
+    fn a_finished_pod_has_no_ready_sensor() {
+        for phase in ["Succeeded", "Failed"] {
+            let pod = injected_pod(WEB, &[(inject::SIDECAR_NAME, true, true)], phase);
+            assert!(!sensor_ready(&pod), "{phase}");
+        }
+    }
+
+    #[test]
+    fn sensors_count_only_for_the_policy_that_injected_them() {
+        let ready = injected_pod(WEB, &[(inject::SIDECAR_NAME, true, true)], "Running");
+        let starting = injected_pod(WEB, &[(inject::SIDECAR_NAME, false, false)], "Pending");
+        let other = injected_pod(
+            "ClusterPortSentryPolicy/web",
+            &[(inject::SIDECAR_NAME, true, true)],
+            "Running",
+        );
+        let mut plain = ready.clone();
+        plain.metadata.annotations = None;
+        assert_eq!(
+            count_sensors([&ready, &starting, &other, &plain], WEB),
+            SensorCount {
+                injected: 2,
+                ready: 1
+            }
+        );
+    }
+
+    #[test]
+    fn the_sensor_view_of_a_pod_keeps_what_counting_reads_and_drops_the_rest() {
+        let mut pod = injected_pod(
+            WEB,
+            &[("init-db", true, true), (inject::SIDECAR_NAME, true, true)],
+            "Running",
+        );
+        pod.metadata.annotations.as_mut().unwrap().insert(
+            "kubectl.kubernetes.io/last-applied-configuration".into(),
+            "{}".into(),
+        );
+        pod.metadata.labels = Some([("app".to_owned(), "web".to_owned())].into());
+        pod.spec = Some(Default::default());
+        let before = count_sensors([&pod], WEB);
+        sensor_view(&mut pod);
+        assert_eq!(count_sensors([&pod], WEB), before);
+        assert_eq!(
+            pod.annotations().keys().collect::<Vec<_>>(),
+            [inject::INJECTED_ANNOTATION]
+        );
+        assert!(pod.metadata.labels.is_none() && pod.spec.is_none());
+        let statuses = pod.status.unwrap().init_container_statuses.unwrap();
+        assert_eq!(statuses.len(), 1);
+        assert_eq!(statuses[0].image, "");
     }
 }

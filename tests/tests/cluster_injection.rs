@@ -34,6 +34,8 @@ use portsentry_tests::{
 use serde_json::json;
 use tokio::sync::OnceCell;
 
+mod kubelet;
+
 static CONTROL_PLANE: OnceCell<ControlPlane> = OnceCell::const_new();
 static SETUP: OnceCell<()> = OnceCell::const_new();
 
@@ -397,6 +399,38 @@ async fn deleting_the_cluster_policy_garbage_collects_its_config_maps() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `sensorsInjected` and `sensorsReady` of cluster policy `name`, once it has a status.
+async fn sensor_counts(client: &Client, name: &str) -> Option<(u32, u32)> {
+    let status = Api::<ClusterPortSentryPolicy>::all(client.clone())
+        .get(name)
+        .await
+        .ok()?
+        .status?;
+    Some((status.sensors_injected, status.sensors_ready))
+}
+
+#[tokio::test]
+async fn a_cluster_policy_counts_its_injected_sensor_ready_once_the_sidecar_is_ready() {
+    let plane = plane().await;
+    let client = plane.client().unwrap();
+    let (_release, operator) = operator_with_webhook(plane, "pscl-ready").await;
+    let name = "pscl-ready";
+    protected_namespace(plane, name).await;
+    create_injected(&operator, &client, name, pod("web-0", &[])).await;
+    wait_value(&operator, "sensorsInjected 1, sensorsReady 0", || async {
+        (sensor_counts(&client, name).await? == (1, 0)).then_some(())
+    })
+    .await;
+
+    // The kubelet's part: the sidecar runs and its startup probe passes. Only the pod's
+    // status changes (the policy's resync is minutes away).
+    kubelet::report_sidecar(&client, name, "web-0", true).await;
+    wait_value(&operator, "sensorsReady 1", || async {
+        (sensor_counts(&client, name).await? == (1, 1)).then_some(())
+    })
+    .await;
 }
 
 /// A process killed on drop, even when the test panics.

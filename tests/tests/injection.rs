@@ -38,6 +38,8 @@ use portsentry_tests::{
 use serde_json::json;
 use tokio::sync::OnceCell;
 
+mod kubelet;
+
 static CONTROL_PLANE: OnceCell<ControlPlane> = OnceCell::const_new();
 static SETUP: OnceCell<()> = OnceCell::const_new();
 
@@ -209,6 +211,63 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The chart (released as [`RELEASE`]) and an operator serving its webhook, leading under
+/// Lease `lease`, its intake at `report_ip` (certificate from `psinj-intake-ca`).
+async fn operator_with_webhook(
+    plane: &'static ControlPlane,
+    lease: &str,
+    report_ip: IpAddr,
+) -> (Release, Operator) {
+    let webhook_port = free_port();
+    let release = Release::install(plane, webhook_port);
+    let mut settings = OperatorSettings::new(lease);
+    settings.namespace = SYSTEM.into();
+    settings.report_ip = report_ip;
+    settings.intake_ca_secret = Some("psinj-intake-ca".into());
+    settings.extra_args = vec![
+        format!("--webhook-addr=127.0.0.1:{webhook_port}"),
+        "--webhook-dns-name=127.0.0.1".into(),
+        format!("--webhook-configuration={RELEASE}-portsentry-operator"),
+        "--webhook-ca-secret=psinj-webhook-ca".into(),
+        format!("--operator-namespace={SYSTEM}"),
+        "--sensor-image=ghcr.io/portsentry-k8s/portsentry-sensor:test".into(),
+    ];
+    let operator = Operator::start(plane, settings).await.unwrap();
+    (release, operator)
+}
+
+fn injected(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.name == inject::SIDECAR_NAME))
+}
+
+/// Pod `name` (`app=web`) created in `namespace` through the operator's webhook: the API
+/// server calls it once its caBundle is patched and its caches hold the policy (dry runs
+/// until then).
+async fn create_injected(operator: &Operator, client: &Client, namespace: &str, name: &str) -> Pod {
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    wait_value(operator, "the webhook to inject a dry-run pod", || {
+        let pods = pods.clone();
+        async move {
+            let params = PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            };
+            let pod = pods.create(&params, &pod(name, json!({}))).await.ok()?;
+            injected(&pod).then_some(())
+        }
+    })
+    .await;
+    let created = pods
+        .create(&PostParams::default(), &pod(name, json!({})))
+        .await
+        .unwrap();
+    assert!(injected(&created), "{name} came back without a sensor");
+    created
+}
+
 /// The sensor binary built next to this test (`cargo build --workspace --bins`).
 fn sensor_binary() -> PathBuf {
     let path =
@@ -264,49 +323,11 @@ async fn an_injected_sidecar_run_as_its_pod_spec_says_gets_an_nmap_scanner_banne
     let client = plane.client().unwrap();
     let namespace = "psinj-inject";
     let net = PodNet::new(181).unwrap();
-    let webhook_port = free_port();
-    let _release = Release::install(plane, webhook_port);
-    let mut settings = OperatorSettings::new("psinj-lease-inject");
-    settings.namespace = SYSTEM.into();
-    settings.report_ip = net.host_addr.parse().unwrap();
-    settings.intake_ca_secret = Some("psinj-intake-ca".into());
-    settings.extra_args = vec![
-        format!("--webhook-addr=127.0.0.1:{webhook_port}"),
-        "--webhook-dns-name=127.0.0.1".into(),
-        format!("--webhook-configuration={RELEASE}-portsentry-operator"),
-        "--webhook-ca-secret=psinj-webhook-ca".into(),
-        format!("--operator-namespace={SYSTEM}"),
-        "--sensor-image=ghcr.io/portsentry-k8s/portsentry-sensor:test".into(),
-    ];
-    let operator = Operator::start(plane, settings).await.unwrap();
+    let (_release, operator) =
+        operator_with_webhook(plane, "psinj-lease-inject", net.host_addr.parse().unwrap()).await;
     namespace_with_policy(plane, namespace).await;
 
-    // Admission: the API server calls the operator's webhook (once its caBundle is patched
-    // and its caches hold the policy; dry runs until then).
-    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
-    let injected = |pod: &Pod| {
-        pod.spec
-            .as_ref()
-            .and_then(|s| s.init_containers.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.name == inject::SIDECAR_NAME))
-    };
-    wait_value(&operator, "the webhook to inject a dry-run pod", || {
-        let pods = pods.clone();
-        async move {
-            let params = PostParams {
-                dry_run: true,
-                ..PostParams::default()
-            };
-            let pod = pods.create(&params, &pod("web-0", json!({}))).await.ok()?;
-            injected(&pod).then_some(())
-        }
-    })
-    .await;
-    let pod = pods
-        .create(&PostParams::default(), &pod("web-0", json!({})))
-        .await
-        .unwrap();
-    assert!(injected(&pod));
+    let pod = create_injected(&operator, &client, namespace, "web-0").await;
     let spec = pod.spec.clone().unwrap();
     let sidecar = spec
         .init_containers
@@ -673,4 +694,37 @@ async fn a_skip_specific_config_map_is_deleted_as_soon_as_the_last_pod_using_it_
             .is_some(),
         "the base ConfigMap pods admitted next need was deleted"
     );
+}
+
+/// `sensorsInjected` and `sensorsReady` of policy `namespace/name`, once it has a status.
+async fn sensor_counts(client: &Client, namespace: &str, name: &str) -> Option<(u32, u32)> {
+    let status = Api::<PortSentryPolicy>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .ok()?
+        .status?;
+    Some((status.sensors_injected, status.sensors_ready))
+}
+
+#[tokio::test]
+async fn a_policy_counts_its_injected_sensor_ready_once_the_sidecar_is_ready() {
+    let plane = plane().await;
+    let client = plane.client().unwrap();
+    let namespace = "psinj-ready";
+    let (_release, operator) =
+        operator_with_webhook(plane, "psinj-lease-ready", IpAddr::from([127, 0, 0, 1])).await;
+    namespace_with_policy(plane, namespace).await;
+    create_injected(&operator, &client, namespace, "web-0").await;
+    wait_value(&operator, "sensorsInjected 1, sensorsReady 0", || async {
+        (sensor_counts(&client, namespace, "web").await? == (1, 0)).then_some(())
+    })
+    .await;
+
+    // The kubelet's part: the sidecar runs and its startup probe passes. Only the pod's
+    // status changes (the policy's resync is minutes away).
+    kubelet::report_sidecar(&client, namespace, "web-0", true).await;
+    wait_value(&operator, "sensorsReady 1", || async {
+        (sensor_counts(&client, namespace, "web").await? == (1, 1)).then_some(())
+    })
+    .await;
 }
