@@ -1,5 +1,5 @@
-//! The PortSentryPolicy controller: reads bans from a watch, lists pods and NetworkPolicies,
-//! asks the pure core (`plan`) what to do, then applies it and writes status.
+//! The PortSentryPolicy controller: reads bans and NetworkPolicies from watches, lists the
+//! selected pods, asks the pure core (`plan`) what to do, then applies it and writes status.
 //!
 //! ```text
 //!  PortSentryBan ──────┐                      ┌─ delete expired bans
@@ -109,6 +109,12 @@ pub struct Context {
     /// Lets one reconcile at a time wait for the ban store's first list: the store's
     /// readiness future wakes only its latest waiter, so concurrent waiters would hang.
     pub bans_ready: tokio::sync::Mutex<()>,
+    /// Every NetworkPolicy, kept by the watch that re-evaluates policies when one changes:
+    /// the never-widen check reads it without a list call per reconcile.
+    pub network_policies: Store<NetworkPolicy>,
+    /// As `bans_ready`, for the NetworkPolicy store: before its first list it would read as
+    /// "no NetworkPolicy selects these pods", the one reading that could widen access.
+    pub network_policies_ready: tokio::sync::Mutex<()>,
     /// Alert hooks of expiries (bans' hooks are sent by the intake).
     pub hooks: Option<crate::hooks::Hooks>,
     /// PEM CA bundle of the report intake's certificate, rendered into sensor ConfigMaps.
@@ -461,6 +467,18 @@ pub async fn run(
     // only the policy it was injected for, so `sensorsReady` follows the kubelet's probes.
     // A second, label-bounded watch rather than the all-pods watch widened to full pods: only
     // injected pods' status is read, and nothing is stored but one entry per ready sensor.
+    // NetworkPolicies: any change may make a policy's generated objects widen (or stop
+    // widening) access, so each re-evaluates the policies of its namespace; the store is
+    // what the reconcile's never-widen check reads.
+    let (network_policies, netpol_writer) = reflector::store::<NetworkPolicy>();
+    let netpol_events = watcher::watcher(
+        Api::<NetworkPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .backoff(WatchBackoff::default())
+    .modify(|np| np.managed_fields_mut().clear())
+    .reflect(netpol_writer)
+    .touched_objects();
     let readiness_changes = readiness_triggers(
         watcher::watcher(
             Api::<Pod>::all(client.clone()),
@@ -476,22 +494,19 @@ pub async fn run(
         policies: store,
         bans,
         bans_ready: tokio::sync::Mutex::new(()),
+        network_policies,
+        network_policies_ready: tokio::sync::Mutex::new(()),
         hooks,
         intake_ca,
     });
-    let managed = format!("{}={}", netpol::MANAGED_BY_LABEL, netpol::MANAGER);
+    // The generated NetworkPolicies need no `owns` watch of their own: the NetworkPolicy
+    // watch above reconciles every policy of their namespace, their owner included.
     controller
         .trigger_backoff(WatchBackoff::default())
-        .owns(
-            Api::<NetworkPolicy>::all(client.clone()),
-            watcher::Config::default().labels(&managed),
-        )
         .watches_stream(ban_events, |ban| ban_to_policy(&ban))
-        .watches(
-            Api::<NetworkPolicy>::all(client.clone()),
-            watcher::Config::default(),
-            move |np| policies_in_namespace(&netpol_store, np.namespace()),
-        )
+        .watches_stream(netpol_events, move |np| {
+            policies_in_namespace(&netpol_store, np.namespace())
+        })
         .watches(
             Api::<PortSentryPolicy>::all(client.clone()),
             watcher::Config::default(),
@@ -578,7 +593,21 @@ async fn reconcile_policy(
         &pods.items,
         &format!("PortSentryPolicy/{}", policy.name_any()),
     );
-    let network_policies = netpol_api.list(&ListParams::default()).await?.items;
+    {
+        let _one_waiter = context.network_policies_ready.lock().await;
+        context
+            .network_policies
+            .wait_until_ready()
+            .await
+            .map_err(|_| Error::Config("the NetworkPolicy watch stopped".into()))?;
+    }
+    let network_policies: Vec<NetworkPolicy> = context
+        .network_policies
+        .state()
+        .iter()
+        .filter(|np| np.namespace().as_deref() == Some(namespace.as_str()))
+        .map(|np| NetworkPolicy::clone(np))
+        .collect();
     let guards = context
         .guards
         .read()
