@@ -74,7 +74,8 @@ pub struct NodeSensors {
     pub namespace: String,
     pub sidecar: inject::Settings,
     pub settings: NodeSensorSettings,
-    pub report_ca_pem: Option<String>,
+    /// The intake's CA bundle, rendered into node and sidecar ConfigMaps (follows rotation).
+    pub report_ca_pem: crate::intake_tls::CaBundle,
 }
 
 /// What every reconcile shares.
@@ -346,6 +347,8 @@ pub async fn run(
         .modify(status::sensor_view)
         .reflect(pod_writer),
     );
+    // A new intake CA bundle (a rotated --report-ca-file) re-renders every sensor ConfigMap.
+    let ca_changes = crate::intake_tls::ca_changes(nodes.report_ca_pem.clone());
     let context = Arc::new(Context {
         client,
         metrics,
@@ -356,6 +359,7 @@ pub async fn run(
         pods_ready: tokio::sync::Mutex::new(()),
     });
     controller
+        .reconcile_all_on(ca_changes)
         .watches_stream(ban_events, |ban| ban_to_policy(&ban))
         .watches_stream(pod_events, |pod| pod_to_policy(&pod))
         .shutdown_on_signal()
@@ -433,12 +437,13 @@ async fn reconcile_policy(
     let object_name = nodes::object_name(&name);
 
     // Build and apply the node sensors.
+    let report_ca_pem = nodes.report_ca_pem.borrow().clone();
     let daemon_set = if nodes.enabled {
         let target = nodes::Target {
             namespace,
             sidecar: &nodes.sidecar,
             nodes: &nodes.settings,
-            report_ca_pem: nodes.report_ca_pem.as_deref(),
+            report_ca_pem: report_ca_pem.as_deref(),
         };
         let config_map = nodes::build_config_map(policy, &target)?;
         let daemon_set = nodes::build_daemon_set(policy, &target)?;
@@ -536,8 +541,8 @@ async fn apply_sidecar_config_maps(
         .collect();
     let sidecars = status::count_sensors(injected.iter().map(|pod| pod.as_ref()), &reference);
     let pods: Vec<ObjectMeta> = injected.iter().map(|pod| pod.metadata.clone()).collect();
-    let wanted =
-        inject::cluster_sensor_config_maps(policy, &pods, context.nodes.report_ca_pem.as_deref());
+    let report_ca_pem = context.nodes.report_ca_pem.borrow().clone();
+    let wanted = inject::cluster_sensor_config_maps(policy, &pods, report_ca_pem.as_deref());
     let client = &context.client;
     for config_map in &wanted {
         let namespace = config_map.namespace().unwrap_or_default();

@@ -118,7 +118,7 @@ pub struct Context {
     /// Alert hooks of expiries (bans' hooks are sent by the intake).
     pub hooks: Option<crate::hooks::Hooks>,
     /// PEM CA bundle of the report intake's certificate, rendered into sensor ConfigMaps.
-    pub intake_ca: Option<String>,
+    pub intake_ca: crate::intake_tls::CaBundle,
 }
 
 impl std::fmt::Debug for Context {
@@ -436,7 +436,7 @@ pub async fn run(
     guards: Arc<RwLock<Guards>>,
     reporter: Reporter,
     hooks: Option<crate::hooks::Hooks>,
-    intake_ca: Option<String>,
+    intake_ca: crate::intake_tls::CaBundle,
 ) {
     // Lists read from etcd (the default semantic), not the API server's watch cache: after
     // an API server restart a cached list can name a resourceVersion the watch then refuses
@@ -486,6 +486,8 @@ pub async fn run(
         )
         .modify(status::sensor_view),
     );
+    // A new intake CA bundle (a rotated --report-ca-file) re-renders every sensor ConfigMap.
+    let ca_changes = crate::intake_tls::ca_changes(intake_ca.clone());
     let context = Arc::new(Context {
         client: client.clone(),
         metrics,
@@ -503,6 +505,7 @@ pub async fn run(
     // watch above reconciles every policy of their namespace, their owner included.
     controller
         .trigger_backoff(WatchBackoff::default())
+        .reconcile_all_on(ca_changes)
         .watches_stream(ban_events, |ban| ban_to_policy(&ban))
         .watches_stream(netpol_events, move |np| {
             policies_in_namespace(&netpol_store, np.namespace())
@@ -668,12 +671,9 @@ async fn reconcile_policy(
     // selected by it at admission, so the selected pods cover them. Each carries the intake's
     // CA bundle (`ca.crt`), which the sidecar's `--report-ca-file` reads.
     let config_map_api = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
-    let wanted_config_maps = inject::sensor_config_maps(
-        &namespace,
-        policy,
-        &pods.items,
-        context.intake_ca.as_deref(),
-    );
+    let intake_ca = context.intake_ca.borrow().clone();
+    let wanted_config_maps =
+        inject::sensor_config_maps(&namespace, policy, &pods.items, intake_ca.as_deref());
     for config_map in &wanted_config_maps {
         let config_map_name = config_map.name_any();
         config_map_api

@@ -4,7 +4,9 @@
 //! ```text
 //!  --report-cert-file/--report-key-file given ──▶ serve them, re-read every minute (a renewed
 //!  (cert-manager's Secret mounted)                 certificate is served without a restart);
-//!                                                  sensors get --report-ca-file (its `ca.crt`)
+//!                                                  sensors get --report-ca-file (its `ca.crt`),
+//!                                                  re-read every minute too: a new CA reaches
+//!                                                  every sensor ConfigMap
 //!
 //!  otherwise ──▶ CA in Secret --report-ca-secret ──▶ certificate for the intake Service:
 //!               (the first replica creates it,      <svc>, <svc>.<ns>, <svc>.<ns>.svc,
@@ -14,7 +16,7 @@
 //! The certificate code is the webhook's ([`crate::webhook::Ca`]); only the names and the
 //! choice of source live here.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use kube::Client;
 use tokio::sync::watch;
@@ -38,6 +40,16 @@ pub struct IntakeTlsArgs {
     /// sensors in their ConfigMaps. Without it, given files, sensors cannot verify the intake.
     #[arg(long, requires = "report_cert_file")]
     pub report_ca_file: Option<PathBuf>,
+    /// How often `--report-cert-file`, `--report-key-file` and `--report-ca-file` are re-read,
+    /// in seconds (a rotated Secret reaches its mounted files within the kubelet's sync period,
+    /// about a minute, so re-reading much faster gains little).
+    #[arg(
+        long,
+        env = "PORTSENTRY_REPORT_TLS_RELOAD_SECS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub report_tls_reload_secs: u64,
     /// Name of the Service in front of the intake, in the operator's namespace: its DNS names
     /// go into the self-issued certificate.
     #[arg(
@@ -62,12 +74,83 @@ pub struct IntakeTlsArgs {
     pub report_ca_secret: String,
 }
 
+/// The PEM bundle sensors trust the intake with, as it is now and as it changes (None:
+/// unknown). Readers take `borrow()` at use; `changed()` says when to render ConfigMaps again.
+pub type CaBundle = watch::Receiver<Option<String>>;
+
+/// A [`CaBundle`] that never changes (the self-issued CA, tests).
+pub fn fixed_ca_bundle(pem: Option<String>) -> CaBundle {
+    // The sender may go: receivers keep the value and never see a change.
+    watch::channel(pem).1
+}
+
+/// A stream that yields once per change of `bundle`: feed it to a controller's
+/// `reconcile_all_on` so every policy renders its ConfigMaps with the new bundle.
+pub fn ca_changes(bundle: CaBundle) -> impl futures::Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold(bundle, |mut bundle| async move {
+        bundle.changed().await.ok()?;
+        Some(((), bundle))
+    })
+}
+
 /// The intake's TLS configuration (the latest: certificate files are reloaded) and the PEM
-/// bundle sensors trust it with (None: unknown).
+/// bundle sensors trust it with.
 #[derive(Clone, Debug)]
 pub struct IntakeTls {
     pub config: watch::Receiver<Arc<rustls::ServerConfig>>,
-    pub ca_pem: Option<String>,
+    pub ca_pem: CaBundle,
+}
+
+/// A bundle of one or more PEM certificates, or why not: what a CA file must hold.
+fn ca_bundle(path: &PathBuf) -> Result<String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let pem = read(path)?;
+    let certificates = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| {
+            Error::Config(format!(
+                "{}: not a PEM certificate bundle: {e}",
+                path.display()
+            ))
+        })?;
+    if certificates.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: no PEM certificate in it (--report-ca-file wants the CA's ca.crt)",
+            path.display()
+        )));
+    }
+    Ok(pem)
+}
+
+/// The CA bundle in `path` now, then re-read every `every` by a task (ending when every
+/// receiver is gone): a changed bundle that parses is published; one that does not (a
+/// half-written rotation) is logged and the previous one kept.
+pub fn follow_ca_file(path: PathBuf, every: Duration) -> Result<CaBundle> {
+    let (sender, receiver) = watch::channel(Some(ca_bundle(&path)?));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = sender.closed() => return,
+            }
+            match ca_bundle(&path) {
+                Ok(pem) => {
+                    sender.send_if_modified(|current| {
+                        let changed = current.as_deref() != Some(pem.as_str());
+                        if changed {
+                            info!(file = %path.display(), "intake CA bundle reloaded; sensor ConfigMaps follow");
+                            *current = Some(pem);
+                        }
+                        changed
+                    });
+                }
+                Err(error) => {
+                    warn!(%error, "intake CA bundle not reloaded; sensors keep the previous one")
+                }
+            }
+        }
+    });
+    Ok(receiver)
 }
 
 /// The cluster DNS suffix the Service's fully qualified name ends with.
@@ -99,8 +182,8 @@ fn read(path: &PathBuf) -> Result<String> {
     })
 }
 
-/// The intake's certificate from `--report-cert-file` (re-read every minute, as the webhook's
-/// [`webhook::CertFiles`]), or issued by the shared CA in Secret `namespace/--report-ca-secret`
+/// The intake's certificate from `--report-cert-file` (re-read every
+/// `--report-tls-reload-secs`, with the webhook's [`webhook::CertFiles`]), or issued by the shared CA in Secret `namespace/--report-ca-secret`
 /// (created when missing) for the Service's names.
 pub async fn load(client: &Client, args: &IntakeTlsArgs, namespace: &str) -> Result<IntakeTls> {
     if let (Some(cert), Some(key)) = (&args.report_cert_file, &args.report_key_file) {
@@ -109,13 +192,17 @@ pub async fn load(client: &Client, args: &IntakeTlsArgs, namespace: &str) -> Res
             cert: cert.clone(),
             key: key.clone(),
         };
-        let config = files.watch(webhook::CertFiles::RELOAD_EVERY)?;
-        let ca_pem = args.report_ca_file.as_ref().map(read).transpose()?;
-        if ca_pem.is_none() {
-            warn!(
-                "the intake serves --report-cert-file without --report-ca-file: sensor ConfigMaps get no ca.crt and injected sensors cannot verify the intake"
-            );
-        }
+        let every = Duration::from_secs(args.report_tls_reload_secs);
+        let config = files.watch(every)?;
+        let ca_pem = match &args.report_ca_file {
+            Some(path) => follow_ca_file(path.clone(), every)?,
+            None => {
+                warn!(
+                    "the intake serves --report-cert-file without --report-ca-file: sensor ConfigMaps get no ca.crt and injected sensors cannot verify the intake"
+                );
+                fixed_ca_bundle(None)
+            }
+        };
         return Ok(IntakeTls { config, ca_pem });
     }
     let ca = webhook::shared_ca(client.clone(), namespace, &args.report_ca_secret).await?;
@@ -130,7 +217,7 @@ pub async fn load(client: &Client, args: &IntakeTlsArgs, namespace: &str) -> Res
     let (_, config) = watch::channel(webhook::tls_config(&cert.cert_pem, &cert.key_pem)?);
     Ok(IntakeTls {
         config,
-        ca_pem: Some(cert.ca_pem),
+        ca_pem: fixed_ca_bundle(Some(cert.ca_pem)),
     })
 }
 
@@ -309,5 +396,56 @@ mod tests {
         let now = served.borrow().clone();
         assert!(handshake(now.clone(), &second_ca.cert_pem, name));
         assert!(!handshake(now, &first_ca.cert_pem, name));
+    }
+
+    #[tokio::test]
+    async fn a_rewritten_ca_file_is_published_to_the_sensor_config_maps() {
+        let dir = TempDir::new("portsentry-intake-ca-rotation");
+        let path = dir.0.join("ca.crt");
+        let (first, second) = (
+            webhook::Ca::generate().unwrap(),
+            webhook::Ca::generate().unwrap(),
+        );
+        std::fs::write(&path, &first.cert_pem).unwrap();
+        let mut bundle = follow_ca_file(path.clone(), Duration::from_millis(20)).unwrap();
+        assert_eq!(bundle.borrow().as_deref(), Some(first.cert_pem.as_str()));
+
+        std::fs::write(&path, &second.cert_pem).unwrap();
+        bundle.changed().await.unwrap();
+        assert_eq!(bundle.borrow().as_deref(), Some(second.cert_pem.as_str()));
+    }
+
+    #[tokio::test]
+    async fn a_half_written_ca_file_keeps_the_previous_bundle() {
+        let dir = TempDir::new("portsentry-intake-ca-half");
+        let path = dir.0.join("ca.crt");
+        let ca = webhook::Ca::generate().unwrap();
+        std::fs::write(&path, &ca.cert_pem).unwrap();
+        let mut bundle = follow_ca_file(path.clone(), Duration::from_millis(20)).unwrap();
+
+        std::fs::write(&path, &ca.cert_pem[..ca.cert_pem.len() / 2]).unwrap();
+        let changed = tokio::time::timeout(Duration::from_millis(300), bundle.changed()).await;
+        assert!(changed.is_err(), "a broken bundle was published");
+        assert_eq!(bundle.borrow().as_deref(), Some(ca.cert_pem.as_str()));
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_at_start_naming_the_file() {
+        let dir = TempDir::new("portsentry-intake-ca-empty");
+        let path = dir.0.join("ca.crt");
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let error = ca_bundle(&path).unwrap_err().to_string();
+        assert!(error.contains(&path.display().to_string()), "{error}");
+    }
+
+    #[tokio::test]
+    async fn every_change_of_the_bundle_asks_for_one_pass_over_the_policies() {
+        use futures::StreamExt;
+        let (sender, receiver) = watch::channel(Some("first".to_owned()));
+        let mut changes = Box::pin(ca_changes(receiver));
+        sender.send(Some("second".to_owned())).unwrap();
+        assert_eq!(changes.next().await, Some(()));
+        drop(sender);
+        assert_eq!(changes.next().await, None);
     }
 }

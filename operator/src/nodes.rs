@@ -110,7 +110,7 @@ impl NodeSensorArgs {
         &self,
         namespace: &str,
         sidecar: inject::Settings,
-        report_ca_pem: Option<String>,
+        report_ca_pem: crate::intake_tls::CaBundle,
     ) -> Result<crate::cluster::NodeSensors> {
         let settings = NodeSensorSettings::from_json(
             self.node_sensor_settings.as_deref().unwrap_or_default(),

@@ -249,6 +249,12 @@ impl Operator {
         self.launch().await
     }
 
+    /// The `--report-ca-file` the operator reads when it serves its intake from files
+    /// ([`OperatorSettings::intake_ca_secret`] unset): rewrite it to rotate the CA.
+    pub fn intake_ca_file(&self) -> PathBuf {
+        self.dir.path().join("intake-ca.crt")
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("operator.log")
     }

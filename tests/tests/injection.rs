@@ -728,3 +728,33 @@ async fn a_policy_counts_its_injected_sensor_ready_once_the_sidecar_is_ready() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_rotated_intake_ca_file_reaches_the_sensor_config_map_without_a_restart() {
+    let plane = plane().await;
+    let client = plane.client().unwrap();
+    let namespace = "psinj-ca-rotation";
+    let mut settings = OperatorSettings::new("psinj-lease-ca-rotation");
+    settings.namespace = SYSTEM.into();
+    settings.extra_args = vec!["--report-tls-reload-secs=1".into()];
+    let operator = Operator::start(plane, settings).await.unwrap();
+    namespace_with_policy(plane, namespace).await;
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &pod("web-0", json!({})))
+        .await
+        .unwrap();
+    let data = config_map_with_ca(&operator, &client, namespace, "portsentry-sensor-web").await;
+    assert_eq!(data[inject::REPORT_CA_KEY], operator.ca_pem);
+
+    let rotated = webhook::Ca::generate().unwrap().cert_pem;
+    std::fs::write(operator.intake_ca_file(), &rotated).unwrap();
+    let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
+    wait_value(&operator, "the rotated CA in the sensor ConfigMap", || {
+        let (api, rotated) = (api.clone(), rotated.clone());
+        async move {
+            let data = api.get_opt("portsentry-sensor-web").await.ok()??.data?;
+            (data.get(inject::REPORT_CA_KEY) == Some(&rotated)).then_some(())
+        }
+    })
+    .await;
+}
