@@ -9,18 +9,19 @@
 //!                        │ ok               reloads_total{result="invalid"}
 //!                        ▼
 //!                  delta(old decoys, new decoys) ──▶ close removed listeners, bind added ones
-//!                  detection keys changed ──▶ the engine is retuned for the next hits
+//!                  detection or response keys changed ──▶ engine and responder retuned
 //!                  keys not applied live ──▶ logged: they take effect at the next restart
 //! ```
 //!
 //! The kubelet updates a ConfigMap volume by swapping a `..data` symlink, so inotify on the
 //! file itself misses updates: the content is polled instead (a small file, every 2 s).
-//! Live, unless raw modes or the kernel tripwire pinned them at start (the capture thread and
-//! the kernel rules were built from them): the connect-mode decoys ([`DECOY_KEYS`]) and the
-//! detection settings ([`DETECTION_KEYS`]: trigger, window, ban durations and escalation,
-//! trust switch). The ignore file is re-read by the maintenance task when it changes.
-//! Everything else (blocking and kill actions, files, state bound, banner of running
-//! listeners) is reported as needing a restart.
+//! Live: the connect-mode decoys ([`DECOY_KEYS`]) unless raw modes or the kernel tripwire
+//! pinned the port lists at start; the detection settings ([`DETECTION_KEYS`]: trigger,
+//! window, ban durations and escalation, trust switch) and the responses ([`RESPONSE_KEYS`]:
+//! BLOCK_* levels, KILL_* actions, history file) unless the kernel tripwire was armed from
+//! them. The ignore file is re-read by the maintenance task when it changes. Everything else
+//! (native nftables, tripwire, blocked files, state bound, banner of running listeners, raw
+//! modes' ranges) is reported as needing a restart.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -59,14 +60,48 @@ pub const DETECTION_KEYS: &[&str] = &[
     "BAN_ESCALATION_WINDOW",
 ];
 
-/// Every key a reload applies without a restart.
-fn live(key: &str) -> bool {
-    DECOY_KEYS.contains(&key) || DETECTION_KEYS.contains(&key)
+/// Response keys a reload applies without a restart: the next alarms are answered by them.
+pub const RESPONSE_KEYS: &[&str] = &[
+    "BLOCK_TCP",
+    "BLOCK_UDP",
+    "KILL_ROUTE",
+    "KILL_HOSTS_DENY",
+    "HOSTS_DENY_FILE",
+    "KILL_RUN_CMD",
+    "KILL_RUN_CMD_FIRST",
+    "HISTORY_FILE",
+];
+
+/// What the start fixed, so that only a restart changes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pinned {
+    /// Every live key is live.
+    Nothing,
+    /// The port lists: raw modes watch them in the capture thread, or the kernel tripwire
+    /// holds the decoy ports it was armed with (a port closed live would stay in it and ban
+    /// clients of whatever binds the port next).
+    Ports,
+    /// Everything: the kernel tripwire was armed from the port lists, the ban settings and
+    /// the block levels, and bans in the packet path by them.
+    Everything,
 }
 
-/// The running detection engine, as a reload sees it.
+impl Pinned {
+    /// Whether a change of `key` applies without a restart.
+    fn live(self, key: &str) -> bool {
+        let tuning = DETECTION_KEYS.contains(&key) || RESPONSE_KEYS.contains(&key);
+        match self {
+            Self::Nothing => tuning || DECOY_KEYS.contains(&key),
+            Self::Ports => tuning,
+            Self::Everything => false,
+        }
+    }
+}
+
+/// The running engine and responder, as a reload sees them.
 pub trait Retune: Send + Sync {
-    /// Judges the next hits by `config`'s detection settings.
+    /// Judges the next hits by `config`'s detection settings and answers the next alarms
+    /// with its responses.
     fn retune(&self, config: &Config);
 }
 
@@ -110,12 +145,11 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
         .collect()
 }
 
-/// Changed keys only a restart applies: all of them when the start pinned the port lists
-/// and detection settings, else those that are not live.
-pub fn restart_keys(old: &Config, new: &Config, pinned: bool) -> Vec<String> {
+/// Changed keys only a restart applies, given what the start `pinned`.
+pub fn restart_keys(old: &Config, new: &Config, pinned: Pinned) -> Vec<String> {
     changed_keys(old, new)
         .into_iter()
-        .filter(|key| pinned || !live(key))
+        .filter(|key| !pinned.live(key))
         .collect()
 }
 
@@ -194,12 +228,10 @@ pub struct Reload {
     pub config: Config,
     /// Connect modes: the decoys a reload rebinds.
     pub modes: Vec<Mode>,
-    /// Port lists fixed at start: raw modes watch them in the capture thread, and the kernel
-    /// tripwire holds the decoy ports it was armed with (a port closed live would stay in it
-    /// and ban clients of whatever binds the port next). Changes then need a restart.
-    pub pinned: bool,
+    /// What the start fixed: changes to it need a restart.
+    pub pinned: Pinned,
     pub listeners: Listeners,
-    pub engine: Arc<dyn Retune>,
+    pub retune: Arc<dyn Retune>,
     pub alerts: Arc<Alerts>,
 }
 
@@ -289,7 +321,7 @@ async fn follow(mut reload: Reload, counter: IntCounterVec) {
 
 /// Rebinds the connect-mode decoys to `config` and reports what only a restart applies.
 fn apply(reload: &mut Reload, config: Config) {
-    let wanted = if reload.pinned {
+    let wanted = if reload.pinned != Pinned::Nothing {
         reload.listeners.served()
     } else {
         connect_decoys(&config, &reload.modes)
@@ -328,13 +360,13 @@ fn apply(reload: &mut Reload, config: Config) {
     let retuned: Vec<&str> = changed
         .iter()
         .map(String::as_str)
-        .filter(|key| DETECTION_KEYS.contains(key))
+        .filter(|key| !DECOY_KEYS.contains(key) && reload.pinned.live(key))
         .collect();
-    if !reload.pinned && !retuned.is_empty() {
-        reload.engine.retune(&config);
+    if !retuned.is_empty() {
+        reload.retune.retune(&config);
     }
     let restart = restart_keys(&reload.config, &config, reload.pinned);
-    let retuned = if reload.pinned || retuned.is_empty() {
+    let retuned = if retuned.is_empty() {
         String::new()
     } else {
         format!("; {} applied to the next hits", retuned.join(", "))
@@ -398,23 +430,31 @@ mod tests {
     }
 
     #[test]
-    fn keys_other_than_decoys_and_detection_are_reported_as_needing_a_restart() {
+    fn keys_other_than_decoys_detection_and_responses_are_reported_as_needing_a_restart() {
         let old = config("TCP_PORTS=\"1\"\nSCAN_TRIGGER=\"0\"\nBLOCK_TCP=\"0\"\n");
-        let new =
-            config("TCP_PORTS=\"2\"\nSCAN_TRIGGER=\"2\"\nRESOLVE_HOST=\"0\"\nBLOCK_TCP=\"1\"\n");
+        let new = config(
+            "TCP_PORTS=\"2\"\nSCAN_TRIGGER=\"2\"\nRESOLVE_HOST=\"0\"\nBLOCK_TCP=\"1\"\nKILL_RUN_CMD=\"/bin/true\"\nSTATE_MAX_SOURCES=\"10\"\n",
+        );
         assert_eq!(
-            restart_keys(&old, &new, false),
-            ["BLOCK_TCP", "RESOLVE_HOST"]
+            restart_keys(&old, &new, Pinned::Nothing),
+            ["RESOLVE_HOST", "STATE_MAX_SOURCES"]
         );
     }
 
     #[test]
-    fn a_pinned_start_reports_every_changed_key_as_needing_a_restart() {
-        let old = config("TCP_PORTS=\"1\"\nSCAN_TRIGGER=\"0\"\n");
-        let new = config("TCP_PORTS=\"2\"\nSCAN_TRIGGER=\"2\"\n");
+    fn pinned_ports_leave_detection_and_responses_live() {
+        let old = config("TCP_PORTS=\"1\"\nSCAN_TRIGGER=\"0\"\nBLOCK_TCP=\"0\"\n");
+        let new = config("TCP_PORTS=\"2\"\nSCAN_TRIGGER=\"2\"\nBLOCK_TCP=\"1\"\n");
+        assert_eq!(restart_keys(&old, &new, Pinned::Ports), ["TCP_PORTS"]);
+    }
+
+    #[test]
+    fn a_start_pinning_everything_reports_every_changed_key_as_needing_a_restart() {
+        let old = config("TCP_PORTS=\"1\"\nSCAN_TRIGGER=\"0\"\nBLOCK_TCP=\"0\"\n");
+        let new = config("TCP_PORTS=\"2\"\nSCAN_TRIGGER=\"2\"\nBLOCK_TCP=\"1\"\n");
         assert_eq!(
-            restart_keys(&old, &new, true),
-            ["SCAN_TRIGGER", "TCP_PORTS"]
+            restart_keys(&old, &new, Pinned::Everything),
+            ["BLOCK_TCP", "SCAN_TRIGGER", "TCP_PORTS"]
         );
     }
 
@@ -431,17 +471,29 @@ mod tests {
     #[tokio::test]
     async fn a_reload_retunes_the_engine_when_a_detection_key_changes() {
         let triggers = Arc::new(Triggers::default());
-        let mut reload = reload_of(config("SCAN_TRIGGER=\"0\"\n"), false);
-        reload.engine = triggers.clone();
+        let mut reload = reload_of(config("SCAN_TRIGGER=\"0\"\n"), Pinned::Nothing);
+        reload.retune = triggers.clone();
         apply(&mut reload, config("SCAN_TRIGGER=\"3\"\n"));
         assert_eq!(*triggers.0.lock().unwrap(), [3]);
     }
 
     #[tokio::test]
+    async fn a_reload_retunes_the_responses_when_a_kill_action_changes() {
+        let triggers = Arc::new(Triggers::default());
+        let mut reload = reload_of(config("SCAN_TRIGGER=\"1\"\n"), Pinned::Ports);
+        reload.retune = triggers.clone();
+        apply(
+            &mut reload,
+            config("SCAN_TRIGGER=\"1\"\nKILL_RUN_CMD=\"/bin/true\"\n"),
+        );
+        assert_eq!(*triggers.0.lock().unwrap(), [1]);
+    }
+
+    #[tokio::test]
     async fn a_reload_leaves_the_engine_alone_when_no_detection_key_changes() {
         let triggers = Arc::new(Triggers::default());
-        let mut reload = reload_of(config("SCAN_TRIGGER=\"2\"\n"), false);
-        reload.engine = triggers.clone();
+        let mut reload = reload_of(config("SCAN_TRIGGER=\"2\"\n"), Pinned::Nothing);
+        reload.retune = triggers.clone();
         apply(
             &mut reload,
             config("SCAN_TRIGGER=\"2\"\nRESOLVE_HOST=\"0\"\n"),
@@ -450,10 +502,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_pinned_start_leaves_the_engine_for_a_restart() {
+    async fn an_armed_tripwire_leaves_the_engine_for_a_restart() {
         let triggers = Arc::new(Triggers::default());
-        let mut reload = reload_of(config("SCAN_TRIGGER=\"0\"\n"), true);
-        reload.engine = triggers.clone();
+        let mut reload = reload_of(config("SCAN_TRIGGER=\"0\"\n"), Pinned::Everything);
+        reload.retune = triggers.clone();
         apply(&mut reload, config("SCAN_TRIGGER=\"3\"\n"));
         assert!(triggers.0.lock().unwrap().is_empty());
     }
@@ -466,14 +518,14 @@ mod tests {
         }
     }
 
-    fn reload_of(config: Config, pinned: bool) -> Reload {
+    fn reload_of(config: Config, pinned: Pinned) -> Reload {
         Reload {
             path: config.path.clone(),
             config,
             modes: vec![Mode::Tcp],
             pinned,
             listeners: Listeners::new(Arc::new(NoSink), None),
-            engine: Arc::new(Triggers::default()),
+            retune: Arc::new(Triggers::default()),
             alerts: Arc::new(Alerts::stderr()),
         }
     }
@@ -490,7 +542,7 @@ mod tests {
     #[tokio::test]
     async fn a_reload_binds_the_new_port_list() {
         let port = free_port();
-        let mut reload = reload_of(config("TCP_PORTS=\"\"\n"), false);
+        let mut reload = reload_of(config("TCP_PORTS=\"\"\n"), Pinned::Nothing);
         apply(&mut reload, config(&format!("TCP_PORTS=\"{port}\"\n")));
         assert_eq!(
             reload.listeners.served(),
@@ -502,7 +554,7 @@ mod tests {
     #[tokio::test]
     async fn pinned_port_lists_are_left_for_a_restart() {
         let port = free_port();
-        let mut reload = reload_of(config("TCP_PORTS=\"\"\n"), true);
+        let mut reload = reload_of(config("TCP_PORTS=\"\"\n"), Pinned::Ports);
         apply(&mut reload, config(&format!("TCP_PORTS=\"{port}\"\n")));
         assert!(reload.listeners.served().is_empty());
     }

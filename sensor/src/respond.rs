@@ -141,9 +141,10 @@ pub enum Outcome {
     Failed,
 }
 
-/// Runs the configured actions and keeps the history and blocked files.
-#[derive(Debug)]
-pub struct Responder {
+/// The configured responses: what a ban runs, in which order, and where it is recorded.
+/// A config reload swaps them ([`Responder::retune`]).
+#[derive(Clone, Debug)]
+struct Actions {
     block_tcp: BlockLevel,
     block_udp: BlockLevel,
     kill_route: Option<String>,
@@ -152,6 +153,27 @@ pub struct Responder {
     kill_run_cmd: Option<String>,
     run_cmd_first: bool,
     history_file: Option<PathBuf>,
+}
+
+impl Actions {
+    fn of(config: &Config) -> Self {
+        Self {
+            block_tcp: config.block_tcp,
+            block_udp: config.block_udp,
+            kill_route: config.kill_route.clone(),
+            kill_hosts_deny: config.kill_hosts_deny.clone(),
+            hosts_deny_file: config.hosts_deny_file.clone(),
+            kill_run_cmd: config.kill_run_cmd.clone(),
+            run_cmd_first: config.kill_run_cmd_first,
+            history_file: config.history_file.clone(),
+        }
+    }
+}
+
+/// Runs the configured actions and keeps the history and blocked files.
+#[derive(Debug)]
+pub struct Responder {
+    actions: Mutex<Actions>,
     blocked_files: BTreeMap<Detection, PathBuf>,
     /// Lines of the hosts blocked now, per mode, to rewrite blocked files on expiry.
     blocked: Mutex<BTreeMap<IpAddr, (Detection, String)>>,
@@ -206,14 +228,7 @@ impl Responder {
             add_blocked_file(&mut blocked_files, config, mode.into())?;
         }
         Ok(Self {
-            block_tcp: config.block_tcp,
-            block_udp: config.block_udp,
-            kill_route: config.kill_route.clone(),
-            kill_hosts_deny: config.kill_hosts_deny.clone(),
-            hosts_deny_file: config.hosts_deny_file.clone(),
-            kill_run_cmd: config.kill_run_cmd.clone(),
-            run_cmd_first: config.kill_run_cmd_first,
-            history_file: config.history_file.clone(),
+            actions: Mutex::new(Actions::of(config)),
             blocked_files,
             blocked: Mutex::new(BTreeMap::new()),
             enforcer,
@@ -231,12 +246,31 @@ impl Responder {
         Ok(self)
     }
 
-    fn plan(&self, mode: Detection, target: IpAddr, port: u16) -> Vec<Action> {
+    /// Answers the next alarms with `config`'s blocking and kill actions and records them in
+    /// its history file (a reloaded config); a response under way finishes as it began.
+    pub fn retune(&self, config: &Config) {
+        *self.actions.lock().unwrap_or_else(|p| p.into_inner()) = Actions::of(config);
+    }
+
+    fn actions(&self) -> Actions {
+        self.actions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn plan(
+        &self,
+        configured: &Actions,
+        mode: Detection,
+        target: IpAddr,
+        port: u16,
+    ) -> Vec<Action> {
         let level = match mode.mode() {
-            Mode::Tcp => self.block_tcp,
-            Mode::Udp => self.block_udp,
+            Mode::Tcp => configured.block_tcp,
+            Mode::Udp => configured.block_udp,
         };
-        let command = self
+        let command = configured
             .kill_run_cmd
             .as_deref()
             .map(|cmd| Action::Command(substitute(cmd, target, port, mode)));
@@ -245,17 +279,17 @@ impl Responder {
             BlockLevel::LogOnly => {}
             BlockLevel::RunCmdOnly => actions.extend(command),
             BlockLevel::All => {
-                if let Some(text) = &self.kill_hosts_deny {
+                if let Some(text) = &configured.kill_hosts_deny {
                     actions.push(Action::HostsDeny(substitute(text, target, port, mode)));
                 }
-                if let Some(cmd) = &self.kill_route {
+                if let Some(cmd) = &configured.kill_route {
                     actions.push(Action::Route(substitute(cmd, target, port, mode)));
                 }
                 if self.enforcer.is_some() {
                     actions.push(Action::Native);
                 }
                 match command {
-                    Some(command) if self.run_cmd_first => actions.insert(0, command),
+                    Some(command) if configured.run_cmd_first => actions.insert(0, command),
                     Some(command) => actions.push(command),
                     None => {}
                 }
@@ -275,7 +309,7 @@ impl Responder {
         port: u16,
         duration: Option<Duration>,
     ) -> EarlyBan {
-        if !native_first(&self.plan(mode.into(), target, port)) {
+        if !native_first(&self.plan(&self.actions(), mode.into(), target, port)) {
             return EarlyBan::default();
         }
         EarlyBan(Some(self.native_ban(target, duration).await))
@@ -304,7 +338,8 @@ impl Responder {
     ) -> Outcome {
         let mode = mode.into();
         let target = host.address;
-        let actions = self.plan(mode, target, port);
+        let configured = self.actions();
+        let actions = self.plan(&configured, mode, target, port);
         if actions.is_empty() {
             return Outcome::NothingToRun;
         }
@@ -312,7 +347,10 @@ impl Responder {
         let mut failed = false;
         for action in actions {
             let (name, result) = match &action {
-                Action::HostsDeny(text) => ("hosts_deny", self.hosts_deny(text)),
+                Action::HostsDeny(text) => (
+                    "hosts_deny",
+                    append(&configured.hosts_deny_file, "hosts.deny", text),
+                ),
                 Action::Route(cmd) => ("route", run_shell(cmd).await),
                 Action::Command(cmd) => ("command", run_shell(cmd).await),
                 Action::Native => match early.take() {
@@ -351,7 +389,7 @@ impl Responder {
             );
             return Outcome::Failed;
         }
-        if let Err(error) = self.record(host, mode, port) {
+        if let Err(error) = self.record(host, mode, port, configured.history_file.as_ref()) {
             self.metrics.action_failure("record");
             self.alerts.emit(
                 &format!("adminalert: ERROR: {error}"),
@@ -370,14 +408,16 @@ impl Responder {
             .map_err(|e| Error::Enforcer(e.to_string()))?
     }
 
-    fn hosts_deny(&self, text: &str) -> Result<()> {
-        append(&self.hosts_deny_file, "hosts.deny", text)
-    }
-
     /// Appends the history line and the mode's blocked line for a host just blocked.
-    fn record(&self, host: &HostName, mode: Detection, port: u16) -> Result<()> {
+    fn record(
+        &self,
+        host: &HostName,
+        mode: Detection,
+        port: u16,
+        history_file: Option<&PathBuf>,
+    ) -> Result<()> {
         let line = record_line(&jiff::Zoned::now(), host, port, mode.mode().protocol());
-        if let Some(path) = &self.history_file {
+        if let Some(path) = history_file {
             append(path, "history", &line)?;
         }
         if let Some(path) = self.blocked_files.get(&mode) {
@@ -715,6 +755,36 @@ mod tests {
             .block(&HostName::unresolved(ip("192.0.2.9")), Mode::Tcp, 1, None)
             .await;
         assert_eq!(outcome, Outcome::NothingToRun);
+        assert_eq!(read(dir.path().join("history")), "");
+    }
+
+    #[tokio::test]
+    async fn a_retuned_responder_answers_the_next_alarm_with_the_new_actions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("order");
+        let before = config(dir.path(), "BLOCK_TCP=\"0\"\nKILL_RUN_CMD=\"/bin/true\"\n");
+        let responder = responder(&before);
+        let host = HostName::unresolved(ip("192.0.2.9"));
+        assert_eq!(
+            responder.block(&host, Mode::Tcp, 1, None).await,
+            Outcome::NothingToRun
+        );
+        // The reloaded config also moves the history file.
+        let moved = tempfile::tempdir().expect("tempdir");
+        let after = config(
+            moved.path(),
+            &format!(
+                "BLOCK_TCP=\"2\"\nKILL_RUN_CMD=\"echo cmd $TARGET$ >> {l}\"\n",
+                l = log.display()
+            ),
+        );
+        responder.retune(&after);
+        assert_eq!(
+            responder.block(&host, Mode::Tcp, 1, None).await,
+            Outcome::Blocked
+        );
+        assert_eq!(read(log), "cmd 192.0.2.9\n");
+        assert_eq!(read(moved.path().join("history")).lines().count(), 1);
         assert_eq!(read(dir.path().join("history")), "");
     }
 

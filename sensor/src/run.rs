@@ -98,9 +98,16 @@ impl Core {
     }
 }
 
-impl reload::Retune for Core {
+/// What a config reload retunes: the engine's detection settings and the responses.
+struct Live {
+    core: Arc<Core>,
+    responder: Arc<Responder>,
+}
+
+impl reload::Retune for Live {
     fn retune(&self, config: &Config) {
-        self.engine().retune(settings(config));
+        self.core.engine().retune(settings(config));
+        self.responder.retune(config);
     }
 }
 
@@ -626,15 +633,26 @@ pub async fn run(options: Options) -> Result<()> {
         ),
         _ => {}
     }
-    // The config file is followed: a changed ConfigMap rebinds the decoys without a restart.
+    // The config file is followed: a changed ConfigMap rebinds the decoys and retunes
+    // detection and responses without a restart.
+    let pinned = if tripwire.is_some() {
+        reload::Pinned::Everything
+    } else if !raw.is_empty() {
+        reload::Pinned::Ports
+    } else {
+        reload::Pinned::Nothing
+    };
     reload::start(
         reload::Reload {
             path: config.path.clone(),
             config: config.clone(),
             modes: modes.clone(),
-            pinned: !raw.is_empty() || tripwire.is_some(),
+            pinned,
             listeners,
-            engine: core.clone(),
+            retune: Arc::new(Live {
+                core: core.clone(),
+                responder: responder.clone(),
+            }),
             alerts: alerts.clone(),
         },
         &metrics,

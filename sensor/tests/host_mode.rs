@@ -511,3 +511,40 @@ fn a_reloaded_scan_trigger_judges_the_next_scanner_without_a_restart() {
         "the sensor exited:\n{log}"
     );
 }
+
+#[test]
+fn a_reloaded_kill_run_cmd_blocks_the_next_scanner_without_a_restart() {
+    if !prerequisites(&["ip"]) {
+        return;
+    }
+    let mut net = Net::new(42);
+    let config = format!("{}BLOCK_TCP=\"0\"\nBLOCK_UDP=\"0\"\n", base_config(&net));
+    net.start(&config, &["-tcp"]);
+    let ran = net.path("kill-run-cmd");
+    fs::write(
+        net.path("sensor.conf"),
+        config.replace(
+            "BLOCK_TCP=\"0\"",
+            &format!(
+                "BLOCK_TCP=\"2\"\nKILL_RUN_CMD=\"echo $TARGET$ $PORT$ >> {}\"",
+                ran.display()
+            ),
+        ),
+    )
+    .expect("rewrite config");
+    net.wait_log("BLOCK_TCP, KILL_RUN_CMD applied to the next hits");
+    assert!(net.connect(&net.v4.0, 79));
+    let attacker = &net.v4.1;
+    let log = net.wait_log(&format!(
+        "attackalert: External command run for host: {attacker} using command"
+    ));
+    assert_eq!(
+        fs::read_to_string(&ran).expect("the reloaded KILL_RUN_CMD ran"),
+        format!("{attacker} 79\n"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("take effect at the next restart"),
+        "a response key was left for a restart:\n{log}"
+    );
+}
