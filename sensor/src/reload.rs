@@ -18,8 +18,8 @@
 //! Live: the connect-mode decoys ([`DECOY_KEYS`]) unless raw modes or the kernel tripwire
 //! pinned the port lists at start; the detection settings ([`DETECTION_KEYS`]: trigger,
 //! window, ban durations and escalation, trust switch) and the responses ([`RESPONSE_KEYS`]:
-//! BLOCK_* levels, KILL_* actions, history file) unless the kernel tripwire was armed from
-//! them. The ignore file is re-read by the maintenance task when it changes. Everything else
+//! BLOCK_* levels, KILL_* actions, history file) unless the config asks for the kernel
+//! tripwire, which is armed from them. The ignore file is re-read by the maintenance task when it changes. Everything else
 //! (native nftables, tripwire, blocked files, state bound, banner of running listeners, raw
 //! modes' ranges) is reported as needing a restart.
 
@@ -81,8 +81,8 @@ pub enum Pinned {
     /// holds the decoy ports it was armed with (a port closed live would stay in it and ban
     /// clients of whatever binds the port next).
     Ports,
-    /// Everything: the kernel tripwire was armed from the port lists, the ban settings and
-    /// the block levels, and bans in the packet path by them.
+    /// Everything: the config asks for the kernel tripwire, which is armed from the port
+    /// lists, the ban settings and the block levels and bans in the packet path by them.
     Everything,
 }
 

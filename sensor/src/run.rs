@@ -464,6 +464,19 @@ async fn update_tripwire_exemptions(core: &Core, tripwire: Option<&Arc<crate::nf
     );
 }
 
+/// What a reload may not change without a restart. NFT_TRIPWIRE pins everything even when
+/// the start left the tripwire unarmed (say, BLOCK_TCP="0"): a reload enabling blocking
+/// would otherwise run without the tripwire the config asks for, and say nothing.
+fn pinned_at_start(config: &Config, raw: &[RawMode], tripwire_armed: bool) -> reload::Pinned {
+    if tripwire_armed || config.nft_tripwire {
+        reload::Pinned::Everything
+    } else if !raw.is_empty() {
+        reload::Pinned::Ports
+    } else {
+        reload::Pinned::Nothing
+    }
+}
+
 /// Opens the native nftables enforcer when the config asks for it.
 fn open_enforcer(config: &Config) -> Result<Option<Arc<crate::nft::NftBans>>> {
     if !config.nft_ban {
@@ -635,13 +648,7 @@ pub async fn run(options: Options) -> Result<()> {
     }
     // The config file is followed: a changed ConfigMap rebinds the decoys and retunes
     // detection and responses without a restart.
-    let pinned = if tripwire.is_some() {
-        reload::Pinned::Everything
-    } else if !raw.is_empty() {
-        reload::Pinned::Ports
-    } else {
-        reload::Pinned::Nothing
-    };
+    let pinned = pinned_at_start(&config, &raw, tripwire.is_some());
     reload::start(
         reload::Reload {
             path: config.path.clone(),
@@ -701,5 +708,45 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use reload::Pinned;
+
+    fn config(text: &str) -> Config {
+        Config::parse(
+            std::path::Path::new("/etc/portsentry/portsentry.conf"),
+            text,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn connect_modes_alone_pin_nothing() {
+        assert_eq!(pinned_at_start(&config(""), &[], false), Pinned::Nothing);
+    }
+
+    #[test]
+    fn raw_modes_pin_the_port_lists() {
+        assert_eq!(
+            pinned_at_start(&config(""), &[RawMode::Stcp], false),
+            Pinned::Ports
+        );
+    }
+
+    #[test]
+    fn an_armed_tripwire_pins_everything() {
+        assert_eq!(pinned_at_start(&config(""), &[], true), Pinned::Everything);
+    }
+
+    #[test]
+    fn a_tripwire_asked_for_but_left_unarmed_still_pins_everything() {
+        let asks = config("NFT_BAN=\"1\"\nNFT_TRIPWIRE=\"1\"\nBLOCK_TCP=\"0\"\n");
+        assert_eq!(pinned_at_start(&asks, &[], false), Pinned::Everything);
     }
 }
