@@ -203,14 +203,18 @@ fn native_first(actions: &[Action]) -> bool {
     false
 }
 
-/// The result of a native ban done before the alarm was logged (see [`Responder::ban_early`]).
+/// The result of a native ban done before the alarm was logged (see [`Responder::ban_early`]),
+/// with the actions it was planned by, so that a reload in between cannot split a response.
 #[derive(Debug, Default)]
-pub struct EarlyBan(Option<Result<()>>);
+pub struct EarlyBan {
+    result: Option<Result<()>>,
+    planned_by: Option<Actions>,
+}
 
 impl EarlyBan {
     /// Whether the ban was attempted early and went in.
     pub fn done(&self) -> bool {
-        matches!(self.0, Some(Ok(())))
+        matches!(self.result, Some(Ok(())))
     }
 }
 
@@ -309,10 +313,17 @@ impl Responder {
         port: u16,
         duration: Option<Duration>,
     ) -> EarlyBan {
-        if !native_first(&self.plan(&self.actions(), mode.into(), target, port)) {
-            return EarlyBan::default();
+        let configured = self.actions();
+        if !native_first(&self.plan(&configured, mode.into(), target, port)) {
+            return EarlyBan {
+                result: None,
+                planned_by: Some(configured),
+            };
         }
-        EarlyBan(Some(self.native_ban(target, duration).await))
+        EarlyBan {
+            result: Some(self.native_ban(target, duration).await),
+            planned_by: Some(configured),
+        }
     }
 
     /// Carries out a planned ban of `host` for a hit on `port`; records it when it worked.
@@ -338,12 +349,12 @@ impl Responder {
     ) -> Outcome {
         let mode = mode.into();
         let target = host.address;
-        let configured = self.actions();
+        let configured = early.planned_by.unwrap_or_else(|| self.actions());
         let actions = self.plan(&configured, mode, target, port);
         if actions.is_empty() {
             return Outcome::NothingToRun;
         }
-        let mut early = early.0;
+        let mut early = early.result;
         let mut failed = false;
         for action in actions {
             let (name, result) = match &action {
@@ -786,6 +797,30 @@ mod tests {
         assert_eq!(read(log), "cmd 192.0.2.9\n");
         assert_eq!(read(moved.path().join("history")).lines().count(), 1);
         assert_eq!(read(dir.path().join("history")), "");
+    }
+
+    #[tokio::test]
+    async fn a_reload_between_the_early_ban_and_the_rest_does_not_split_the_response() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("order");
+        let before = config(
+            dir.path(),
+            &format!(
+                "BLOCK_TCP=\"1\"\nKILL_ROUTE=\"echo route >> {}\"\n",
+                log.display()
+            ),
+        );
+        let responder = responder(&before);
+        let host = HostName::unresolved(ip("192.0.2.9"));
+        let early = responder.ban_early(host.address, Mode::Tcp, 1, None).await;
+        responder.retune(&config(dir.path(), "BLOCK_TCP=\"0\"\n"));
+        assert_eq!(
+            responder
+                .block_after(&host, Mode::Tcp, 1, None, early)
+                .await,
+            Outcome::Blocked
+        );
+        assert_eq!(read(log), "route\n");
     }
 
     #[tokio::test]
