@@ -1,28 +1,30 @@
 //! portsentry-operator: turns sensors' reports into PortSentryBans and bans into enforcement.
 //! Pure build/validate functions here; the controllers and servers are thin I/O around them.
+//!
+//! ```text
+//!  intake/   sensors' reports in: TokenReview, checks, bans written (HTTPS /v1/reports)
+//!  policy/   PortSentryPolicy controller: plan (pure), status, never-widen rule
+//!  cluster/  ClusterPortSentryPolicy controller: plan (pure), node-sensor DaemonSets
+//!  enforce/  bans and how they are enforced: ban arithmetic, NetworkPolicies, quarantine
+//!  inject/   sidecar injection: the pure decision and patch, the admission webhook
+//!  shared:   labels (every label/annotation/audience string), tls (CA, certificates),
+//!            watch (backoff, pod triggers), names, metrics, hooks, lease, server, error
+//! ```
 #![forbid(unsafe_code)]
 
-pub mod bans;
 pub mod cluster;
-pub mod controller;
+pub mod enforce;
 pub mod error;
 pub mod hooks;
 pub mod inject;
 pub mod intake;
-pub mod intake_tls;
+pub mod labels;
 pub mod lease;
 pub mod metrics;
 pub mod names;
-pub mod netpol;
-pub mod nodes;
-pub mod plan;
-pub mod prefixes;
-pub mod quarantine;
-pub mod reports;
-pub mod review;
+pub mod policy;
 pub mod server;
-pub mod status;
-pub mod webhook;
-pub mod widen;
+pub mod tls;
+pub mod watch;
 
 pub use error::{Error, Result};

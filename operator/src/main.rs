@@ -12,13 +12,17 @@ use std::{
 use clap::{ArgAction, Parser};
 use kube::{Client, runtime::events::Reporter};
 use portsentry_operator::{
-    Error, Result, cluster, controller,
+    Error, Result, cluster,
+    enforce::{self, quarantine},
     hooks::Hooks,
-    intake_tls, lease,
+    inject::webhook,
+    intake::{
+        self,
+        server::{Intake, Limits},
+    },
+    labels, lease,
     metrics::Metrics,
-    nodes, quarantine,
-    reports::{self, Intake, Limits},
-    server, webhook,
+    policy, server,
 };
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -51,7 +55,7 @@ struct Args {
     report_addr: SocketAddr,
     /// The intake's certificate: given files, or issued by the operator's intake CA.
     #[command(flatten)]
-    intake_tls: intake_tls::IntakeTlsArgs,
+    intake_tls: intake::tls::IntakeTlsArgs,
     /// Reports one sensor may send at once (token bucket size).
     #[arg(long, default_value = "20")]
     report_burst: u32,
@@ -68,7 +72,7 @@ struct Args {
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     leader_elect: bool,
     /// Name of the Lease.
-    #[arg(long, default_value = "portsentry-operator")]
+    #[arg(long, default_value = labels::MANAGER)]
     lease_name: String,
     /// PEM CA bundle trusted for https:// alert hooks besides the system's roots.
     #[arg(long)]
@@ -81,7 +85,7 @@ struct Args {
     webhook: webhook::WebhookArgs,
     /// Node sensors of ClusterPortSentryPolicies (run by the leader's cluster controller).
     #[command(flatten)]
-    nodes: nodes::NodeSensorArgs,
+    nodes: cluster::nodes::NodeSensorArgs,
 }
 
 #[tokio::main]
@@ -110,14 +114,14 @@ async fn run(args: Args) -> Result<()> {
     tokio::spawn(serve_webhook(client.clone(), args.webhook.clone()));
     let metrics = Arc::new(Metrics::new()?);
     let guards = Arc::new(RwLock::new(
-        controller::discover_guards(&client, &args.operator_addrs).await?,
+        enforce::guards::discover_guards(&client, &args.operator_addrs).await?,
     ));
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", args.metrics_addr)))?;
     info!(addr = %args.metrics_addr, "serving /metrics");
     tokio::spawn(serve_operations(listener, metrics.clone()));
-    tokio::spawn(controller::refresh_guards(
+    tokio::spawn(enforce::guards::refresh_guards(
         client.clone(),
         guards.clone(),
         args.operator_addrs.clone(),
@@ -126,13 +130,13 @@ async fn run(args: Args) -> Result<()> {
     let identity = args
         .instance
         .clone()
-        .unwrap_or_else(|| format!("portsentry-operator-{}", std::process::id()));
+        .unwrap_or_else(|| format!("{}-{}", labels::MANAGER, std::process::id()));
     let reporter = Reporter {
-        controller: "portsentry-operator".into(),
+        controller: labels::MANAGER.into(),
         instance: Some(identity.clone()),
     };
     let (leader_tx, leader) = watch::channel(!args.leader_elect);
-    let tls = intake_tls::load(&client, &args.intake_tls, &args.namespace).await?;
+    let tls = intake::tls::load(&client, &args.intake_tls, &args.namespace).await?;
     let hook_ca = args
         .hook_ca_file
         .as_ref()
@@ -152,7 +156,7 @@ async fn run(args: Args) -> Result<()> {
         metrics.clone(),
         guards.clone(),
         leader.clone(),
-        reports::Settings {
+        intake::server::Settings {
             limits: Limits {
                 burst: args.report_burst,
                 per_second: args.report_rate,
@@ -169,7 +173,7 @@ async fn run(args: Args) -> Result<()> {
     let report_listener = tokio::net::TcpListener::bind(args.report_addr)
         .await
         .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", args.report_addr)))?;
-    info!(addr = %args.report_addr, "serving POST {}", reports::PATH);
+    info!(addr = %args.report_addr, "serving POST {}", intake::server::PATH);
     tokio::spawn(serve_reports(report_listener, tls.config, intake));
     let election = async {
         if args.leader_elect {
@@ -191,7 +195,7 @@ async fn run(args: Args) -> Result<()> {
             .await
             .map_err(|_| Error::Config("leader election stopped".into()))?;
         tokio::select! {
-            () = controller::run(
+            () = policy::controller::run(
                 client.clone(),
                 metrics.clone(),
                 guards.clone(),
@@ -200,7 +204,7 @@ async fn run(args: Args) -> Result<()> {
                 tls.ca_pem.clone(),
             ) => {}
             () = quarantine::run(client.clone()) => {}
-            () = cluster::run(client.clone(), metrics.clone(), guards.clone(), node_sensors) => {}
+            () = cluster::controller::run(client.clone(), metrics.clone(), guards.clone(), node_sensors) => {}
         }
         Ok(())
     };
@@ -221,7 +225,7 @@ async fn serve_reports(
     tls: watch::Receiver<Arc<tokio_rustls::rustls::ServerConfig>>,
     intake: Arc<Intake>,
 ) {
-    if let Err(error) = reports::serve(listener, tls, intake).await {
+    if let Err(error) = intake::server::serve(listener, tls, intake).await {
         error!(%error, "report intake stopped");
     }
 }

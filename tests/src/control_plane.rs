@@ -35,7 +35,7 @@ use crate::{
 /// The issuer and default audience of ServiceAccount tokens minted by the test API server.
 pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// The audience sensors use when they report to the operator.
-pub const PORTSENTRY_AUDIENCE: &str = "portsentry.io";
+pub const PORTSENTRY_AUDIENCE: &str = portsentry_operator::labels::TOKEN_AUDIENCE;
 /// The field manager the harness applies with.
 pub const FIELD_MANAGER: &str = "portsentry-tests";
 

@@ -26,7 +26,10 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use portsentry_crds::{ClusterPortSentryPolicy, PolicyKind, PortSentryBan, Protocol};
-use portsentry_operator::inject::{self, Governing, Skipped};
+use portsentry_operator::{
+    inject::{self, Governing, Skipped},
+    labels,
+};
 use portsentry_tests::{
     ControlPlane, FIELD_MANAGER, Operator, OperatorSettings, Options, PodNet, install_crds,
     prerequisites, repo_root, shared,
@@ -280,7 +283,7 @@ async fn a_pod_a_cluster_policy_injects_finds_its_config_map_rendered_with_the_i
 
     let pod = create_injected(&operator, &client, name, pod("web-0", &[])).await;
     let reference = format!("ClusterPortSentryPolicy/{name}");
-    assert_eq!(pod.annotations()[inject::INJECTED_ANNOTATION], reference);
+    assert_eq!(pod.annotations()[labels::INJECTED_ANNOTATION], reference);
     let mounted = mounted_config_map(&pod);
     assert_eq!(mounted, format!("portsentry-sensor-cluster-{name}"));
 
@@ -652,7 +655,7 @@ async fn a_sidecar_a_cluster_policy_injected_gets_a_scanner_a_cluster_scope_ban(
     net.nmap_connect_scan("1,79,111,31337,40421").unwrap();
     // A cluster-scope ban: in the operator's namespace, of the cluster policy.
     let source = net.attacker_addr.parse().unwrap();
-    let ban_name = portsentry_operator::bans::ban_name(name, &source);
+    let ban_name = portsentry_operator::enforce::bans::ban_name(name, &source);
     let bans = Api::<PortSentryBan>::namespaced(client.clone(), SYSTEM);
     let deadline = Instant::now() + Duration::from_secs(45);
     let ban = loop {

@@ -18,8 +18,11 @@ use kube::{
 };
 use portsentry_crds::PortSentryPolicy;
 use portsentry_operator::{
-    inject::{self, Settings},
-    webhook::{self, PolicyStores, WebhookArgs},
+    inject::{
+        self, Settings,
+        webhook::{self, PolicyStores, WebhookArgs},
+    },
+    labels, tls,
 };
 use portsentry_tests::{ControlPlane, FIELD_MANAGER, Options, repo_root, shared};
 use serde_json::{Value, json};
@@ -588,15 +591,15 @@ async fn a_pod_in_a_selected_namespace_comes_back_with_the_sensor_injected_as_sp
     assert_eq!(sysctls[0].name, "net.ipv4.ip_unprivileged_port_start");
     assert_eq!(sysctls[0].value, "1");
     assert_eq!(
-        annotation(&pod, inject::INJECTED_ANNOTATION),
+        annotation(&pod, labels::INJECTED_ANNOTATION),
         Some("PortSentryPolicy/web")
     );
     assert_eq!(
-        annotation(&pod, inject::CONFIG_MAP_ANNOTATION),
+        annotation(&pod, labels::CONFIG_MAP_ANNOTATION),
         Some("portsentry-sensor-web")
     );
     assert_eq!(
-        pod.metadata.labels.unwrap()[inject::SENSOR_LABEL],
+        pod.metadata.labels.unwrap()[labels::SENSOR_LABEL],
         "injected"
     );
 }
@@ -610,7 +613,7 @@ async fn the_operator_patches_its_shared_ca_into_the_charts_webhook_configuratio
             .get(CA_SECRET)
             .await
             .unwrap();
-    let ca = webhook::Ca::from_secret(&secret).unwrap();
+    let ca = tls::Ca::from_secret(&secret).unwrap();
     let configuration = Api::<
         k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
     >::all(client)
@@ -666,7 +669,7 @@ async fn a_pod_the_policy_does_not_select_is_left_alone() {
     )
     .await;
     assert!(!has_sidecar(&pod));
-    assert_eq!(annotation(&pod, inject::INJECTED_ANNOTATION), None);
+    assert_eq!(annotation(&pod, labels::INJECTED_ANNOTATION), None);
 }
 
 #[tokio::test]
@@ -750,7 +753,7 @@ async fn a_pod_opted_out_by_annotation_is_not_injected() {
         SHOP,
         &PodOptions {
             labels: &[("app", "web")],
-            annotations: &[(inject::INJECT_ANNOTATION, "false")],
+            annotations: &[(labels::INJECT_ANNOTATION, "false")],
             ..PodOptions::default()
         },
     )
@@ -774,10 +777,10 @@ async fn a_decoy_a_container_declares_is_skipped_and_recorded_on_the_pod() {
     .await;
     assert!(has_sidecar(&pod));
     assert_eq!(
-        annotation(&pod, inject::SKIPPED_ANNOTATION),
+        annotation(&pod, labels::SKIPPED_ANNOTATION),
         Some("8080/TCP,31335/UDP")
     );
-    let config_map = annotation(&pod, inject::CONFIG_MAP_ANNOTATION).unwrap();
+    let config_map = annotation(&pod, labels::CONFIG_MAP_ANNOTATION).unwrap();
     assert!(
         config_map.starts_with("portsentry-sensor-web-"),
         "{config_map}"
@@ -870,7 +873,7 @@ async fn intake_ca(client: &Client) -> String {
             .get(CA_SECRET)
             .await
             .unwrap();
-    webhook::Ca::from_secret(&secret).unwrap().cert_pem
+    tls::Ca::from_secret(&secret).unwrap().cert_pem
 }
 
 fn base64(bytes: &[u8]) -> String {
@@ -895,9 +898,9 @@ async fn the_rendered_sensor_config_map_matches_what_the_pod_mounts() {
         },
     )
     .await;
-    let name = annotation(&pod, inject::CONFIG_MAP_ANNOTATION).unwrap();
+    let name = annotation(&pod, labels::CONFIG_MAP_ANNOTATION).unwrap();
     let skipped =
-        inject::parse_skipped_annotation(annotation(&pod, inject::SKIPPED_ANNOTATION).unwrap());
+        inject::parse_skipped_annotation(annotation(&pod, labels::SKIPPED_ANNOTATION).unwrap());
     let snapshot = installed.stores.snapshot();
     let policy = snapshot
         .policies
@@ -1114,9 +1117,9 @@ async fn the_injected_sidecar_started_as_specified_runs_a_sensor_that_detects_a_
     let sidecar = sidecars(&pod).remove(0);
     let spec = pod.spec.clone().unwrap();
     // The operator's part: render the ConfigMap the pod mounts.
-    let name = annotation(&pod, inject::CONFIG_MAP_ANNOTATION).unwrap();
+    let name = annotation(&pod, labels::CONFIG_MAP_ANNOTATION).unwrap();
     let skipped = inject::parse_skipped_annotation(
-        annotation(&pod, inject::SKIPPED_ANNOTATION).unwrap_or(""),
+        annotation(&pod, labels::SKIPPED_ANNOTATION).unwrap_or(""),
     );
     let snapshot = installed.stores.snapshot();
     let policy = snapshot

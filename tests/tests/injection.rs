@@ -29,7 +29,7 @@ use kube::{
 use portsentry_crds::{PolicyKind, PortSentryBan, PortSentryPolicy};
 use portsentry_operator::{
     inject::{self, Governing, Skipped},
-    webhook,
+    labels, tls,
 };
 use portsentry_tests::{
     ControlPlane, FIELD_MANAGER, Operator, OperatorSettings, Options, PodNet, install_crds,
@@ -549,11 +549,7 @@ async fn sensor_refusing_the_intake(namespace: &str, index: u8) -> (Operator, Po
         .await
         .unwrap();
     std::fs::write(net.path("token"), token).unwrap();
-    std::fs::write(
-        net.path("ca.crt"),
-        webhook::Ca::generate().unwrap().cert_pem,
-    )
-    .unwrap();
+    std::fs::write(net.path("ca.crt"), tls::Ca::generate().unwrap().cert_pem).unwrap();
     let config = format!(
         "TCP_PORTS=\"{DECOYS}\"\nUDP_PORTS=\"\"\nSCAN_TRIGGER=\"0\"\nBLOCK_TCP=\"0\"\nBLOCK_UDP=\"0\"\nHISTORY_FILE=\"{h}\"\nBLOCKED_FILE=\"{b}\"\n",
         h = net.path("history").display(),
@@ -653,9 +649,9 @@ async fn a_skip_specific_config_map_is_deleted_as_soon_as_the_last_pod_using_it_
         &pod(
             "web-skips",
             json!({
-                inject::INJECTED_ANNOTATION: governing.reference(),
-                inject::CONFIG_MAP_ANNOTATION: skip_specific,
-                inject::SKIPPED_ANNOTATION: inject::skipped_annotation(&skipped),
+                labels::INJECTED_ANNOTATION: governing.reference(),
+                labels::CONFIG_MAP_ANNOTATION: skip_specific,
+                labels::SKIPPED_ANNOTATION: inject::skipped_annotation(&skipped),
             }),
         ),
     )
@@ -746,7 +742,7 @@ async fn a_rotated_intake_ca_file_reaches_the_sensor_config_map_without_a_restar
     let data = config_map_with_ca(&operator, &client, namespace, "portsentry-sensor-web").await;
     assert_eq!(data[inject::REPORT_CA_KEY], operator.ca_pem);
 
-    let rotated = webhook::Ca::generate().unwrap().cert_pem;
+    let rotated = tls::Ca::generate().unwrap().cert_pem;
     std::fs::write(operator.intake_ca_file(), &rotated).unwrap();
     let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
     wait_value(&operator, "the rotated CA in the sensor ConfigMap", || {

@@ -37,7 +37,7 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use portsentry_crds::{ClusterPortSentryPolicy, PortSentryBan};
-use portsentry_operator::{inject, nodes};
+use portsentry_operator::{cluster::nodes, inject};
 use portsentry_tests::{
     ControlPlane, FIELD_MANAGER, Operator, OperatorSettings, Options, PORTSENTRY_AUDIENCE,
     SERVICE_ACCOUNT_ISSUER, apply_documents, install_crds, parse_documents, prerequisites,

@@ -13,8 +13,8 @@
 //!                the others read it)                <svc>.<ns>.svc.cluster.local, extra SANs
 //! ```
 //!
-//! The certificate code is the webhook's ([`crate::webhook::Ca`]); only the names and the
-//! choice of source live here.
+//! The certificate code is the operator's ([`crate::tls`]), shared with the webhook; only the
+//! names and the choice of source live here.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -23,7 +23,10 @@ use tokio::sync::watch;
 use tokio_rustls::rustls;
 use tracing::{info, warn};
 
-use crate::{Error, Result, webhook};
+use crate::{
+    Error, Result, labels,
+    tls::{self, CaBundle, fixed_ca_bundle},
+};
 
 /// Where the intake's certificate comes from, as flags or environment variables.
 /// Flatten into the operator's arguments with `#[command(flatten)]`.
@@ -55,7 +58,7 @@ pub struct IntakeTlsArgs {
     #[arg(
         long,
         env = "PORTSENTRY_REPORT_SERVICE",
-        default_value = "portsentry-operator"
+        default_value = labels::MANAGER
     )]
     pub report_service: String,
     /// More names (DNS names or IP addresses) for the self-issued certificate (repeatable).
@@ -72,25 +75,6 @@ pub struct IntakeTlsArgs {
         default_value = "portsentry-intake-ca"
     )]
     pub report_ca_secret: String,
-}
-
-/// The PEM bundle sensors trust the intake with, as it is now and as it changes (None:
-/// unknown). Readers take `borrow()` at use; `changed()` says when to render ConfigMaps again.
-pub type CaBundle = watch::Receiver<Option<String>>;
-
-/// A [`CaBundle`] that never changes (the self-issued CA, tests).
-pub fn fixed_ca_bundle(pem: Option<String>) -> CaBundle {
-    // The sender may go: receivers keep the value and never see a change.
-    watch::channel(pem).1
-}
-
-/// A stream that yields once per change of `bundle`: feed it to a controller's
-/// `reconcile_all_on` so every policy renders its ConfigMaps with the new bundle.
-pub fn ca_changes(bundle: CaBundle) -> impl futures::Stream<Item = ()> + Send + 'static {
-    futures::stream::unfold(bundle, |mut bundle| async move {
-        bundle.changed().await.ok()?;
-        Some(((), bundle))
-    })
 }
 
 /// The intake's TLS configuration (the latest: certificate files are reloaded) and the PEM
@@ -183,11 +167,11 @@ fn read(path: &PathBuf) -> Result<String> {
 }
 
 /// The intake's certificate from `--report-cert-file` (re-read every
-/// `--report-tls-reload-secs`, with the webhook's [`webhook::CertFiles`]), or issued by the shared CA in Secret `namespace/--report-ca-secret`
-/// (created when missing) for the Service's names.
+/// `--report-tls-reload-secs`, with [`tls::CertFiles`]), or issued by the shared CA in Secret
+/// `namespace/--report-ca-secret` (created when missing) for the Service's names.
 pub async fn load(client: &Client, args: &IntakeTlsArgs, namespace: &str) -> Result<IntakeTls> {
     if let (Some(cert), Some(key)) = (&args.report_cert_file, &args.report_key_file) {
-        let files = webhook::CertFiles {
+        let files = tls::CertFiles {
             what: "report intake",
             cert: cert.clone(),
             key: key.clone(),
@@ -205,7 +189,7 @@ pub async fn load(client: &Client, args: &IntakeTlsArgs, namespace: &str) -> Res
         };
         return Ok(IntakeTls { config, ca_pem });
     }
-    let ca = webhook::shared_ca(client.clone(), namespace, &args.report_ca_secret).await?;
+    let ca = tls::shared_ca(client.clone(), namespace, &args.report_ca_secret).await?;
     let names = service_names(&args.report_service, namespace, &args.report_dns_names);
     let cert = ca.serving(&names)?;
     info!(
@@ -214,7 +198,7 @@ pub async fn load(client: &Client, args: &IntakeTlsArgs, namespace: &str) -> Res
         "report intake serves a certificate of the operator's intake CA"
     );
     // Nothing rotates a self-issued certificate: the sender may go.
-    let (_, config) = watch::channel(webhook::tls_config(&cert.cert_pem, &cert.key_pem)?);
+    let (_, config) = watch::channel(tls::tls_config(&cert.cert_pem, &cert.key_pem)?);
     Ok(IntakeTls {
         config,
         ca_pem: fixed_ca_bundle(Some(cert.ca_pem)),
@@ -318,10 +302,10 @@ mod tests {
 
     #[test]
     fn a_client_trusting_the_ca_accepts_the_intake_certificate_by_its_service_name() {
-        let ca = webhook::Ca::generate().unwrap();
+        let ca = tls::Ca::generate().unwrap();
         let names = service_names("portsentry-operator", "portsentry-system", &[]);
         let cert = ca.serving(&names).unwrap();
-        let server = webhook::tls_config(&cert.cert_pem, &cert.key_pem).unwrap();
+        let server = tls::tls_config(&cert.cert_pem, &cert.key_pem).unwrap();
         assert!(handshake(
             server.clone(),
             &ca.cert_pem,
@@ -336,11 +320,11 @@ mod tests {
 
     #[test]
     fn a_client_trusting_another_ca_or_asking_another_name_refuses_it() {
-        let ca = webhook::Ca::generate().unwrap();
+        let ca = tls::Ca::generate().unwrap();
         let names = service_names("portsentry-operator", "portsentry-system", &[]);
         let cert = ca.serving(&names).unwrap();
-        let server = webhook::tls_config(&cert.cert_pem, &cert.key_pem).unwrap();
-        let other = webhook::Ca::generate().unwrap();
+        let server = tls::tls_config(&cert.cert_pem, &cert.key_pem).unwrap();
+        let other = tls::Ca::generate().unwrap();
         assert!(!handshake(
             server.clone(),
             &other.cert_pem,
@@ -376,17 +360,14 @@ mod tests {
         let dir = TempDir::new("portsentry-intake-rotation");
         let names = service_names("portsentry-operator", "portsentry-system", &[]);
         let name = names[0].as_str();
-        let (first_ca, second_ca) = (
-            webhook::Ca::generate().unwrap(),
-            webhook::Ca::generate().unwrap(),
-        );
-        let write = |ca: &webhook::Ca| {
+        let (first_ca, second_ca) = (tls::Ca::generate().unwrap(), tls::Ca::generate().unwrap());
+        let write = |ca: &tls::Ca| {
             let cert = ca.serving(&names).unwrap();
             std::fs::write(dir.0.join("tls.crt"), &cert.cert_pem).unwrap();
             std::fs::write(dir.0.join("tls.key"), &cert.key_pem).unwrap();
         };
         write(&first_ca);
-        let mut served = webhook::CertFiles::in_dir("report intake", &dir.0)
+        let mut served = tls::CertFiles::in_dir("report intake", &dir.0)
             .watch(Duration::from_millis(20))
             .unwrap();
         assert!(handshake(served.borrow().clone(), &first_ca.cert_pem, name));
@@ -402,10 +383,7 @@ mod tests {
     async fn a_rewritten_ca_file_is_published_to_the_sensor_config_maps() {
         let dir = TempDir::new("portsentry-intake-ca-rotation");
         let path = dir.0.join("ca.crt");
-        let (first, second) = (
-            webhook::Ca::generate().unwrap(),
-            webhook::Ca::generate().unwrap(),
-        );
+        let (first, second) = (tls::Ca::generate().unwrap(), tls::Ca::generate().unwrap());
         std::fs::write(&path, &first.cert_pem).unwrap();
         let mut bundle = follow_ca_file(path.clone(), Duration::from_millis(20)).unwrap();
         assert_eq!(bundle.borrow().as_deref(), Some(first.cert_pem.as_str()));
@@ -419,7 +397,7 @@ mod tests {
     async fn a_half_written_ca_file_keeps_the_previous_bundle() {
         let dir = TempDir::new("portsentry-intake-ca-half");
         let path = dir.0.join("ca.crt");
-        let ca = webhook::Ca::generate().unwrap();
+        let ca = tls::Ca::generate().unwrap();
         std::fs::write(&path, &ca.cert_pem).unwrap();
         let mut bundle = follow_ca_file(path.clone(), Duration::from_millis(20)).unwrap();
 
@@ -436,16 +414,5 @@ mod tests {
         std::fs::write(&path, "not a certificate\n").unwrap();
         let error = ca_bundle(&path).unwrap_err().to_string();
         assert!(error.contains(&path.display().to_string()), "{error}");
-    }
-
-    #[tokio::test]
-    async fn every_change_of_the_bundle_asks_for_one_pass_over_the_policies() {
-        use futures::StreamExt;
-        let (sender, receiver) = watch::channel(Some("first".to_owned()));
-        let mut changes = Box::pin(ca_changes(receiver));
-        sender.send(Some("second".to_owned())).unwrap();
-        assert_eq!(changes.next().await, Some(()));
-        drop(sender);
-        assert_eq!(changes.next().await, None);
     }
 }

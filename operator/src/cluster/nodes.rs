@@ -36,12 +36,10 @@ use serde::Deserialize;
 
 use crate::{
     Error, Result, inject,
+    labels::{self, CLUSTER_POLICY_LABEL, NODE_SENSOR_LABEL},
     names::{bounded, label_value},
-    review::NODE_SENSOR_LABEL,
 };
 
-/// Label naming the cluster policy a node sensor object belongs to (bounded value).
-pub const CLUSTER_POLICY_LABEL: &str = "portsentry.io/cluster-policy";
 /// Name of the node sensor's container.
 pub const CONTAINER_NAME: &str = "portsentry-node-sensor";
 /// Capabilities a node sensor keeps: nftables (`NET_ADMIN`) and raw capture (`NET_RAW`).
@@ -110,12 +108,12 @@ impl NodeSensorArgs {
         &self,
         namespace: &str,
         sidecar: inject::Settings,
-        report_ca_pem: crate::intake_tls::CaBundle,
-    ) -> Result<crate::cluster::NodeSensors> {
+        report_ca_pem: crate::tls::CaBundle,
+    ) -> Result<NodeSensors> {
         let settings = NodeSensorSettings::from_json(
             self.node_sensor_settings.as_deref().unwrap_or_default(),
         )?;
-        Ok(crate::cluster::NodeSensors {
+        Ok(NodeSensors {
             enabled: self.node_sensors,
             namespace: namespace.to_owned(),
             sidecar,
@@ -123,6 +121,19 @@ impl NodeSensorArgs {
             report_ca_pem,
         })
     }
+}
+
+/// The node sensors as the operator was told to run them.
+#[derive(Clone, Debug)]
+pub struct NodeSensors {
+    /// False (`--node-sensors=false`): no DaemonSets are managed at all.
+    pub enabled: bool,
+    /// The operator's namespace: DaemonSets, ConfigMaps and cluster bans live there.
+    pub namespace: String,
+    pub sidecar: inject::Settings,
+    pub settings: NodeSensorSettings,
+    /// The intake's CA bundle, rendered into node and sidecar ConfigMaps (follows rotation).
+    pub report_ca_pem: crate::tls::CaBundle,
 }
 
 /// Everything a node-sensor build needs besides the policy.
@@ -173,11 +184,11 @@ pub fn selector_labels(policy: &str) -> BTreeMap<String, String> {
 fn object_labels(policy: &str) -> BTreeMap<String, String> {
     let mut labels = selector_labels(policy);
     labels.insert(
-        "app.kubernetes.io/managed-by".to_owned(),
-        "portsentry-operator".to_owned(),
+        labels::MANAGED_BY_LABEL.to_owned(),
+        labels::MANAGER.to_owned(),
     );
     labels.insert(
-        "app.kubernetes.io/name".to_owned(),
+        labels::NAME_LABEL.to_owned(),
         "portsentry-sensor".to_owned(),
     );
     labels
@@ -318,7 +329,7 @@ pub fn build_daemon_set(
     let object = object_name(name);
     let pod_labels = {
         let mut labels = object_labels(name);
-        labels.insert(inject::SENSOR_LABEL.to_owned(), "node".to_owned());
+        labels.insert(labels::SENSOR_LABEL.to_owned(), "node".to_owned());
         labels
     };
     let tolerations = Some(target.nodes.tolerations.clone()).filter(|t| !t.is_empty());
@@ -340,7 +351,7 @@ pub fn build_daemon_set(
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
                     annotations: Some(BTreeMap::from([(
-                        inject::INJECTED_ANNOTATION.to_owned(),
+                        labels::INJECTED_ANNOTATION.to_owned(),
                         policy_reference(name),
                     )])),
                     ..ObjectMeta::default()

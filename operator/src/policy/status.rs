@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use kube::ResourceExt;
 use portsentry_crds::PortSentryBan;
 
-use crate::{bans::Protection, inject, widen};
+use crate::{enforce::bans::Protection, inject, labels, policy::widen};
 
 pub const READY: &str = "Ready";
 pub const ENFORCED: &str = "Enforced";
@@ -206,14 +206,14 @@ pub fn sensor_ready(pod: &Pod) -> bool {
 }
 
 /// The sensors of the policy `reference` (`PortSentryPolicy/<name>` or
-/// `ClusterPortSentryPolicy/<name>`, as [`inject::INJECTED_ANNOTATION`] names it) among `pods`:
+/// `ClusterPortSentryPolicy/<name>`, as [`labels::INJECTED_ANNOTATION`] names it) among `pods`:
 /// the pods injected for it, and those of them whose sensor is ready ([`sensor_ready`]).
 /// Pods of other policies and pods without a sensor are not counted.
 pub fn count_sensors<'a>(pods: impl IntoIterator<Item = &'a Pod>, reference: &str) -> SensorCount {
     pods.into_iter()
         .filter(|pod| {
             pod.annotations()
-                .get(inject::INJECTED_ANNOTATION)
+                .get(labels::INJECTED_ANNOTATION)
                 .map(String::as_str)
                 == Some(reference)
         })
@@ -235,9 +235,9 @@ pub fn sensor_view(pod: &mut Pod) {
         .into_iter()
         .filter(|(key, _)| {
             [
-                inject::INJECTED_ANNOTATION,
-                inject::CONFIG_MAP_ANNOTATION,
-                inject::SKIPPED_ANNOTATION,
+                labels::INJECTED_ANNOTATION,
+                labels::CONFIG_MAP_ANNOTATION,
+                labels::SKIPPED_ANNOTATION,
             ]
             .contains(&key.as_str())
         })
@@ -484,7 +484,7 @@ mod tests {
         serde_json::from_value(json!({
             "metadata": {
                 "name": "web-0", "namespace": "shop", "uid": "u1",
-                "annotations": {inject::INJECTED_ANNOTATION: policy},
+                "annotations": {labels::INJECTED_ANNOTATION: policy},
             },
             "status": {
                 "phase": phase,
@@ -586,7 +586,7 @@ mod tests {
         assert_eq!(count_sensors([&pod], WEB), before);
         assert_eq!(
             pod.annotations().keys().collect::<Vec<_>>(),
-            [inject::INJECTED_ANNOTATION]
+            [labels::INJECTED_ANNOTATION]
         );
         assert!(pod.metadata.labels.is_none() && pod.spec.is_none());
         let statuses = pod.status.unwrap().init_container_statuses.unwrap();

@@ -13,11 +13,11 @@ use serde_json::Value;
 
 use crate::{
     Error, Result,
-    bans::{self, Guards},
-    netpol,
-    prefixes::BannedPrefixes,
-    status::{self, Enforcement},
-    widen,
+    enforce::bans::{self, Guards},
+    enforce::netpol,
+    enforce::prefixes::BannedPrefixes,
+    policy::status::{self, Enforcement},
+    policy::widen,
 };
 
 /// Longest wait between two reconciles of one policy when nothing changes.

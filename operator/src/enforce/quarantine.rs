@@ -33,10 +33,13 @@ use portsentry_crds::{PolicyKind, PortSentryBan, PortSentryPolicy};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::{Result, bans, controller::WatchBackoff, netpol};
+use crate::{
+    Result,
+    enforce::bans,
+    labels::{self, QUARANTINE_LABEL},
+    watch::WatchBackoff,
+};
 
-/// Label on a quarantined pod.
-pub const LABEL: &str = "portsentry.io/quarantined";
 /// Name of the generated deny-egress policy in each namespace holding quarantined pods.
 pub const POLICY_NAME: &str = "portsentry-quarantine";
 /// Longest wait between two passes when nothing changes.
@@ -109,14 +112,17 @@ pub fn egress_policy(namespace: &str) -> NetworkPolicy {
             name: Some(POLICY_NAME.to_owned()),
             namespace: Some(namespace.to_owned()),
             labels: Some(BTreeMap::from([(
-                netpol::MANAGED_BY_LABEL.to_owned(),
-                netpol::MANAGER.to_owned(),
+                labels::MANAGED_BY_LABEL.to_owned(),
+                labels::MANAGER.to_owned(),
             )])),
             ..ObjectMeta::default()
         },
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(LabelSelector {
-                match_labels: Some(BTreeMap::from([(LABEL.to_owned(), "true".to_owned())])),
+                match_labels: Some(BTreeMap::from([(
+                    QUARANTINE_LABEL.to_owned(),
+                    "true".to_owned(),
+                )])),
                 match_expressions: None,
             }),
             policy_types: Some(vec!["Egress".to_owned()]),
@@ -194,7 +200,7 @@ async fn pass(
     let want = desired(&bans.state(), &quarantining, &pods_now, Timestamp::now());
     let labelled: BTreeSet<PodKey> = pods_now
         .iter()
-        .filter(|p| p.labels().get(LABEL).map(String::as_str) == Some("true"))
+        .filter(|p| p.labels().get(QUARANTINE_LABEL).map(String::as_str) == Some("true"))
         .filter_map(|p| Some((p.namespace()?, p.name_any())))
         .collect();
     let (add, remove) = changes(&want, &labelled);
@@ -204,7 +210,7 @@ async fn pass(
         .map(|k| (k, serde_json::json!("true")))
         .chain(remove.iter().map(|k| (k, serde_json::Value::Null)))
     {
-        let patch = serde_json::json!({"metadata": {"labels": {LABEL: value}}});
+        let patch = serde_json::json!({"metadata": {"labels": {QUARANTINE_LABEL: value}}});
         match Api::<Pod>::namespaced(client.clone(), namespace)
             .patch(name, &params, &Patch::Merge(&patch))
             .await
@@ -220,7 +226,7 @@ async fn pass(
     let existing = Api::<NetworkPolicy>::all(client.clone())
         .list(&ListParams::default().fields(&format!("metadata.name={POLICY_NAME}")))
         .await?;
-    let apply = PatchParams::apply(netpol::MANAGER).force();
+    let apply = PatchParams::apply(labels::MANAGER).force();
     for namespace in &needed {
         Api::<NetworkPolicy>::namespaced(client.clone(), namespace)
             .patch(POLICY_NAME, &apply, &Patch::Apply(egress_policy(namespace)))
@@ -228,9 +234,9 @@ async fn pass(
     }
     for stale in existing.items.iter().filter(|np| {
         np.labels()
-            .get(netpol::MANAGED_BY_LABEL)
+            .get(labels::MANAGED_BY_LABEL)
             .map(String::as_str)
-            == Some(netpol::MANAGER)
+            == Some(labels::MANAGER)
             && !np
                 .namespace()
                 .is_some_and(|ns| needed.contains(ns.as_str()))
@@ -326,7 +332,7 @@ mod tests {
         assert_eq!(spec.policy_types, Some(vec!["Egress".to_owned()]));
         assert_eq!(spec.egress, Some(Vec::new()));
         assert_eq!(
-            spec.pod_selector.unwrap().match_labels.unwrap()[LABEL],
+            spec.pod_selector.unwrap().match_labels.unwrap()[QUARANTINE_LABEL],
             "true"
         );
     }

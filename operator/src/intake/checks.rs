@@ -16,8 +16,8 @@ use portsentry_crds::{
 
 use crate::{
     Result,
-    bans::{self, Guards, Offence, Verdict},
-    widen,
+    enforce::bans::{self, Guards, Offence, Verdict},
+    policy::widen,
 };
 
 /// Largest request body read; beyond it the request is refused with 413 unread.

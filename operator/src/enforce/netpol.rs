@@ -11,16 +11,10 @@ use k8s_openapi::{
 };
 
 use crate::{
+    enforce::prefixes::{self, BannedPrefixes, Block},
+    labels::{MANAGED_BY_LABEL, MANAGER, POLICY_LABEL},
     names,
-    prefixes::{self, BannedPrefixes, Block},
 };
-
-/// Label set on everything the operator generates.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-/// Value of [`MANAGED_BY_LABEL`], also the server-side apply field manager.
-pub const MANAGER: &str = "portsentry-operator";
-/// Label naming the policy a generated object belongs to.
-pub const POLICY_LABEL: &str = "portsentry.io/policy";
 
 /// What the generated objects protect and who owns them.
 #[derive(Clone, Debug)]

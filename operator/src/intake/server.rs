@@ -50,11 +50,14 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Error, Result,
-    bans::{self, Guards},
+    enforce::bans::{self, Guards},
     hooks::{self, Hooks},
-    intake::{self, Authentication, BanWrite, Governing, RateLimiter, Refusal, Reporter},
+    intake::checks::{
+        self as intake, Authentication, BanWrite, Governing, RateLimiter, Refusal, Reporter,
+    },
+    intake::review,
+    labels,
     metrics::Metrics,
-    netpol, review,
 };
 
 /// The path sensors post their reports to.
@@ -163,11 +166,11 @@ pub fn ban_object(write: &BanWrite, namespace: &str) -> PortSentryBan {
         namespace: Some(namespace.to_owned()),
         labels: Some(BTreeMap::from([
             (
-                netpol::MANAGED_BY_LABEL.to_owned(),
-                netpol::MANAGER.to_owned(),
+                labels::MANAGED_BY_LABEL.to_owned(),
+                labels::MANAGER.to_owned(),
             ),
             (
-                netpol::POLICY_LABEL.to_owned(),
+                labels::POLICY_LABEL.to_owned(),
                 crate::names::label_value(&write.spec.policy.name),
             ),
         ])),
@@ -257,7 +260,7 @@ impl Intake {
             Api::<PortSentryBan>::all(client.clone()),
             watcher::Config::default(),
         )
-        .backoff(crate::controller::WatchBackoff::default())
+        .backoff(crate::watch::WatchBackoff::default())
         .modify(|ban| ban.managed_fields_mut().clear())
         .reflect(writer)
         .applied_objects();
@@ -558,7 +561,7 @@ impl Intake {
             active,
             now,
         )?;
-        let params = PatchParams::apply(netpol::MANAGER).force();
+        let params = PatchParams::apply(labels::MANAGER).force();
         for write in &writes {
             let ban = ban_object(write, &namespace);
             api.patch(&write.name, &params, &Patch::Apply(&ban)).await?;
@@ -739,6 +742,6 @@ mod tests {
             "shop",
         );
         assert_eq!(ban.metadata.namespace.as_deref(), Some("shop"));
-        assert_eq!(ban.labels()[netpol::POLICY_LABEL], "web");
+        assert_eq!(ban.labels()[labels::POLICY_LABEL], "web");
     }
 }

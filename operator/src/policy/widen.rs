@@ -8,7 +8,7 @@ use k8s_openapi::{
 };
 use kube::core::{Selector, SelectorExt};
 
-use crate::{Error, Result, netpol};
+use crate::{Error, Result, enforce::netpol};
 
 /// Reason of `Enforced=False` when other NetworkPolicies select the protected pods.
 pub const EXISTING_NETWORK_POLICIES: &str = "ExistingNetworkPolicies";
@@ -161,7 +161,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::prefixes::BannedPrefixes;
+    use crate::enforce::prefixes::BannedPrefixes;
 
     const OURS: &str = "uid-ours";
 

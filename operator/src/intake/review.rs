@@ -8,12 +8,10 @@ use k8s_openapi::api::{
     core::v1::Pod,
 };
 
-use crate::intake::{Authentication, Reporter};
-
-/// The audience sensors' projected tokens are issued for.
-pub const AUDIENCE: &str = "portsentry.io";
-/// Label marking the node-sensor DaemonSet's pods (in the operator's namespace).
-pub const NODE_SENSOR_LABEL: (&str, &str) = ("app.kubernetes.io/component", "node-sensor");
+use crate::{
+    intake::checks::{Authentication, Reporter},
+    labels::{NODE_SENSOR_LABEL, TOKEN_AUDIENCE},
+};
 
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
@@ -25,7 +23,7 @@ pub fn request(token: &str) -> TokenReview {
         metadata: Default::default(),
         spec: TokenReviewSpec {
             token: Some(token.to_owned()),
-            audiences: Some(vec![AUDIENCE.to_owned()]),
+            audiences: Some(vec![TOKEN_AUDIENCE.to_owned()]),
         },
         status: None,
     }
@@ -58,7 +56,7 @@ pub fn identity(status: Option<&TokenReviewStatus>) -> TokenIdentity {
     let audience_ok = status
         .audiences
         .as_ref()
-        .is_some_and(|a| a.iter().any(|a| a == AUDIENCE));
+        .is_some_and(|a| a.iter().any(|a| a == TOKEN_AUDIENCE));
     if status.authenticated != Some(true) || !audience_ok {
         return TokenIdentity::Invalid;
     }
@@ -206,7 +204,7 @@ mod tests {
     fn a_pod_bound_token_for_our_audience_names_the_pod() {
         let s = status(
             true,
-            &[AUDIENCE],
+            &[TOKEN_AUDIENCE],
             "system:serviceaccount:shop:default",
             true,
         );
@@ -217,7 +215,7 @@ mod tests {
     fn an_unauthenticated_token_or_another_audience_is_invalid() {
         let s = status(
             false,
-            &[AUDIENCE],
+            &[TOKEN_AUDIENCE],
             "system:serviceaccount:shop:default",
             true,
         );
@@ -234,11 +232,11 @@ mod tests {
 
     #[test]
     fn a_user_or_an_unbound_service_account_token_is_not_a_pod() {
-        let s = status(true, &[AUDIENCE], "alice", false);
+        let s = status(true, &[TOKEN_AUDIENCE], "alice", false);
         assert_eq!(identity(Some(&s)), TokenIdentity::NotAPod);
         let s = status(
             true,
-            &[AUDIENCE],
+            &[TOKEN_AUDIENCE],
             "system:serviceaccount:shop:default",
             false,
         );

@@ -1,0 +1,416 @@
+//! One cluster policy's reconcile as a pure function: from what was observed (policy, bans,
+//! its node sensors' DaemonSet, injected sidecars, protected addresses, time) to what to write.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::{api::apps::v1::DaemonSet, apimachinery::pkg::apis::meta::v1::Condition};
+use kube::{Resource, ResourceExt};
+use portsentry_crds::{
+    Backend, ClusterPortSentryPolicy, PolicyKind, PortSentryBan, PortSentryBanSpec,
+};
+use serde_json::Value;
+
+use crate::{
+    enforce::bans::{self, Guards},
+    policy::{
+        plan::RESYNC,
+        status::{self, BanEnforcement, Enforcement},
+    },
+};
+
+/// Reason of `Enforced=True` when node sensors keep the bans in nftables.
+pub const NODE_NFTABLES: &str = "NodeNftables";
+
+/// What a reconcile of one cluster policy observed.
+#[derive(Clone, Copy, Debug)]
+pub struct Observed<'a> {
+    pub policy: &'a ClusterPortSentryPolicy,
+    /// Bans of the operator namespace (only this policy's are used).
+    pub bans: &'a [PortSentryBan],
+    /// The stored DaemonSet of the policy's node sensors, if any.
+    pub daemon_set: Option<&'a DaemonSet>,
+    pub guards: &'a Guards,
+    /// Whether node sensors are managed by this operator.
+    pub node_sensors_enabled: bool,
+    /// Sidecars the webhook injected for this policy, and how many are ready.
+    pub sidecars: status::SensorCount,
+    pub now: Timestamp,
+}
+
+/// What a reconcile of one cluster policy writes (besides the node-sensor objects).
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Bans past expiry: delete them (only if unchanged since read).
+    pub expired: Vec<PortSentryBan>,
+    pub active_bans: usize,
+    pub enforced: bool,
+    /// Server-side apply body of the policy's status.
+    pub status: Value,
+    /// Bans whose `Enforced` condition changes: (name, new condition).
+    pub ban_conditions: Vec<(String, Condition)>,
+    /// When to look again: the next expiry, at most [`RESYNC`].
+    pub requeue_after: Duration,
+}
+
+fn of_policy(ban: &PortSentryBan, name: &str) -> bool {
+    ban.spec.policy.kind == PolicyKind::ClusterPortSentryPolicy && ban.spec.policy.name == name
+}
+
+/// True when node sensors of `policy` keep its bans in nftables.
+pub fn enforces_on_nodes(policy: &ClusterPortSentryPolicy, node_sensors_enabled: bool) -> bool {
+    node_sensors_enabled
+        && policy.spec.node_selector.is_some()
+        && policy
+            .spec
+            .rules
+            .enforcement
+            .backends
+            .contains(&Backend::NodeNftables)
+}
+
+/// The `Enforced` condition of one cluster ban.
+pub fn ban_condition(previous: &[Condition], state: BanEnforcement, now: Timestamp) -> Condition {
+    match state {
+        BanEnforcement::Enforced => status::condition(
+            previous,
+            status::ENFORCED,
+            true,
+            NODE_NFTABLES,
+            "dropped by the nftables sets of the policy's node sensors".to_owned(),
+            None,
+            now,
+        ),
+        other => status::ban_condition(previous, other, now),
+    }
+}
+
+/// Decides the status, expiries and ban conditions of one cluster policy.
+pub fn plan(observed: &Observed<'_>) -> Plan {
+    let policy = observed.policy;
+    let name = policy.name_any();
+    let now = observed.now;
+    let rules = &policy.spec.rules;
+    let (active, expired): (Vec<&PortSentryBan>, Vec<&PortSentryBan>) = observed
+        .bans
+        .iter()
+        .filter(|ban| of_policy(ban, &name))
+        .partition(|ban| bans::is_active(&ban.spec, now));
+    let enforced = enforces_on_nodes(policy, observed.node_sensors_enabled);
+    let (desired, ready) = observed
+        .daemon_set
+        .and_then(|d| d.status.as_ref())
+        .map_or((0, 0), |s| {
+            (s.desired_number_scheduled.max(0), s.number_ready.max(0))
+        });
+    let generation = policy.metadata.generation;
+    let previous = policy
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let mut conditions = status::policy_conditions(
+        &previous,
+        &Enforcement::NoBackend,
+        active.len(),
+        rules.response.max_active_bans,
+        generation,
+        now,
+    );
+    let message = match (enforced, observed.node_sensors_enabled) {
+        (true, _) => format!(
+            "{} bans in the nftables sets of the node sensors ({ready} of {desired} ready)",
+            active.len()
+        ),
+        (false, false) => {
+            "node sensors are disabled in this operator (--node-sensors=false); no other \
+             backend enforces cluster bans"
+                .to_owned()
+        }
+        (false, true) if policy.spec.node_selector.is_none() => {
+            "no nodeSelector: no node sensors enforce this policy's bans".to_owned()
+        }
+        (false, true) => {
+            "enforcement.backends does not name NodeNftables: node sensors detect but do not ban"
+                .to_owned()
+        }
+    };
+    let reason = if enforced {
+        NODE_NFTABLES
+    } else {
+        "NoUsableBackend"
+    };
+    for condition in &mut conditions {
+        if condition.type_ == status::ENFORCED {
+            *condition = status::condition(
+                &previous,
+                status::ENFORCED,
+                enforced,
+                reason,
+                message.clone(),
+                generation,
+                now,
+            );
+        }
+    }
+    // Node sensors scheduled plus injected sidecars; ready: node sensors ready plus sidecars
+    // whose startup probe passed.
+    let node_sensors = status::SensorCount {
+        injected: u32::try_from(desired).unwrap_or(0),
+        ready: u32::try_from(ready).unwrap_or(0),
+    };
+    let status = status::policy_status_patch(
+        &ClusterPortSentryPolicy::api_version(&()),
+        &ClusterPortSentryPolicy::kind(&()),
+        &conditions,
+        active.len(),
+        node_sensors.plus(observed.sidecars),
+        generation,
+    );
+    let ban_conditions = status::ban_condition_changes(
+        active.iter().map(|ban| {
+            let protected = observed
+                .guards
+                .protected(&ban.spec.source, &rules.detection.ignore);
+            (*ban, protected)
+        }),
+        enforced,
+        now,
+        ban_condition,
+    );
+    let requeue_after = active
+        .iter()
+        .filter_map(|ban| bans::requeue_after(now, &ban.spec))
+        .min()
+        .map_or(RESYNC, |d| d.min(RESYNC));
+    Plan {
+        expired: expired.into_iter().cloned().collect(),
+        active_bans: active.len(),
+        enforced,
+        status,
+        ban_conditions,
+        requeue_after,
+    }
+}
+
+/// The spec of a ban of cluster policy `policy` (for tests and hand-made bans alike).
+pub fn ban_spec(policy: &str, source: portsentry_crds::SourcePrefix) -> PortSentryBanSpec {
+    PortSentryBanSpec {
+        source,
+        policy: portsentry_crds::PolicyRef {
+            kind: PolicyKind::ClusterPortSentryPolicy,
+            name: policy.to_owned(),
+        },
+        first_seen: None,
+        last_seen: None,
+        offences: 1,
+        expires_at: None,
+        reason: None,
+        evidence: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use k8s_openapi::{api::apps::v1::DaemonSetStatus, apimachinery::pkg::apis::meta::v1::Time};
+    use portsentry_crds::{ClusterPortSentryPolicySpec, PolicyRules};
+
+    use super::*;
+
+    const T0: i64 = 1_780_000_000;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    fn policy(backends: Vec<Backend>, node_selector: bool) -> ClusterPortSentryPolicy {
+        let mut rules = PolicyRules::default();
+        rules.enforcement.backends = backends;
+        rules.response.max_active_bans = 2;
+        let mut policy = ClusterPortSentryPolicy::new(
+            "edge",
+            ClusterPortSentryPolicySpec {
+                namespace_selector: None,
+                pod_selector: None,
+                node_selector: node_selector
+                    .then(|| [("edge".to_owned(), "true".to_owned())].into()),
+                rules,
+            },
+        );
+        policy.metadata.generation = Some(4);
+        policy
+    }
+
+    fn ban(policy: &str, source: &str, expires: Option<i64>) -> PortSentryBan {
+        let mut spec = ban_spec(policy, source.parse().unwrap());
+        spec.expires_at = expires.map(|s| Time(at(s)));
+        let mut ban = PortSentryBan::new(&bans::ban_name(policy, &spec.source), spec);
+        ban.metadata.namespace = Some("portsentry-system".into());
+        ban
+    }
+
+    fn daemon_set(desired: i32, ready: i32) -> DaemonSet {
+        DaemonSet {
+            status: Some(DaemonSetStatus {
+                desired_number_scheduled: desired,
+                number_ready: ready,
+                ..DaemonSetStatus::default()
+            }),
+            ..DaemonSet::default()
+        }
+    }
+
+    fn run(
+        policy: &ClusterPortSentryPolicy,
+        bans: &[PortSentryBan],
+        ds: Option<&DaemonSet>,
+    ) -> Plan {
+        plan(&Observed {
+            policy,
+            bans,
+            daemon_set: ds,
+            guards: &Guards::default(),
+            node_sensors_enabled: true,
+            sidecars: status::SensorCount::default(),
+            now: at(T0),
+        })
+    }
+
+    fn condition<'a>(plan: &'a Plan, type_: &str) -> &'a Value {
+        plan.status["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == type_)
+            .unwrap()
+    }
+
+    #[test]
+    fn node_sensors_with_the_nftables_backend_enforce_and_say_how_many_are_ready() {
+        let policy = policy(vec![Backend::NodeNftables], true);
+        let plan = run(
+            &policy,
+            &[ban("edge", "203.0.113.7", None)],
+            Some(&daemon_set(3, 2)),
+        );
+        assert!(plan.enforced);
+        let enforced = condition(&plan, status::ENFORCED);
+        assert_eq!(enforced["status"], "True");
+        assert_eq!(enforced["reason"], NODE_NFTABLES);
+        assert!(
+            enforced["message"]
+                .as_str()
+                .unwrap()
+                .contains("2 of 3 ready")
+        );
+        assert_eq!(plan.status["status"]["sensorsInjected"], 3);
+        assert_eq!(plan.status["status"]["sensorsReady"], 2);
+        assert_eq!(plan.status["status"]["observedGeneration"], 4);
+    }
+
+    #[test]
+    fn injected_sidecars_count_next_to_node_sensors_as_injected_and_as_ready() {
+        let policy = policy(vec![Backend::NodeNftables], true);
+        let plan = plan(&Observed {
+            policy: &policy,
+            bans: &[],
+            daemon_set: Some(&daemon_set(3, 2)),
+            guards: &Guards::default(),
+            node_sensors_enabled: true,
+            sidecars: status::SensorCount {
+                injected: 4,
+                ready: 1,
+            },
+            now: at(T0),
+        });
+        assert_eq!(plan.status["status"]["sensorsInjected"], 7);
+        assert_eq!(plan.status["status"]["sensorsReady"], 3);
+    }
+
+    #[test]
+    fn without_the_nftables_backend_bans_are_not_enforced() {
+        let policy = policy(vec![Backend::NetworkPolicy], true);
+        let plan = run(&policy, &[], None);
+        assert!(!plan.enforced);
+        let enforced = condition(&plan, status::ENFORCED);
+        assert_eq!(enforced["status"], "False");
+        assert!(
+            enforced["message"]
+                .as_str()
+                .unwrap()
+                .contains("NodeNftables")
+        );
+    }
+
+    #[test]
+    fn without_a_node_selector_bans_are_not_enforced() {
+        let policy = policy(vec![Backend::NodeNftables], false);
+        let plan = run(&policy, &[], None);
+        assert!(!plan.enforced);
+        assert!(
+            condition(&plan, status::ENFORCED)["message"]
+                .as_str()
+                .unwrap()
+                .contains("nodeSelector")
+        );
+    }
+
+    #[test]
+    fn only_this_policys_active_bans_count_and_expired_ones_are_deleted() {
+        let policy = policy(vec![Backend::NodeNftables], true);
+        let bans = [
+            ban("edge", "203.0.113.7", Some(T0 + 60)),
+            ban("edge", "203.0.113.8", Some(T0 - 1)),
+            ban("other", "203.0.113.9", None),
+        ];
+        let plan = run(&policy, &bans, None);
+        assert_eq!(plan.active_bans, 1);
+        assert_eq!(plan.expired.len(), 1);
+        assert_eq!(plan.status["status"]["activeBans"], 1);
+        assert_eq!(plan.requeue_after, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn the_ban_cap_condition_follows_the_policys_maximum() {
+        let policy = policy(vec![Backend::NodeNftables], true);
+        let bans = [
+            ban("edge", "203.0.113.7", None),
+            ban("edge", "203.0.113.8", None),
+        ];
+        let plan = run(&policy, &bans, None);
+        assert_eq!(condition(&plan, status::BAN_CAP_REACHED)["status"], "True");
+    }
+
+    #[test]
+    fn enforced_bans_say_node_nftables_and_protected_ones_say_why_not() {
+        let policy = policy(vec![Backend::NodeNftables], true);
+        let bans = [
+            ban("edge", "203.0.113.7", None),
+            ban("edge", "127.0.0.1", None),
+        ];
+        let plan = run(&policy, &bans, None);
+        let reasons: Vec<&str> = plan
+            .ban_conditions
+            .iter()
+            .map(|(_, c)| c.reason.as_str())
+            .collect();
+        assert_eq!(reasons, vec![NODE_NFTABLES, "ProtectedSource"]);
+    }
+
+    #[test]
+    fn node_sensors_disabled_in_the_operator_enforce_nothing() {
+        let policy = policy(vec![Backend::NodeNftables], true);
+        let plan = plan(&Observed {
+            policy: &policy,
+            bans: &[],
+            daemon_set: None,
+            guards: &Guards::default(),
+            node_sensors_enabled: false,
+            sidecars: status::SensorCount::default(),
+            now: at(T0),
+        });
+        assert!(!plan.enforced);
+    }
+}

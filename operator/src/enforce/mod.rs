@@ -1,0 +1,8 @@
+//! Bans and their enforcement: ban arithmetic and names, banned prefixes merged and sharded,
+//! the generated NetworkPolicies, and quarantine of banned pods.
+
+pub mod bans;
+pub mod guards;
+pub mod netpol;
+pub mod prefixes;
+pub mod quarantine;

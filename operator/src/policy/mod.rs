@@ -1,0 +1,7 @@
+//! Namespaced PortSentryPolicies: the controller (I/O), its pure plan, the never-widen rule
+//! and the status conditions both policy kinds report.
+
+pub mod controller;
+pub mod plan;
+pub mod status;
+pub mod widen;
