@@ -133,7 +133,7 @@ impl Metrics {
         registry.register(Box::new(capture_drops.clone()))?;
         registry.register(Box::new(alarms_suppressed.clone()))?;
         registry.register(Box::new(alarms_dropped.clone()))?;
-        let captured_series = crate::stealth::Examined::OUTCOMES
+        let captured_series = crate::packet::Examined::OUTCOMES
             .iter()
             .map(|outcome| (*outcome, captured.with_label_values(&[outcome])))
             .collect();
