@@ -8,14 +8,14 @@ pub const SET_V4: &str = "bans4";
 /// Name of the IPv6 ban set in the sensor's table.
 pub const SET_V6: &str = "bans6";
 /// Name of the IPv4 prefix ban set: an interval set, so a ban of a network of any size is
-/// one range (see [`NftBans::ban_prefix`]).
+/// one range (see `NftBans::ban_prefix`).
 pub const SET_PREFIX_V4: &str = "prefix_bans4";
 /// Name of the IPv6 prefix ban set (an interval set, as [`SET_PREFIX_V4`]).
 pub const SET_PREFIX_V6: &str = "prefix_bans6";
 /// Name of the set of decoy TCP ports the tripwire watches.
 pub const SET_DECOYS: &str = "decoys";
 /// Interval set of TCP ports the probe tripwire watches (raw modes; see
-/// [`NftBans::install_probe_tripwire`]).
+/// `NftBans::install_probe_tripwire`).
 pub const SET_PROBE_DECOYS: &str = "probe_decoys";
 /// Most bans per second the probe tripwire adds (all sources together), with a burst of
 /// [`PROBE_TRIPWIRE_BURST`]: as user space limits first-seen unverified alarms, so a
@@ -24,7 +24,7 @@ pub const SET_PROBE_DECOYS: &str = "probe_decoys";
 pub const PROBE_TRIPWIRE_RATE: u64 = 50;
 /// Burst of [`PROBE_TRIPWIRE_RATE`].
 pub const PROBE_TRIPWIRE_BURST: u32 = 100;
-/// Interval set of IPv4 networks the tripwire never bans (see [`NftBans::set_tripwire_exempt`]).
+/// Interval set of IPv4 networks the tripwire never bans (see `NftBans::set_tripwire_exempt`).
 pub const SET_EXEMPT_V4: &str = "exempt4";
 /// Interval set of IPv6 networks the tripwire never bans.
 pub const SET_EXEMPT_V6: &str = "exempt6";
@@ -34,7 +34,7 @@ pub const CHAIN_INPUT: &str = "input";
 pub const CHAIN_FORWARD: &str = "forward";
 /// Hook priority of both chains: just before the usual `filter` (0) chains.
 pub const PRIORITY: i32 = -10;
-/// Most elements a ban set holds (as `nft` gives dynamic sets); past it a ban fails with [`NftError::SetFull`].
+/// Most elements a ban set holds (as `nft` gives dynamic sets); past it a ban fails with `NftError::SetFull`.
 pub const SET_SIZE: u32 = 65535;
 /// Reconcile leaves an element alone when its remaining timeout is within this of the wanted one.
 pub const TIMEOUT_TOLERANCE: Duration = Duration::from_secs(2);

@@ -1,8 +1,8 @@
 //! Native nftables response: the sensor's own `inet` table, timed IPv4/IPv6 ban sets, the
 //! tripwires; nf_tables spoken over `NETLINK_NETFILTER` and reconciled to the engine's bans.
 //!
-//! The nf_tables messages are encoded by hand here (rules in [`rules`], elements in
-//! [`elems`], transactions in [`batch`]) on the shared netlink codec of [`crate::netlink`],
+//! The nf_tables messages are encoded by hand here (rules in `rules.rs`, elements in
+//! `elems.rs`, transactions in `batch.rs`) on the shared netlink codec of [`crate::netlink`],
 //! on purpose: libnftnl/libnftables would need C bindings and `unsafe` in a crate that
 //! forbids it, and the `nft` binary is not in the sensor's distroless image (nor wanted: no
 //! shell, no process per ban). Every byte layout is checked against what `nft` sends
