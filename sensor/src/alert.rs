@@ -199,7 +199,7 @@ pub mod lines {
     }
 
     /// Stealth/advanced TCP alarm: `attackalert: TCP FIN scan from host: h/a to TCP port: p`
-    /// (the label from [`crate::classify::label`], 1.2's order of words).
+    /// (the label from [`crate::packet::classify::label`], 1.2's order of words).
     pub fn probe_alarm(label: &str, host: &HostName, port: u16) -> String {
         format!("attackalert: {label} from host: {host} to TCP port: {port}")
     }

@@ -18,27 +18,9 @@
 use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use ipnet::IpNet;
-use portsentry_crds::{ProbeKind, Protocol};
+use portsentry_crds::Protocol;
 
-use crate::classify::Captured;
-
-/// One probe seen on a decoy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Hit {
-    pub source: IpAddr,
-    pub port: u16,
-    pub protocol: Protocol,
-    pub kind: ProbeKind,
-    /// Flags and IP options of a captured packet (stealth and advanced modes).
-    pub captured: Option<Captured>,
-}
-
-impl Hit {
-    /// True when the probe proves the source address (a completed TCP handshake).
-    pub fn verified(&self) -> bool {
-        self.kind.proves_source()
-    }
-}
+use crate::packet::Hit;
 
 /// How bans last and escalate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -486,6 +468,8 @@ impl AlarmGate {
 
 #[cfg(test)]
 mod tests {
+    use portsentry_crds::ProbeKind;
+
     use super::*;
 
     const HOUR: Duration = Duration::from_secs(3600);

@@ -4,20 +4,19 @@
 
 pub mod alert;
 pub mod ban_watch;
-pub mod capture;
 pub mod check;
-pub mod classify;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod listen;
 pub mod metrics;
+pub mod netlink;
 pub mod nft;
+pub mod packet;
 pub mod reload;
 pub mod report;
 pub mod respond;
 pub mod run;
-pub mod sockets;
 pub mod stealth;
 
 pub use error::{Error, Result};

@@ -20,7 +20,7 @@ use tokio::{
     net::{TcpListener, UdpSocket},
 };
 
-use crate::engine::Hit;
+use crate::packet::Hit;
 
 /// IP family of a socket, for messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

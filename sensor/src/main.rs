@@ -10,9 +10,9 @@ use portsentry_sensor::{
     ban_watch,
     check::{Level, check},
     config::{Config, Mode},
+    packet::RawMode,
     report,
     run::{Options, run},
-    stealth::RawMode,
 };
 
 /// Decoy-port scan sensor: PortSentry's job on this host, with IPv6, ban expiry and

@@ -513,7 +513,7 @@ mod tests {
     struct NoSink;
 
     impl HitSink for NoSink {
-        fn hit(&self, _: crate::engine::Hit) -> bool {
+        fn hit(&self, _: crate::packet::Hit) -> bool {
             false
         }
     }

@@ -386,7 +386,7 @@ mod tests {
     #[test]
     fn an_alarm_reports_its_source_and_probe() {
         let alarm = Alarm {
-            hit: crate::engine::Hit {
+            hit: crate::packet::Hit {
                 source: "::ffff:203.0.113.7".parse().unwrap(),
                 port: 31337,
                 protocol: portsentry_crds::Protocol::Tcp,

@@ -33,7 +33,7 @@ use crate::{
     config::{BlockLevel, Config, Mode},
     error::{Error, Result},
     metrics::Metrics,
-    stealth::RawMode,
+    packet::RawMode,
 };
 
 /// The PortSentry mode that detected a hit: a connect mode (`-tcp`, `-udp`) or a raw-socket

@@ -22,16 +22,15 @@ use tokio::sync::mpsc;
 
 use crate::{
     alert::{Alerts, Fields, HostName, lines},
-    capture::Capture,
-    classify,
     config::{BanDuration, BlockLevel, Config, Mode, load_ignore},
     engine::{Alarm, AlarmGate, BanPolicy, Engine, NoBan, Protection, Settings, Verdict},
     error::{Error, Result},
     listen::{self, Decoy, HitSink},
     metrics::{self, Metrics},
+    packet::{RawMode, classify},
     reload,
     respond::{Detection, Enforcer, Outcome, Responder},
-    stealth::{self, DEFAULT_ADVANCED_PORTS, RawMode, Watch},
+    stealth::{self, Capture, DEFAULT_ADVANCED_PORTS, Watch},
 };
 
 /// Alarms waiting for their responses; beyond this, new alarms are logged but not acted on.
@@ -112,7 +111,7 @@ impl reload::Retune for Live {
 }
 
 impl HitSink for Core {
-    fn hit(&self, hit: crate::engine::Hit) -> bool {
+    fn hit(&self, hit: crate::packet::Hit) -> bool {
         self.metrics.hit(hit.protocol, hit.port);
         self.metrics.probe(hit.kind);
         let verdict = self.engine().observe(hit, self.now());

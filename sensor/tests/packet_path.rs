@@ -7,9 +7,9 @@
 //! passed when this was written.
 
 use etherparse::PacketBuilder;
-use portsentry_sensor::{
-    capture::parse,
+use portsentry_sensor::packet::{
     classify::{classify, label},
+    parse::parse,
 };
 use proptest::prelude::*;
 

@@ -3,9 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portsentry_sensor::{
-    capture::parse,
+use portsentry_sensor::packet::{
     classify::{classify, label},
+    parse::parse,
 };
 
 fuzz_target!(|bytes: &[u8]| {

@@ -239,8 +239,14 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
-pub fn wait_for<T>(mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// Polls `check` every 100 ms for up to 10 s.
+pub fn wait_for<T>(check: impl FnMut() -> Option<T>) -> Option<T> {
+    wait_for_within(Duration::from_secs(10), check)
+}
+
+/// Polls `check` every 100 ms for up to `timeout`; `None` when it never gave a value.
+pub fn wait_for_within<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Some(value) = check() {
             return Some(value);

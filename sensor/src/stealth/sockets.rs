@@ -19,14 +19,14 @@
 
 use std::{
     collections::HashMap,
-    io::{self, Read, Write},
+    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
-use socket2::{Domain, Socket, Type};
-
 use portsentry_crds::Protocol;
+
+use crate::netlink::{Enc, NetlinkSocket, Reply, codec::NLM_F_REQUEST};
 
 /// A table older than this is re-read before any answer.
 pub const MAX_AGE: Duration = Duration::from_secs(1);
@@ -104,12 +104,8 @@ fn parse_line(line: &str) -> Option<(IpAddr, u16)> {
     Some((address.to_canonical(), port))
 }
 
-const AF_NETLINK: i32 = 16;
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLM_F_REQUEST: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_HDRLEN: usize = 16;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const IPPROTO_TCP: u8 = 6;
@@ -169,23 +165,13 @@ fn canonical_pair(local: SocketAddr, remote: SocketAddr) -> (SocketAddr, SocketA
 /// A `NETLINK_SOCK_DIAG` socket for exact socket lookups.
 #[derive(Debug)]
 pub struct Diag {
-    sock: Socket,
-    seq: u32,
-    buf: Vec<u8>,
+    socket: NetlinkSocket,
 }
 
 impl Diag {
     pub fn open() -> io::Result<Self> {
-        let sock = Socket::new(
-            Domain::from(AF_NETLINK),
-            Type::RAW,
-            Some(socket2::Protocol::from(NETLINK_SOCK_DIAG)),
-        )?;
-        sock.set_read_timeout(Some(Duration::from_secs(1)))?;
         Ok(Self {
-            sock,
-            seq: 0,
-            buf: vec![0; 8192],
+            socket: NetlinkSocket::open(NETLINK_SOCK_DIAG, Duration::from_secs(1), 8192)?,
         })
     }
 
@@ -197,47 +183,24 @@ impl Diag {
         local: SocketAddr,
         remote: SocketAddr,
     ) -> io::Result<bool> {
-        self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
-        let body = diag_request(protocol, local, remote);
-        let mut message = Vec::with_capacity(NLMSG_HDRLEN + REQUEST_LEN);
-        message.extend_from_slice(&((NLMSG_HDRLEN + REQUEST_LEN) as u32).to_ne_bytes());
-        message.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-        message.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-        message.extend_from_slice(&seq.to_ne_bytes());
-        message.extend_from_slice(&0u32.to_ne_bytes());
-        message.extend_from_slice(&body);
-        (&self.sock).write_all(&message)?;
+        let seq = self.socket.next_seq();
+        let mut message = Enc::default();
+        let start = message.begin(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq);
+        message.raw(&diag_request(protocol, local, remote));
+        message.finish(start);
+        self.socket.send(&message.buf)?;
         loop {
-            let n = (&self.sock).read(&mut self.buf)?;
-            let mut data = &self.buf[..n];
-            while data.len() >= NLMSG_HDRLEN {
-                let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
-                if len < NLMSG_HDRLEN || len > data.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "truncated sock_diag reply",
-                    ));
+            // A late answer to an earlier request that timed out is skipped.
+            for answer in self.socket.recv()? {
+                if answer.seq != seq {
+                    continue;
                 }
-                let ty = u16::from_ne_bytes([data[4], data[5]]);
-                let reply_seq = u32::from_ne_bytes([data[8], data[9], data[10], data[11]]);
-                if reply_seq == seq {
-                    if ty != NLMSG_ERROR {
-                        return Ok(true);
-                    }
-                    let errno = data
-                        .get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4)
-                        .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                        .map_or(0, |b| -i32::from_ne_bytes(b));
-                    return match errno {
-                        ENOENT => Ok(false),
-                        // An ACK (never asked for) would mean found nothing to report.
-                        0 => Ok(false),
-                        errno => Err(io::Error::from_raw_os_error(errno)),
-                    };
-                }
-                // A late answer to an earlier request that timed out: skip it.
-                data = data.get((len + 3) & !3..).unwrap_or(&[]);
+                return match answer.kind {
+                    Reply::Data(_) | Reply::Done(_) => Ok(true),
+                    // Not found; an ACK (never asked for) would mean found nothing to report.
+                    Reply::Error(ENOENT | 0) => Ok(false),
+                    Reply::Error(errno) => Err(io::Error::from_raw_os_error(errno)),
+                };
             }
         }
     }

@@ -1,28 +1,15 @@
-//! Prometheus metrics of the sensor and the `/metrics`, `/healthz`, `/readyz` endpoints.
+//! The sensor's Prometheus metrics and its readiness flag, rendered as the text exposition.
 //! Labels are bounded: ports come from the configured decoy list, actions from a fixed set.
-//!
-//! The HTTP side is a tiny HTTP/1.1 responder on tokio rather than `hyper`: three fixed
-//! GET routes with `Connection: close` need no router or keep-alive, and it keeps the
-//! sensor's dependency tree and resident memory small (it runs as a sidecar in every pod).
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::Duration,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use portsentry_crds::Protocol;
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
 
-use crate::error::{Error, Result};
+use crate::{error::Result, packet::Examined};
 
 /// Probe kinds and their `kind` label.
 const PROBE_KINDS: [(portsentry_crds::ProbeKind, &str); 10] = {
@@ -133,7 +120,7 @@ impl Metrics {
         registry.register(Box::new(capture_drops.clone()))?;
         registry.register(Box::new(alarms_suppressed.clone()))?;
         registry.register(Box::new(alarms_dropped.clone()))?;
-        let captured_series = crate::stealth::Examined::OUTCOMES
+        let captured_series = Examined::OUTCOMES
             .iter()
             .map(|outcome| (*outcome, captured.with_label_values(&[outcome])))
             .collect();
@@ -280,98 +267,10 @@ impl Metrics {
         String::from_utf8_lossy(&buffer).into_owned()
     }
 
-    /// The status, content type and body for a request path.
-    pub fn respond(&self, method: &str, path: &str) -> (u16, &'static str, String) {
-        if method != "GET" && method != "HEAD" {
-            return (405, "text/plain", "method not allowed: use GET\n".into());
-        }
-        match path.split('?').next().unwrap_or("") {
-            "/metrics" => (200, "text/plain; version=0.0.4", self.render()),
-            "/healthz" => (200, "text/plain", "ok\n".into()),
-            "/readyz" if self.ready.load(Ordering::Relaxed) => {
-                (200, "text/plain", "ready\n".into())
-            }
-            "/readyz" => (
-                503,
-                "text/plain",
-                "not ready: decoys not bound yet\n".into(),
-            ),
-            _ => (
-                404,
-                "text/plain",
-                "not found: try /metrics, /healthz or /readyz\n".into(),
-            ),
-        }
+    /// Whether the decoys are bound (`/readyz`).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
     }
-}
-
-/// Binds `addr` and serves the endpoints until the process ends.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Metrics {
-            addr: addr.to_string(),
-            source,
-        })?;
-    Ok(tokio::spawn(accept_loop(listener, metrics)))
-}
-
-async fn accept_loop(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(answer(stream, metrics.clone()));
-            }
-            Err(error) => {
-                tracing::warn!(%error, "metrics endpoint: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// Reads one request head (at most 8 KiB, 5 s) and writes one response.
-async fn answer(mut stream: TcpStream, metrics: Arc<Metrics>) {
-    let mut head = Vec::with_capacity(1024);
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut chunk = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&chunk[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
-    if !matches!(read, Ok(Ok(()))) {
-        return;
-    }
-    let text = String::from_utf8_lossy(&head);
-    let mut words = text.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let (status, content_type, body) = if path.is_empty() {
-        (400, "text/plain", "bad request\n".to_owned())
-    } else {
-        metrics.respond(method, path)
-    };
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Service Unavailable",
-    };
-    let mut response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if method != "HEAD" {
-        response.push_str(&body);
-    }
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
 }
 
 #[cfg(test)]
@@ -457,37 +356,6 @@ mod tests {
             metrics
                 .render()
                 .contains("portsentry_sensor_source_evictions_total 8")
-        );
-    }
-
-    #[test]
-    fn readyz_fails_until_decoys_are_bound() {
-        let metrics = Metrics::new(&[], &[]).expect("metrics");
-        assert_eq!(metrics.respond("GET", "/readyz").0, 503);
-        metrics.set_ready(true);
-        assert_eq!(metrics.respond("GET", "/readyz").0, 200);
-        assert_eq!(metrics.respond("GET", "/healthz").0, 200);
-        assert_eq!(metrics.respond("GET", "/nope").0, 404);
-        assert_eq!(metrics.respond("POST", "/metrics").0, 405);
-    }
-
-    #[tokio::test]
-    async fn the_endpoint_answers_over_http() {
-        let metrics = Arc::new(Metrics::new(&[1], &[]).expect("metrics"));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(accept_loop(listener, metrics));
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.expect("read");
-        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
-        assert!(
-            response.contains("portsentry_sensor_hits_total"),
-            "{response}"
         );
     }
 }

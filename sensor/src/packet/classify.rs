@@ -8,71 +8,15 @@
 //! how nmap reads the reply, so both get [`ProbeKind::Ack`] and the label
 //! `TCP ACK/Window scan`; [`ProbeKind::Window`] is never produced from a packet.
 
-use std::fmt;
-
 use portsentry_crds::ProbeKind;
 
-/// TCP flags as on the wire (byte 13 of the header: CWR ECE URG ACK PSH RST SYN FIN).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct TcpFlags(pub u8);
-
-impl TcpFlags {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const PSH: u8 = 0x08;
-    pub const ACK: u8 = 0x10;
-    pub const URG: u8 = 0x20;
-    pub const ECE: u8 = 0x40;
-    pub const CWR: u8 = 0x80;
-    /// The six flags PortSentry looks at.
-    const CLASSIC: u8 = 0x3f;
-
-    fn has(self, flag: u8) -> bool {
-        self.0 & flag != 0
-    }
-
-    /// Only the six classic flags: FIN SYN RST PSH ACK URG.
-    fn classic(self) -> u8 {
-        self.0 & Self::CLASSIC
-    }
-}
-
-impl fmt::Display for TcpFlags {
-    /// PortSentry 1.2's words: `SYN: 1 FIN: 0 ACK: 0 PSH: 0 URG: 0 RST: 0`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let bit = |flag| u8::from(self.has(flag));
-        write!(
-            f,
-            "SYN: {} FIN: {} ACK: {} PSH: {} URG: {} RST: {}",
-            bit(Self::SYN),
-            bit(Self::FIN),
-            bit(Self::ACK),
-            bit(Self::PSH),
-            bit(Self::URG),
-            bit(Self::RST)
-        )
-    }
-}
-
-/// What a captured packet adds to a hit: its flags, whether it carried IP options, and the
-/// raw mode that watches its port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Captured {
-    pub flags: TcpFlags,
-    /// IPv4 options or IPv6 extension headers (1.2: "detection avoidance technique").
-    pub ip_options: bool,
-    /// The mode that detected it (`$MODE$` and the blocked file's suffix, as in 1.2).
-    pub mode: crate::stealth::RawMode,
-    /// Whole packet or first fragment (see [`crate::capture::Fragment`]).
-    pub fragment: crate::capture::Fragment,
-}
+use super::types::{Captured, Fragment, TcpFlags};
 
 /// The words of the alarm line of a captured TCP probe: [`label`], except for a first
 /// fragment cut before the flags (`nmap -f`), whose flags are unknown: `TCP fragmented scan`.
 pub fn captured_label(kind: ProbeKind, captured: &Captured) -> String {
     match captured.fragment {
-        crate::capture::Fragment::FlagsMissing => "TCP fragmented scan".into(),
+        Fragment::FlagsMissing => "TCP fragmented scan".into(),
         _ => label(kind, captured.flags),
     }
 }
