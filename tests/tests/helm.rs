@@ -22,7 +22,9 @@ use portsentry_operator::{
         self, Settings,
         webhook::{self, PolicyStores, WebhookArgs},
     },
-    labels, tls,
+    labels,
+    metrics::Metrics,
+    tls,
 };
 use portsentry_tests::{ControlPlane, FIELD_MANAGER, Options, repo_root, shared};
 use serde_json::{Value, json};
@@ -110,7 +112,8 @@ fn start_webhook(plane: &'static ControlPlane, port: u16) -> PolicyStores {
                 sensor_token_expiration_seconds: 3600,
                 report_url: settings().report_url,
             };
-            if let Err(error) = webhook::run(client, args).await {
+            let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+            if let Err(error) = webhook::run(client, args, metrics).await {
                 eprintln!("the webhook stopped: {error}");
             }
         });

@@ -116,14 +116,14 @@ fn web_snapshot() -> Snapshot {
 
 fn injection(decision: Decision) -> Injection {
     match decision {
-        Decision::Inject(injection) => injection,
+        Decision::Inject(injection) => *injection,
         Decision::Skip(skip) => panic!("expected an injection, got {skip:?}"),
     }
 }
 
 fn patched(pod: &Pod, injection: &Injection) -> Pod {
     let mut value = serde_json::to_value(pod).unwrap();
-    json_patch::patch(&mut value, &injection.patch).unwrap();
+    json_patch::patch(&mut value, &injection.patch(pod).unwrap()).unwrap();
     serde_json::from_value(value).unwrap()
 }
 
@@ -980,5 +980,125 @@ fn the_skipped_annotation_reads_back() {
     assert_eq!(
         parse_skipped_annotation(&skipped_annotation(&skipped)),
         skipped
+    );
+}
+
+/// Pods of every shape the patch has to fit: bare, with existing init containers, volumes,
+/// annotations, a higher sysctl, declared ports (skipped decoys), no spec at all.
+fn pods_of_every_shape() -> Vec<Pod> {
+    let bare = pod(&[("app", "web")], &[]);
+    let mut busy = pod(&[("app", "web")], &[(8080, "TCP"), (7, "UDP")]);
+    busy.metadata.annotations = Some(labels(&[("example.com/owner", "team~a")]));
+    let spec = busy.spec.as_mut().unwrap();
+    spec.init_containers = Some(vec![
+        Container {
+            name: "migrate".into(),
+            image: Some("migrate:1".into()),
+            command: Some(vec!["/migrate".into()]),
+            args: Some(vec!["--up".into()]),
+            ..Container::default()
+        },
+        Container {
+            name: "warm".into(),
+            ..Container::default()
+        },
+    ]);
+    spec.volumes = Some(vec![Volume {
+        name: "data".into(),
+        ..Volume::default()
+    }]);
+    spec.security_context = Some(PodSecurityContext {
+        run_as_user: Some(1000),
+        sysctls: Some(vec![
+            Sysctl {
+                name: "net.ipv4.ping_group_range".into(),
+                value: "0 0".into(),
+            },
+            Sysctl {
+                name: UNPRIVILEGED_PORT_SYSCTL.into(),
+                value: "1024".into(),
+            },
+        ]),
+        ..PodSecurityContext::default()
+    });
+    let mut unlabelled_spec_less = pod(&[], &[]);
+    unlabelled_spec_less.metadata.labels = None;
+    unlabelled_spec_less.spec = None;
+    vec![bare, busy, unlabelled_spec_less]
+}
+
+#[test]
+fn the_patch_applied_to_the_original_yields_exactly_the_injected_pod() {
+    let snapshot = snapshot(vec![policy("web", NS, &[], rules(&[1, 8080, 31337], &[7]))]);
+    for pod in pods_of_every_shape() {
+        let injection = injection(decide(&pod, NS, &snapshot, &Settings::default()));
+        assert_eq!(patched(&pod, &injection), injection.pod, "{pod:?}");
+    }
+}
+
+/// An AdmissionReview creating `pod` in [`NS`].
+fn admission_of(pod: &Pod) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "5d1c0c9e-0000-4000-8000-000000000002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE",
+            "namespace": NS,
+            "userInfo": {"username": "admin"},
+            "object": pod
+        }
+    }))
+    .unwrap()
+}
+
+#[test]
+fn a_pod_that_already_has_the_sidecar_is_not_patched_twice() {
+    let metrics = crate::metrics::Metrics::new().unwrap();
+    let once = admitted(&pod(&[("app", "web")], &[]));
+    let mut sidecar_only = once.clone();
+    sidecar_only.metadata.annotations = None;
+    for pod in [once, sidecar_only] {
+        let response = webhook::review(
+            &admission_of(&pod),
+            &web_snapshot(),
+            &Settings::default(),
+            &metrics,
+        )
+        .response
+        .unwrap();
+        assert!(response.allowed);
+        assert_eq!(response.patch, None, "{pod:?}");
+    }
+}
+
+#[test]
+fn a_patch_that_cannot_be_built_admits_the_pod_with_a_warning_and_a_count() {
+    let metrics = crate::metrics::Metrics::new().unwrap();
+    let pod = pod(&[("app", "web")], &[]);
+    let injection = injection(decide(&pod, NS, &web_snapshot(), &Settings::default()));
+    let request: kube::core::admission::AdmissionReview<Pod> =
+        serde_json::from_slice(&admission_of(&pod)).unwrap();
+    let request: kube::core::admission::AdmissionRequest<Pod> = request.try_into().unwrap();
+    let failure = serde_json::from_str::<serde_json::Value>("{\"spec\":").unwrap_err();
+    let response = webhook::injected(
+        (&request).into(),
+        &injection,
+        Err(crate::Error::Serialization(failure)),
+        &metrics,
+    );
+    assert!(response.allowed);
+    assert_eq!(response.patch, None);
+    let warnings = response.warnings.unwrap();
+    assert!(
+        warnings[0].starts_with("portsentry: no sensor injected for PortSentryPolicy/web"),
+        "{warnings:?}"
+    );
+    let text = metrics.encode().unwrap();
+    assert!(
+        text.contains(r#"portsentry_operator_injection_failures_total{reason="serialization"} 1"#),
+        "{text}"
     );
 }
