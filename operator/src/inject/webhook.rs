@@ -600,6 +600,16 @@ mod tests {
     }
 
     fn review_json(operation: &str, namespace: &str, ports: Value) -> Vec<u8> {
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-0", "namespace": namespace},
+            "spec": {"containers": [{"name": "app", "image": "nginx", "ports": ports}]}
+        });
+        review_of(operation, namespace, pod)
+    }
+
+    /// An AdmissionReview of `operation` on the pod `object` in `namespace`.
+    fn review_of(operation: &str, namespace: &str, object: Value) -> Vec<u8> {
         serde_json::to_vec(&json!({
             "apiVersion": "admission.k8s.io/v1",
             "kind": "AdmissionReview",
@@ -612,14 +622,76 @@ mod tests {
                 "name": "web-0",
                 "userInfo": {"username": "admin"},
                 "dryRun": false,
-                "object": {
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": "web-0", "namespace": namespace},
-                    "spec": {"containers": [{"name": "app", "image": "nginx", "ports": ports}]}
-                }
+                "object": object
             }
         }))
         .unwrap()
+    }
+
+    /// The pod of a review made by [`review_json`].
+    fn pod_of(review: &[u8]) -> Value {
+        serde_json::from_slice::<Value>(review).unwrap()["request"]["object"].clone()
+    }
+
+    #[test]
+    fn a_pod_that_already_has_the_sidecar_is_not_patched_twice() {
+        let (settings, metrics) = (Settings::default(), Metrics::new().unwrap());
+        let first = review_json("CREATE", "shop", json!([]));
+        let answer = review(&first, &snapshot(), &settings, &metrics);
+        let patch: json_patch::Patch =
+            serde_json::from_slice(&answer.response.unwrap().patch.unwrap()).unwrap();
+        let mut injected = pod_of(&first);
+        json_patch::patch(&mut injected, &patch).unwrap();
+        let mut sidecar_only = injected.clone();
+        sidecar_only["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("annotations");
+        for pod in [injected, sidecar_only] {
+            let again = review(
+                &review_of("CREATE", "shop", pod.clone()),
+                &snapshot(),
+                &settings,
+                &metrics,
+            );
+            let response = again.response.unwrap();
+            assert!(response.allowed);
+            assert_eq!(response.patch, None, "{pod}");
+        }
+    }
+
+    #[test]
+    fn a_patch_that_cannot_be_built_admits_the_pod_with_a_warning_and_a_count() {
+        let (settings, metrics) = (Settings::default(), Metrics::new().unwrap());
+        let review: AdmissionReview<Pod> =
+            serde_json::from_slice(&review_json("CREATE", "shop", json!([]))).unwrap();
+        let request: AdmissionRequest<Pod> = review.try_into().unwrap();
+        let pod = request.object.as_ref().unwrap();
+        let Decision::Inject(injection) = inject::decide(pod, "shop", &snapshot(), &settings)
+        else {
+            panic!("the pod is selected by the policy `web`");
+        };
+        let failure = serde_json::from_str::<Value>("{\"spec\":").unwrap_err();
+        let response = injected(
+            AdmissionResponse::from(&request),
+            &injection,
+            Err(Error::Serialization(failure)),
+            &metrics,
+        );
+        assert!(response.allowed);
+        assert_eq!(response.patch, None);
+        let warnings = response.warnings.unwrap();
+        assert!(
+            warnings[0].starts_with("portsentry: no sensor injected for PortSentryPolicy/web"),
+            "{warnings:?}"
+        );
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(
+                r#"portsentry_operator_injection_failures_total{reason="serialization"} 1"#
+            ),
+            "{text}"
+        );
     }
 
     #[test]
