@@ -111,8 +111,12 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<()> {
     let client = Client::try_default().await?;
-    tokio::spawn(serve_webhook(client.clone(), args.webhook.clone()));
     let metrics = Arc::new(Metrics::new()?);
+    tokio::spawn(serve_webhook(
+        client.clone(),
+        args.webhook.clone(),
+        metrics.clone(),
+    ));
     let guards = Arc::new(RwLock::new(
         enforce::guards::discover_guards(&client, &args.operator_addrs).await?,
     ));
@@ -214,8 +218,8 @@ async fn run(args: Args) -> Result<()> {
     }
 }
 
-async fn serve_webhook(client: Client, args: webhook::WebhookArgs) {
-    if let Err(error) = webhook::run(client, args).await {
+async fn serve_webhook(client: Client, args: webhook::WebhookArgs, metrics: Arc<Metrics>) {
+    if let Err(error) = webhook::run(client, args, metrics).await {
         error!(%error, "injection webhook stopped");
     }
 }

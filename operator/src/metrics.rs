@@ -32,6 +32,7 @@ pub struct Metrics {
     detections: IntCounterVec,
     bans_added: IntCounter,
     hook_deliveries: IntCounterVec,
+    injection_failures: IntCounterVec,
     report_to_enforcement: Histogram,
     /// Bans written on a report, awaiting their NetworkPolicy write: (policy, ban) → received.
     pending: Mutex<HashMap<(String, String), Instant>>,
@@ -120,6 +121,14 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let injection_failures = IntCounterVec::new(
+            Opts::new(
+                "injection_failures_total",
+                "Pods admitted without their sensor because the injection patch failed, by error kind.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(injection_failures.clone()))?;
         registry.register(Box::new(hook_deliveries.clone()))?;
         registry.register(Box::new(reports_accepted.clone()))?;
         registry.register(Box::new(reports_refused.clone()))?;
@@ -146,6 +155,7 @@ impl Metrics {
             detections,
             bans_added,
             hook_deliveries,
+            injection_failures,
             report_to_enforcement,
             pending: Mutex::new(HashMap::new()),
         })
@@ -174,6 +184,12 @@ impl Metrics {
     /// Counts an alert hook delivery: `delivered`, `failed` or `dropped` (queue full).
     pub fn hook_delivery(&self, result: &'static str) {
         self.hook_deliveries.with_label_values(&[result]).inc();
+    }
+
+    /// Counts a pod admitted without its sensor; `reason` is a fixed word
+    /// ([`Error::metric_label`]).
+    pub fn injection_failed(&self, reason: &'static str) {
+        self.injection_failures.with_label_values(&[reason]).inc();
     }
 
     pub fn bans_added(&self, count: usize) {
@@ -377,6 +393,19 @@ mod tests {
             text.contains(r#"portsentry_operator_reports_refused_total{reason="rate_limited"} 1"#)
         );
         assert!(text.contains("portsentry_operator_reports_accepted_total 1"));
+    }
+
+    #[test]
+    fn injection_failures_are_counted_by_error_kind() {
+        let metrics = Metrics::new().unwrap();
+        metrics.injection_failed("serialization");
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(
+                r#"portsentry_operator_injection_failures_total{reason="serialization"} 1"#
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -29,7 +29,8 @@ use tokio::{
 use crate::{
     binaries::Binaries,
     certs::{Ca, CertAndKey, SigningKey},
-    process::{Component, Watchdog, free_port, kill_group, log_tail},
+    process::{Component, Watchdog, kill_group, log_tail},
+    wait::free_port,
 };
 
 /// The issuer and default audience of ServiceAccount tokens minted by the test API server.

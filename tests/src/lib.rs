@@ -9,6 +9,7 @@ mod http_server;
 mod manifests;
 mod operator;
 mod process;
+mod wait;
 
 pub use binaries::{BUILD_HINT, Binaries, repo_root, workspace_binary};
 pub use certs::CertAndKey;
@@ -16,7 +17,6 @@ pub use control_plane::{
     ControlPlane, FIELD_MANAGER, Options, PORTSENTRY_AUDIENCE, SERVICE_ACCOUNT_ISSUER, shared,
 };
 pub use http_server::{HttpServer, Recorded, Reply};
-pub use manifests::{
-    api_for, apply_documents, chart_crd_files, install_crds, parse_documents, wait_for,
-};
+pub use manifests::{api_for, apply_documents, chart_crd_files, install_crds, parse_documents};
 pub use operator::{Operator, OperatorSettings, PodNet, post_report, prerequisites};
+pub use wait::{free_port, free_port_on, wait_for, wait_result, wait_until, wait_value};

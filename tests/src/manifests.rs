@@ -1,14 +1,9 @@
 //! Applying YAML manifests (the chart's CRDs, examples, rendered templates) with server-side
 //! apply, and waiting for conditions such as a CRD becoming `Established`.
 
-use std::{
-    fs,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{fs, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use futures::future::BoxFuture;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api, Client, ResourceExt,
@@ -17,6 +12,8 @@ use kube::{
 };
 
 use serde::Deserialize;
+
+use crate::wait::wait_for;
 
 use crate::{binaries::repo_root, control_plane::FIELD_MANAGER};
 
@@ -128,23 +125,4 @@ pub async fn install_crds(client: &Client, timeout: Duration) -> Result<Vec<Stri
         .await?;
     }
     Ok(names)
-}
-
-/// Polls `check` every 100 ms until it returns true; fails after `timeout` naming `what`.
-pub async fn wait_for<F>(timeout: Duration, what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> BoxFuture<'static, Result<bool>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match check().await {
-            Ok(true) => return Ok(()),
-            Ok(false) => "condition false".to_owned(),
-            Err(err) => format!("{err:#}"),
-        };
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what} (last: {last})");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

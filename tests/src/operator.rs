@@ -19,7 +19,11 @@ use tokio_rustls::{
     rustls::{self, pki_types::ServerName},
 };
 
-use crate::{ControlPlane, binaries::workspace_binary, process::free_port};
+use crate::{
+    ControlPlane,
+    binaries::workspace_binary,
+    wait::{free_port, free_port_on, wait_until},
+};
 
 /// True when this end-to-end test can run here (root, and `tools` on disk). With `CI=true` a
 /// missing prerequisite panics; otherwise the test says what is missing and returns early.
@@ -306,12 +310,6 @@ impl Drop for Operator {
     }
 }
 
-fn free_port_on(ip: IpAddr) -> Result<u16> {
-    let listener = std::net::TcpListener::bind((ip, 0))
-        .with_context(|| format!("binding {ip}:0 to find a free port"))?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// POSTs `body` to `url` over HTTPS trusting `ca_pem`, with `token` as bearer if given:
 /// the status and the body of the answer.
 pub async fn post_report(
@@ -473,7 +471,7 @@ impl PodNet {
 
     /// Starts the built sensor in the victim namespace with `config` and `args`; waits until
     /// it is active. Its stderr goes to `sensor.log`.
-    pub fn start_sensor(&mut self, config: &str, args: &[String]) -> Result<()> {
+    pub async fn start_sensor(&mut self, config: &str, args: &[String]) -> Result<()> {
         let sensor = workspace_binary("portsentry-sensor", "portsentry-sensor")?;
         let conf = self.path("sensor.conf");
         fs::write(&conf, config)?;
@@ -489,17 +487,12 @@ impl PodNet {
             .stderr(log)
             .spawn()?;
         self.children.push(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self
-            .sensor_log()
-            .contains("PortSentry is now active and listening")
-        {
-            if Instant::now() > deadline {
-                bail!("the sensor never became active:\n{}", self.sensor_log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+        let active = wait_until(Duration::from_secs(20), "the sensor to be active", || {
+            let log = self.sensor_log();
+            async move { log.contains("PortSentry is now active and listening") }
+        })
+        .await;
+        active.with_context(|| format!("sensor log:\n{}", self.sensor_log()))
     }
 
     pub fn sensor_log(&self) -> String {

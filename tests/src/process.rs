@@ -4,20 +4,12 @@
 use std::{
     fs::{self, File},
     io::Write,
-    net::TcpListener,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
 };
 
 use anyhow::{Context, Result, bail};
-
-/// A loopback TCP port that was free a moment ago (the kernel picked it).
-pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .context("binding 127.0.0.1:0 to find a free port: is loopback up?")?;
-    Ok(listener.local_addr()?.port())
-}
 
 /// The last `lines` lines of a log file, or a note saying why there are none.
 pub fn log_tail(path: &Path, lines: usize) -> String {

@@ -13,12 +13,7 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
-use std::{
-    collections::BTreeMap,
-    path::Path,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
 use kube::{
@@ -31,8 +26,8 @@ use portsentry_operator::{
     labels,
 };
 use portsentry_tests::{
-    ControlPlane, FIELD_MANAGER, Operator, OperatorSettings, Options, PodNet, install_crds,
-    prerequisites, repo_root, shared,
+    ControlPlane, FIELD_MANAGER, Operator, OperatorSettings, Options, PodNet, free_port,
+    install_crds, prerequisites, repo_root, shared, wait_until, wait_value,
 };
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -43,6 +38,8 @@ static CONTROL_PLANE: OnceCell<ControlPlane> = OnceCell::const_new();
 static SETUP: OnceCell<()> = OnceCell::const_new();
 
 /// The operator's namespace (and the chart's release namespace).
+/// How long a suite waits for the operator (or the API server) to act.
+const WAIT: Duration = Duration::from_secs(45);
 const SYSTEM: &str = "pscl-system";
 const RELEASE: &str = "pscl";
 /// The namespace label the test policies select on.
@@ -98,37 +95,9 @@ impl Drop for Release {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Waits until `check` gives a value; the operator's log tail on timeout.
-async fn wait_value<T, F, Fut>(operator: &Operator, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(45);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; operator log:\n{}",
-            operator.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// The chart (released as [`RELEASE`]) and the operator serving its webhook, leading.
 async fn operator_with_webhook(plane: &'static ControlPlane, lease: &str) -> (Release, Operator) {
-    let webhook_port = free_port();
+    let webhook_port = free_port().unwrap();
     let release = Release::install(plane, webhook_port);
     let mut settings = OperatorSettings::new(lease);
     settings.namespace = SYSTEM.into();
@@ -208,17 +177,18 @@ fn injected(pod: &Pod) -> bool {
 
 /// Creates `pod` in `namespace` through the webhook once it injects (dry runs until the
 /// caBundle is patched and its caches hold the policy and the namespace's labels).
-async fn create_injected(operator: &Operator, client: &Client, namespace: &str, pod: Pod) -> Pod {
+async fn create_injected(client: &Client, namespace: &str, pod: Pod) -> Pod {
     let pods = Api::<Pod>::namespaced(client.clone(), namespace);
     let dry_run = PostParams {
         dry_run: true,
         ..PostParams::default()
     };
-    wait_value(operator, "the webhook to inject a dry-run pod", || {
+    wait_value(WAIT, "the webhook to inject a dry-run pod", || {
         let (pods, pod, dry_run) = (pods.clone(), pod.clone(), dry_run.clone());
         async move { injected(&pods.create(&dry_run, &pod).await.ok()?).then_some(()) }
     })
-    .await;
+    .await
+    .unwrap();
     let created = pods.create(&PostParams::default(), &pod).await.unwrap();
     assert!(
         injected(&created),
@@ -242,14 +212,9 @@ fn mounted_config_map(pod: &Pod) -> String {
 }
 
 /// ConfigMap `namespace/name` once it has `ca.crt`.
-async fn config_map_with_ca(
-    operator: &Operator,
-    client: &Client,
-    namespace: &str,
-    name: &str,
-) -> ConfigMap {
+async fn config_map_with_ca(client: &Client, namespace: &str, name: &str) -> ConfigMap {
     let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
-    wait_value(operator, &format!("ConfigMap {name} with ca.crt"), || {
+    wait_value(WAIT, &format!("ConfigMap {name} with ca.crt"), || {
         let api = api.clone();
         async move {
             let config_map = api.get_opt(name).await.ok()??;
@@ -261,16 +226,18 @@ async fn config_map_with_ca(
         }
     })
     .await
+    .unwrap()
 }
 
 /// Waits until ConfigMap `namespace/name` is gone.
-async fn config_map_gone(operator: &Operator, client: &Client, namespace: &str, name: &str) {
+async fn config_map_gone(client: &Client, namespace: &str, name: &str) {
     let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
-    wait_value(operator, &format!("ConfigMap {name} to be deleted"), || {
+    wait_value(WAIT, &format!("ConfigMap {name} to be deleted"), || {
         let api = api.clone();
         async move { api.get_opt(name).await.ok()?.is_none().then_some(()) }
     })
-    .await;
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -281,13 +248,13 @@ async fn a_pod_a_cluster_policy_injects_finds_its_config_map_rendered_with_the_i
     let name = "pscl-render";
     let policy = protected_namespace(plane, name).await;
 
-    let pod = create_injected(&operator, &client, name, pod("web-0", &[])).await;
+    let pod = create_injected(&client, name, pod("web-0", &[])).await;
     let reference = format!("ClusterPortSentryPolicy/{name}");
     assert_eq!(pod.annotations()[labels::INJECTED_ANNOTATION], reference);
     let mounted = mounted_config_map(&pod);
     assert_eq!(mounted, format!("portsentry-sensor-cluster-{name}"));
 
-    let config_map = config_map_with_ca(&operator, &client, name, &mounted).await;
+    let config_map = config_map_with_ca(&client, name, &mounted).await;
     let data: &BTreeMap<String, String> = config_map.data.as_ref().unwrap();
     assert_eq!(data[inject::REPORT_CA_KEY], operator.ca_pem);
     assert_eq!(
@@ -310,14 +277,15 @@ async fn a_pod_a_cluster_policy_injects_finds_its_config_map_rendered_with_the_i
         )
     );
     let policies = Api::<ClusterPortSentryPolicy>::all(client.clone());
-    wait_value(&operator, "sensorsInjected to count the pod", || {
+    wait_value(WAIT, "sensorsInjected to count the pod", || {
         let policies = policies.clone();
         async move {
             let status = policies.get(name).await.ok()?.status?;
             (status.sensors_injected == 1).then_some(())
         }
     })
-    .await;
+    .await
+    .unwrap();
     let managers: Vec<_> = config_map
         .managed_fields()
         .iter()
@@ -331,13 +299,13 @@ async fn deleting_the_pod_that_needed_a_skip_specific_config_map_removes_it_with
 {
     let plane = plane().await;
     let client = plane.client().unwrap();
-    let (_release, operator) = operator_with_webhook(plane, "pscl-stale").await;
+    let (_release, _operator) = operator_with_webhook(plane, "pscl-stale").await;
     let name = "pscl-stale";
     let policy = protected_namespace(plane, name).await;
-    let plain = create_injected(&operator, &client, name, pod("web-0", &[])).await;
+    let plain = create_injected(&client, name, pod("web-0", &[])).await;
     // Its app declares 31337/TCP: that decoy is skipped and its sensor reads a ConfigMap of
     // its own.
-    let skipping = create_injected(&operator, &client, name, pod("web-skips", &[31337])).await;
+    let skipping = create_injected(&client, name, pod("web-skips", &[31337])).await;
     let skipped = [Skipped {
         port: 31337,
         protocol: Protocol::Tcp,
@@ -351,19 +319,19 @@ async fn deleting_the_pod_that_needed_a_skip_specific_config_map_removes_it_with
         &skipped,
     );
     assert_eq!(mounted_config_map(&skipping), skip_specific);
-    let config_map = config_map_with_ca(&operator, &client, name, &skip_specific).await;
+    let config_map = config_map_with_ca(&client, name, &skip_specific).await;
     assert_eq!(
         config_map.data.as_ref().unwrap()["portsentry.conf"],
         inject::render_sensor_config(&policy.spec.rules, &skipped)
     );
-    config_map_with_ca(&operator, &client, name, &mounted_config_map(&plain)).await;
+    config_map_with_ca(&client, name, &mounted_config_map(&plain)).await;
 
     // Only the pod goes; the policy is not touched (its resync is minutes away).
     Api::<Pod>::namespaced(client.clone(), name)
         .delete("web-skips", &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
-    config_map_gone(&operator, &client, name, &skip_specific).await;
+    config_map_gone(&client, name, &skip_specific).await;
     assert!(
         Api::<ConfigMap>::namespaced(client.clone(), name)
             .get_opt(&mounted_config_map(&plain))
@@ -381,9 +349,9 @@ async fn deleting_the_cluster_policy_garbage_collects_its_config_maps() {
     let (_release, operator) = operator_with_webhook(plane, "pscl-gc").await;
     let name = "pscl-gc";
     protected_namespace(plane, name).await;
-    let pod = create_injected(&operator, &client, name, pod("web-0", &[])).await;
+    let pod = create_injected(&client, name, pod("web-0", &[])).await;
     let mounted = mounted_config_map(&pod);
-    config_map_with_ca(&operator, &client, name, &mounted).await;
+    config_map_with_ca(&client, name, &mounted).await;
 
     // The garbage collector of the control plane's controller-manager removes it, not the
     // operator: it is stopped first. The ConfigMap's owner is the cluster-scoped policy.
@@ -394,14 +362,13 @@ async fn deleting_the_cluster_policy_garbage_collects_its_config_maps() {
         .await
         .unwrap();
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), name);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while config_maps.get_opt(&mounted).await.unwrap().is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "ConfigMap {mounted} outlived its cluster policy; operator log:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let what = format!("the garbage collector to delete ConfigMap {mounted}");
+    wait_until(Duration::from_secs(60), &what, || {
+        let (config_maps, mounted) = (config_maps.clone(), mounted.clone());
+        async move { config_maps.get_opt(&mounted).await.unwrap().is_none() }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}; operator log:\n{log}"));
 }
 
 /// `sensorsInjected` and `sensorsReady` of cluster policy `name`, once it has a status.
@@ -418,22 +385,24 @@ async fn sensor_counts(client: &Client, name: &str) -> Option<(u32, u32)> {
 async fn a_cluster_policy_counts_its_injected_sensor_ready_once_the_sidecar_is_ready() {
     let plane = plane().await;
     let client = plane.client().unwrap();
-    let (_release, operator) = operator_with_webhook(plane, "pscl-ready").await;
+    let (_release, _operator) = operator_with_webhook(plane, "pscl-ready").await;
     let name = "pscl-ready";
     protected_namespace(plane, name).await;
-    create_injected(&operator, &client, name, pod("web-0", &[])).await;
-    wait_value(&operator, "sensorsInjected 1, sensorsReady 0", || async {
+    create_injected(&client, name, pod("web-0", &[])).await;
+    wait_value(WAIT, "sensorsInjected 1, sensorsReady 0", || async {
         (sensor_counts(&client, name).await? == (1, 0)).then_some(())
     })
-    .await;
+    .await
+    .unwrap();
 
     // The kubelet's part: the sidecar runs and its startup probe passes. Only the pod's
     // status changes (the policy's resync is minutes away).
     kubelet::report_sidecar(&client, name, "web-0", true).await;
-    wait_value(&operator, "sensorsReady 1", || async {
+    wait_value(WAIT, "sensorsReady 1", || async {
         (sensor_counts(&client, name).await? == (1, 1)).then_some(())
     })
-    .await;
+    .await
+    .unwrap();
 }
 
 /// A process killed on drop, even when the test panics.
@@ -606,7 +575,7 @@ async fn a_sidecar_a_cluster_policy_injected_gets_a_scanner_a_cluster_scope_ban(
     let client = plane.client().unwrap();
     let name = "pscl-scan";
     let net = PodNet::new(191).unwrap();
-    let webhook_port = free_port();
+    let webhook_port = free_port().unwrap();
     let _release = Release::install(plane, webhook_port);
     let mut settings = OperatorSettings::new(name);
     settings.namespace = SYSTEM.into();
@@ -620,10 +589,10 @@ async fn a_sidecar_a_cluster_policy_injected_gets_a_scanner_a_cluster_scope_ban(
         format!("--operator-namespace={SYSTEM}"),
         "--node-sensors=false".into(),
     ];
-    let operator = Operator::start(plane, settings).await.unwrap();
+    let _operator = Operator::start(plane, settings).await.unwrap();
     protected_namespace(plane, name).await;
-    let pod = create_injected(&operator, &client, name, pod("web-0", &[])).await;
-    let config_map = config_map_with_ca(&operator, &client, name, &mounted_config_map(&pod)).await;
+    let pod = create_injected(&client, name, pod("web-0", &[])).await;
+    let config_map = config_map_with_ca(&client, name, &mounted_config_map(&pod)).await;
     let root = tempfile::Builder::new()
         .prefix("pscl-pod-")
         .tempdir()
@@ -642,34 +611,24 @@ async fn a_sidecar_a_cluster_policy_injected_gets_a_scanner_a_cluster_scope_ban(
             .concat()
     };
     // The startup probe.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while sensor_get(&net, "/readyz").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the sensor never became ready:\n{}",
-            sensor_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until(Duration::from_secs(20), "the sensor to be ready", || {
+        let ready = sensor_get(&net, "/readyz").is_some();
+        async move { ready }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}; sensor log:\n{}", sensor_logs()));
 
     net.nmap_connect_scan("1,79,111,31337,40421").unwrap();
     // A cluster-scope ban: in the operator's namespace, of the cluster policy.
     let source = net.attacker_addr.parse().unwrap();
     let ban_name = portsentry_operator::enforce::bans::ban_name(name, &source);
     let bans = Api::<PortSentryBan>::namespaced(client.clone(), SYSTEM);
-    let deadline = Instant::now() + Duration::from_secs(45);
-    let ban = loop {
-        if let Some(ban) = bans.get_opt(&ban_name).await.unwrap() {
-            break ban;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no PortSentryBan {SYSTEM}/{ban_name}; sensor log:\n{}\noperator log:\n{}",
-            sensor_logs(),
-            operator.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let ban = wait_value(WAIT, &format!("PortSentryBan {SYSTEM}/{ban_name}"), || {
+        let (bans, name) = (bans.clone(), ban_name.clone());
+        async move { bans.get_opt(&name).await.unwrap() }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}; sensor log:\n{}", sensor_logs()));
     assert_eq!(
         (ban.spec.policy.kind, ban.spec.policy.name.as_str()),
         (PolicyKind::ClusterPortSentryPolicy, name)

@@ -22,15 +22,21 @@ use portsentry_operator::{
         self, Settings,
         webhook::{self, PolicyStores, WebhookArgs},
     },
-    labels, tls,
+    labels,
+    metrics::Metrics,
+    tls,
 };
-use portsentry_tests::{ControlPlane, FIELD_MANAGER, Options, repo_root, shared};
+use portsentry_tests::{
+    ControlPlane, FIELD_MANAGER, Options, free_port, repo_root, shared, wait_until, wait_value,
+};
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
 static CONTROL_PLANE: OnceCell<ControlPlane> = OnceCell::const_new();
 static INSTALLED: OnceCell<Installed> = OnceCell::const_new();
 
+/// How long a test waits for the API server or the webhook to act.
+const WAIT: Duration = Duration::from_secs(30);
 const RELEASE: &str = "ps";
 const RELEASE_NAMESPACE: &str = "portsentry-system";
 const SHOP: &str = "shop";
@@ -110,7 +116,8 @@ fn start_webhook(plane: &'static ControlPlane, port: u16) -> PolicyStores {
                 sensor_token_expiration_seconds: 3600,
                 report_url: settings().report_url,
             };
-            if let Err(error) = webhook::run(client, args).await {
+            let metrics = std::sync::Arc::new(Metrics::new().unwrap());
+            if let Err(error) = webhook::run(client, args, metrics).await {
                 eprintln!("the webhook stopped: {error}");
             }
         });
@@ -157,11 +164,12 @@ async fn installed() -> &'static Installed {
             for namespace in [SHOP, DOWN] {
                 plane.ensure_namespace(namespace).await.unwrap();
             }
-            wait_until("the chart's CRDs to be served", || {
+            wait_until(WAIT, "the chart's CRDs to be served", || {
                 let api: Api<PortSentryPolicy> = Api::all(client.clone());
                 async move { api.list(&Default::default()).await.is_ok() }
             })
-            .await;
+            .await
+            .unwrap();
             let policies: Api<PortSentryPolicy> = Api::namespaced(client.clone(), SHOP);
             policies
                 .patch(
@@ -171,7 +179,7 @@ async fn installed() -> &'static Installed {
                 )
                 .await
                 .unwrap();
-            wait_until("the webhook to see the policy", || {
+            wait_until(WAIT, "the webhook to see the policy", || {
                 let stores = stores.clone();
                 async move {
                     stores
@@ -181,9 +189,10 @@ async fn installed() -> &'static Installed {
                         .any(|p| p.metadata.name.as_deref() == Some("web"))
                 }
             })
-            .await;
+            .await
+            .unwrap();
             // The API server picks up a new webhook configuration within a moment.
-            wait_until("the API server to call the webhook", || {
+            wait_until(WAIT, "the API server to call the webhook", || {
                 let client = client.clone();
                 async move {
                     let pod = create_pod(
@@ -198,22 +207,11 @@ async fn installed() -> &'static Installed {
                     has_sidecar(&pod)
                 }
             })
-            .await;
+            .await
+            .unwrap();
             Installed { stores }
         })
         .await
-}
-
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[derive(Default)]
@@ -834,31 +832,24 @@ async fn with_the_webhook_down_pods_are_refused_under_fail_and_admitted_under_ig
         "spec": {"containers": [{"name": "app", "image": "registry.k8s.io/pause:3.10"}]}
     }))
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let refusal = loop {
+    let refusal = wait_value(WAIT, "the down webhook to be consulted", || async {
         match pods.create(&PostParams::default(), &pod).await {
-            Err(kube::Error::Api(status)) => break status.message,
-            Ok(_) => assert!(
-                Instant::now() < deadline,
-                "the down webhook was never consulted"
-            ),
+            Err(kube::Error::Api(status)) => Some(status.message),
+            Ok(_) => None,
             Err(other) => panic!("{other}"),
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await
+    .unwrap();
     assert!(refusal.contains("sensors.portsentry.io"), "{refusal}");
     install("upgrade", "Ignore");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let admitted = loop {
-        match pods.create(&PostParams::default(), &pod).await {
-            Ok(admitted) => break admitted,
-            Err(_) => assert!(
-                Instant::now() < deadline,
-                "pods still refused with failurePolicy Ignore"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let admitted = wait_value(
+        WAIT,
+        "a pod admitted under failurePolicy Ignore",
+        || async { pods.create(&PostParams::default(), &pod).await.ok() },
+    )
+    .await
+    .unwrap();
     assert!(!has_sidecar(&admitted));
     let mut uninstall = plane.helm().unwrap();
     uninstall.args(["uninstall", release, "-n", "portsentry-down"]);
@@ -1229,15 +1220,15 @@ async fn the_injected_sidecar_started_as_specified_runs_a_sensor_that_detects_a_
         .stderr(std::fs::File::create(dir.path().join("sensor.err")).unwrap());
     let _sensor = Running(command.spawn().unwrap());
     // The startup probe.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while net.get("/readyz").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the sensor never became ready: {}",
-            std::fs::read_to_string(dir.path().join("sensor.err")).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until(Duration::from_secs(20), "the sensor to be ready", || {
+        let ready = net.get("/readyz").is_some();
+        async move { ready }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        let errors = std::fs::read_to_string(dir.path().join("sensor.err")).unwrap_or_default();
+        panic!("{e:#}: {errors}")
+    });
     // Decoy 1 is below 1024: bound by a non-root sensor thanks to the pod sysctl alone.
     assert!(net.connect(1), "decoy 1 is not listening");
     assert!(net.connect(40421), "decoy 40421 is not listening");
@@ -1245,17 +1236,15 @@ async fn the_injected_sidecar_started_as_specified_runs_a_sensor_that_detects_a_
         !net.connect(31337),
         "31337 is declared by the app and must not be a decoy"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_until(Duration::from_secs(10), "a TCP alarm counted", || {
         let metrics = net.get("/metrics").unwrap_or_default();
-        if metrics.lines().any(|l| {
+        let counted = metrics.lines().any(|l| {
             l.starts_with("portsentry_sensor_alarms_total{protocol=\"TCP\"}") && !l.ends_with(" 0")
-        }) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no alarm counted:\n{metrics}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        });
+        async move { counted }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}:\n{}", net.get("/metrics").unwrap_or_default()));
     let errors = std::fs::read_to_string(dir.path().join("sensor.err")).unwrap_or_default();
     let logs = format!(
         "{}{errors}",
@@ -1354,13 +1343,6 @@ async fn the_charts_operator_environment_parses_as_the_webhooks_arguments() {
 }
 
 /// A free port of 127.0.0.1 (bound and released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test]
 async fn the_real_operator_binary_accepts_the_charts_arguments_and_environment() {
@@ -1400,7 +1382,7 @@ async fn the_real_operator_binary_accepts_the_charts_arguments_and_environment()
             // Addresses keep their variable; the port is one free on this machine.
             (_, Some(value)) if name.ends_with("_ADDR") => {
                 assert!(value.starts_with("0.0.0.0:"), "{name}={value}");
-                format!("127.0.0.1:{}", free_port())
+                format!("127.0.0.1:{}", free_port().unwrap())
             }
             (_, Some(value)) => value.to_owned(),
             // The downward API, as the kubelet fills it in.
@@ -1417,6 +1399,8 @@ async fn the_real_operator_binary_accepts_the_charts_arguments_and_environment()
         .stdout(std::fs::File::create(dir.path().join("operator.out")).unwrap())
         .stderr(std::fs::File::create(&stderr).unwrap());
     let mut operator = Running(command.spawn().unwrap());
+    // Not a wait for a condition: the operator must still run after 3 s (clap refuses a bad
+    // argument at once), so the loop only ends early if it exits.
     let deadline = Instant::now() + Duration::from_secs(3);
     let exited = loop {
         if let Some(status) = operator.0.try_wait().unwrap() {

@@ -32,8 +32,8 @@ use portsentry_operator::{
     labels, tls,
 };
 use portsentry_tests::{
-    ControlPlane, FIELD_MANAGER, Operator, OperatorSettings, Options, PodNet, install_crds,
-    prerequisites, repo_root, shared, wait_for,
+    ControlPlane, FIELD_MANAGER, Operator, OperatorSettings, Options, PodNet, free_port,
+    install_crds, prerequisites, repo_root, shared, wait_for, wait_until, wait_value,
 };
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -44,6 +44,8 @@ static CONTROL_PLANE: OnceCell<ControlPlane> = OnceCell::const_new();
 static SETUP: OnceCell<()> = OnceCell::const_new();
 
 /// The operator's namespace (and the chart's release namespace).
+/// How long a suite waits for the operator (or the API server) to act.
+const WAIT: Duration = Duration::from_secs(45);
 const SYSTEM: &str = "psinj-system";
 const RELEASE: &str = "psinj";
 const DECOYS: &str = "1,79,111,31337,40421";
@@ -103,35 +105,14 @@ fn pod(name: &str, annotations: serde_json::Value) -> Pod {
     .unwrap()
 }
 
-/// Waits until `check` gives a value; the operator's log tail on timeout.
-async fn wait_value<T, F, Fut>(operator: &Operator, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(45);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; operator log:\n{}",
-            operator.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// The data of ConfigMap `namespace/name` once it has `ca.crt`.
 async fn config_map_with_ca(
-    operator: &Operator,
     client: &Client,
     namespace: &str,
     name: &str,
 ) -> std::collections::BTreeMap<String, String> {
     let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
-    wait_value(operator, &format!("ConfigMap {name} with ca.crt"), || {
+    wait_value(WAIT, &format!("ConfigMap {name} with ca.crt"), || {
         let api = api.clone();
         async move {
             let data = api.get_opt(name).await.ok()??.data?;
@@ -139,6 +120,7 @@ async fn config_map_with_ca(
         }
     })
     .await
+    .unwrap()
 }
 
 /// Every `except` prefix of the generated NetworkPolicies of `namespace`.
@@ -203,14 +185,6 @@ impl Drop for Release {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The chart (released as [`RELEASE`]) and an operator serving its webhook, leading under
 /// Lease `lease`, its intake at `report_ip` (certificate from `psinj-intake-ca`).
 async fn operator_with_webhook(
@@ -218,7 +192,7 @@ async fn operator_with_webhook(
     lease: &str,
     report_ip: IpAddr,
 ) -> (Release, Operator) {
-    let webhook_port = free_port();
+    let webhook_port = free_port().unwrap();
     let release = Release::install(plane, webhook_port);
     let mut settings = OperatorSettings::new(lease);
     settings.namespace = SYSTEM.into();
@@ -246,9 +220,9 @@ fn injected(pod: &Pod) -> bool {
 /// Pod `name` (`app=web`) created in `namespace` through the operator's webhook: the API
 /// server calls it once its caBundle is patched and its caches hold the policy (dry runs
 /// until then).
-async fn create_injected(operator: &Operator, client: &Client, namespace: &str, name: &str) -> Pod {
+async fn create_injected(client: &Client, namespace: &str, name: &str) -> Pod {
     let pods = Api::<Pod>::namespaced(client.clone(), namespace);
-    wait_value(operator, "the webhook to inject a dry-run pod", || {
+    wait_value(WAIT, "the webhook to inject a dry-run pod", || {
         let pods = pods.clone();
         async move {
             let params = PostParams {
@@ -259,7 +233,8 @@ async fn create_injected(operator: &Operator, client: &Client, namespace: &str, 
             injected(&pod).then_some(())
         }
     })
-    .await;
+    .await
+    .unwrap();
     let created = pods
         .create(&PostParams::default(), &pod(name, json!({})))
         .await
@@ -327,7 +302,7 @@ async fn an_injected_sidecar_run_as_its_pod_spec_says_gets_an_nmap_scanner_banne
         operator_with_webhook(plane, "psinj-lease-inject", net.host_addr.parse().unwrap()).await;
     namespace_with_policy(plane, namespace).await;
 
-    let pod = create_injected(&operator, &client, namespace, "web-0").await;
+    let pod = create_injected(&client, namespace, "web-0").await;
     let spec = pod.spec.clone().unwrap();
     let sidecar = spec
         .init_containers
@@ -346,7 +321,7 @@ async fn an_injected_sidecar_run_as_its_pod_spec_says_gets_an_nmap_scanner_banne
         .and_then(|v| v.config_map.as_ref())
         .map(|c| c.name.clone())
         .unwrap();
-    let data = config_map_with_ca(&operator, &client, namespace, &config_map_name).await;
+    let data = config_map_with_ca(&client, namespace, &config_map_name).await;
     assert_eq!(data[inject::REPORT_CA_KEY], operator.ca_pem);
     // The token volume: a token of the pod's service account, bound to the pod, with the
     // projected source's audience, at the source's path.
@@ -452,15 +427,12 @@ async fn an_injected_sidecar_run_as_its_pod_spec_says_gets_an_nmap_scanner_banne
         )
     };
     // The startup probe.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while sensor_get(&net, "/readyz").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the sensor never became ready:\n{}",
-            sensor_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until(Duration::from_secs(20), "the sensor to be ready", || {
+        let ready = sensor_get(&net, "/readyz").is_some();
+        async move { ready }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}; sensor log:\n{}", sensor_logs()));
 
     // The attack, and the ban it earns.
     let scanned = Instant::now();
@@ -468,19 +440,12 @@ async fn an_injected_sidecar_run_as_its_pod_spec_says_gets_an_nmap_scanner_banne
     let attacker: IpAddr = net.attacker_addr.parse().unwrap();
     let bans = Api::<PortSentryBan>::namespaced(client.clone(), namespace);
     let ban_name = format!("web-v4-{}", net.attacker_addr.replace('.', "-"));
-    let deadline = Instant::now() + Duration::from_secs(45);
-    let ban = loop {
-        if let Some(ban) = bans.get_opt(&ban_name).await.unwrap() {
-            break ban;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no PortSentryBan {ban_name}; sensor log:\n{}\noperator log:\n{}",
-            sensor_logs(),
-            operator.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let ban = wait_value(WAIT, &format!("PortSentryBan {ban_name}"), || {
+        let (bans, name) = (bans.clone(), ban_name.clone());
+        async move { bans.get_opt(&name).await.unwrap() }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}; sensor log:\n{}", sensor_logs()));
     let banned_after = scanned.elapsed();
     assert_eq!(ban.spec.source.to_string(), attacker.to_string());
     assert!(
@@ -541,7 +506,7 @@ async fn sensor_refusing_the_intake(namespace: &str, index: u8) -> (Operator, Po
         .create(&PostParams::default(), &pod("web-0", json!({})))
         .await
         .unwrap();
-    let data = config_map_with_ca(&operator, &client, namespace, "portsentry-sensor-web").await;
+    let data = config_map_with_ca(&client, namespace, "portsentry-sensor-web").await;
     let intake_ca = data[inject::REPORT_CA_KEY].clone();
     assert_eq!(intake_ca, operator.ca_pem);
     let token = plane
@@ -563,17 +528,18 @@ async fn sensor_refusing_the_intake(namespace: &str, index: u8) -> (Operator, Po
         format!("--report-ca-file={}", net.path("ca.crt").display()),
         "--report-policy=PortSentryPolicy/web".to_owned(),
     ];
-    net.start_sensor(&config, &args).unwrap();
+    net.start_sensor(&config, &args).await.unwrap();
     net.nmap_connect_scan(DECOYS).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sensor_counter(&net, "portsentry_sensor_report_attempts_failed_total") < 2.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the sensor never failed to report:\n{}",
-            net.sensor_log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until(
+        Duration::from_secs(30),
+        "two failed report attempts",
+        || {
+            let failed = sensor_counter(&net, "portsentry_sensor_report_attempts_failed_total");
+            async move { failed >= 2.0 }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}; sensor log:\n{}", net.sensor_log()));
     (operator, net, intake_ca)
 }
 
@@ -609,18 +575,20 @@ async fn a_sensor_given_the_config_maps_ca_after_refusing_delivers_its_held_repo
         return;
     }
     let namespace = "psinj-rotate";
-    let (operator, net, intake_ca) = sensor_refusing_the_intake(namespace, 183).await;
+    // The operator is kept running to the end; only its intake is used.
+    let (_operator, net, intake_ca) = sensor_refusing_the_intake(namespace, 183).await;
     // The ConfigMap's CA lands in the file (as a rotated ca.crt would), atomically.
     let next = net.path("ca.crt.next");
     std::fs::write(&next, &intake_ca).unwrap();
     std::fs::rename(&next, net.path("ca.crt")).unwrap();
     let bans = Api::<PortSentryBan>::namespaced(plane().await.client().unwrap(), namespace);
     let ban_name = format!("web-v4-{}", net.attacker_addr.replace('.', "-"));
-    wait_value(&operator, "the held report to become a ban", || {
+    wait_value(WAIT, "the held report to become a ban", || {
         let (bans, name) = (bans.clone(), ban_name.clone());
         async move { bans.get_opt(&name).await.ok()? }
     })
-    .await;
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -630,7 +598,7 @@ async fn a_skip_specific_config_map_is_deleted_as_soon_as_the_last_pod_using_it_
     let namespace = "psinj-stale";
     let mut settings = OperatorSettings::new("psinj-lease-stale");
     settings.namespace = SYSTEM.into();
-    let operator = Operator::start(plane, settings).await.unwrap();
+    let _operator = Operator::start(plane, settings).await.unwrap();
     let policy = namespace_with_policy(plane, namespace).await;
     // A pod as the webhook admits it when its app declares 31337/TCP.
     let skipped = [Skipped {
@@ -658,30 +626,27 @@ async fn a_skip_specific_config_map_is_deleted_as_soon_as_the_last_pod_using_it_
     .await
     .unwrap();
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), namespace);
-    let data = config_map_with_ca(&operator, &client, namespace, &skip_specific).await;
+    let data = config_map_with_ca(&client, namespace, &skip_specific).await;
     assert!(!data["portsentry.conf"].contains("31337"));
 
     // Only the pod goes: its deletion reconciles the policy (whose resync is minutes away).
     pods.delete("web-skips", &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
-    wait_value(
-        &operator,
-        "the skip-specific ConfigMap to be deleted",
-        || {
-            let config_maps = config_maps.clone();
-            let name = skip_specific.clone();
-            async move {
-                config_maps
-                    .get_opt(&name)
-                    .await
-                    .ok()?
-                    .is_none()
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    wait_value(WAIT, "the skip-specific ConfigMap to be deleted", || {
+        let config_maps = config_maps.clone();
+        let name = skip_specific.clone();
+        async move {
+            config_maps
+                .get_opt(&name)
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
     assert!(
         config_maps
             .get_opt("portsentry-sensor-web")
@@ -707,22 +672,24 @@ async fn a_policy_counts_its_injected_sensor_ready_once_the_sidecar_is_ready() {
     let plane = plane().await;
     let client = plane.client().unwrap();
     let namespace = "psinj-ready";
-    let (_release, operator) =
+    let (_release, _operator) =
         operator_with_webhook(plane, "psinj-lease-ready", IpAddr::from([127, 0, 0, 1])).await;
     namespace_with_policy(plane, namespace).await;
-    create_injected(&operator, &client, namespace, "web-0").await;
-    wait_value(&operator, "sensorsInjected 1, sensorsReady 0", || async {
+    create_injected(&client, namespace, "web-0").await;
+    wait_value(WAIT, "sensorsInjected 1, sensorsReady 0", || async {
         (sensor_counts(&client, namespace, "web").await? == (1, 0)).then_some(())
     })
-    .await;
+    .await
+    .unwrap();
 
     // The kubelet's part: the sidecar runs and its startup probe passes. Only the pod's
     // status changes (the policy's resync is minutes away).
     kubelet::report_sidecar(&client, namespace, "web-0", true).await;
-    wait_value(&operator, "sensorsReady 1", || async {
+    wait_value(WAIT, "sensorsReady 1", || async {
         (sensor_counts(&client, namespace, "web").await? == (1, 1)).then_some(())
     })
-    .await;
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -739,18 +706,19 @@ async fn a_rotated_intake_ca_file_reaches_the_sensor_config_map_without_a_restar
         .create(&PostParams::default(), &pod("web-0", json!({})))
         .await
         .unwrap();
-    let data = config_map_with_ca(&operator, &client, namespace, "portsentry-sensor-web").await;
+    let data = config_map_with_ca(&client, namespace, "portsentry-sensor-web").await;
     assert_eq!(data[inject::REPORT_CA_KEY], operator.ca_pem);
 
     let rotated = tls::Ca::generate().unwrap().cert_pem;
     std::fs::write(operator.intake_ca_file(), &rotated).unwrap();
     let api = Api::<ConfigMap>::namespaced(client.clone(), namespace);
-    wait_value(&operator, "the rotated CA in the sensor ConfigMap", || {
+    wait_value(WAIT, "the rotated CA in the sensor ConfigMap", || {
         let (api, rotated) = (api.clone(), rotated.clone());
         async move {
             let data = api.get_opt("portsentry-sensor-web").await.ok()??.data?;
             (data.get(inject::REPORT_CA_KEY) == Some(&rotated)).then_some(())
         }
     })
-    .await;
+    .await
+    .unwrap();
 }

@@ -184,7 +184,7 @@ async fn start_reporting_sensor(
         format!("--report-ca-file={}", net.path("ca.crt").display()),
         "--report-policy=PortSentryPolicy/web".to_owned(),
     ];
-    net.start_sensor(&config, &args)
+    net.start_sensor(&config, &args).await
 }
 
 #[tokio::test]
@@ -599,7 +599,16 @@ async fn an_operator_killed_mid_way_and_restarted_loses_and_duplicates_nothing()
     // The scan lands while the operator is down: the sensor keeps its report and retries.
     operator.kill();
     net.nmap_connect_scan(DECOYS).unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for(
+        Duration::from_secs(20),
+        "the sensor to fail a report while the operator is down",
+        || {
+            let log = net.sensor_log();
+            async move { Ok(log.contains("report not delivered")) }
+        },
+    )
+    .await
+    .unwrap();
     operator.restart().await.unwrap();
     wait_enforced(&client, namespace, attacker, true)
         .await
@@ -611,7 +620,15 @@ async fn an_operator_killed_mid_way_and_restarted_loses_and_duplicates_nothing()
     let before = bans.get(&web_ban_name(&net.attacker_addr)).await.unwrap();
     operator.kill();
     operator.restart().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let policy_reconciles =
+        r#"portsentry_operator_reconcile_duration_seconds_count{controller="policy"}"#;
+    wait_for(
+        Duration::from_secs(30),
+        "the restarted operator to reconcile the policy",
+        || async { Ok(operator.metric(policy_reconciles).await? >= 1.0) },
+    )
+    .await
+    .unwrap();
     wait_enforced(&client, namespace, attacker, true)
         .await
         .unwrap();

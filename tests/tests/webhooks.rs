@@ -21,7 +21,7 @@ use kube::{
     api::{DynamicObject, ObjectMeta, PostParams},
     core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
 };
-use portsentry_tests::{ControlPlane, HttpServer, Options, Recorded, Reply, shared};
+use portsentry_tests::{ControlPlane, HttpServer, Options, Recorded, Reply, shared, wait_value};
 use tokio::sync::OnceCell;
 
 static CONTROL_PLANE: OnceCell<ControlPlane> = OnceCell::const_new();
@@ -99,27 +99,28 @@ async fn the_api_server_calls_an_https_webhook_on_loopback_and_obeys_it() {
 
     // The API server picks up a new webhook configuration within a moment.
     let configmaps: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let message = loop {
-        match configmaps
-            .create(&PostParams::default(), &config_map("deny-me"))
-            .await
-        {
-            Err(kube::Error::Api(status)) => break status.message,
-            Ok(_) => {
-                configmaps
-                    .delete("deny-me", &Default::default())
-                    .await
-                    .unwrap();
+    let message = wait_value(
+        Duration::from_secs(20),
+        "the webhook to be called",
+        || async {
+            match configmaps
+                .create(&PostParams::default(), &config_map("deny-me"))
+                .await
+            {
+                Err(kube::Error::Api(status)) => Some(status.message),
+                Ok(_) => {
+                    configmaps
+                        .delete("deny-me", &Default::default())
+                        .await
+                        .unwrap();
+                    None
+                }
+                Err(other) => panic!("creating deny-me failed otherwise: {other}"),
             }
-            Err(other) => panic!("creating deny-me failed otherwise: {other}"),
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the webhook was never called"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        },
+    )
+    .await
+    .unwrap();
     assert!(
         message.contains("deny-me is refused by the test webhook"),
         "{message}"

@@ -5,8 +5,17 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::{config::config_map_name, decoys::*, governing::*, patch::build_patch, sidecar::*};
-use crate::labels::{INJECT_ANNOTATION, INJECTED_ANNOTATION};
+use super::{
+    config::config_map_name,
+    decoys::*,
+    governing::*,
+    patch::{injected_pod, patch_between},
+    sidecar::*,
+};
+use crate::{
+    Result,
+    labels::{INJECT_ANNOTATION, INJECTED_ANNOTATION},
+};
 
 /// Namespaces never injected, whatever a policy selects.
 pub const SYSTEM_NAMESPACES: &[&str] = &["kube-system", "kube-public", "kube-node-lease"];
@@ -43,10 +52,11 @@ impl Skip {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
     Skip(Skip),
-    Inject(Injection),
+    /// Boxed: the injected pod is large next to a skip reason.
+    Inject(Box<Injection>),
 }
 
-/// An injection: the patch, and what the caller reports.
+/// An injection: the pod as it is to be admitted, and what the caller reports.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Injection {
     /// `PortSentryPolicy/name` or `ClusterPortSentryPolicy/name`.
@@ -54,10 +64,19 @@ pub struct Injection {
     /// The ConfigMap (in the pod's namespace) the sidecar reads.
     pub config_map: String,
     pub skipped: Vec<Skipped>,
-    pub patch: json_patch::Patch,
+    /// The admitted pod with the sensor injected.
+    pub pod: Pod,
 }
 
-/// Decides whether `pod` in `namespace` gets a sensor and builds the patch if so.
+impl Injection {
+    /// The RFC 6902 patch that turns `original` (the pod this injection was decided on)
+    /// into [`Injection::pod`].
+    pub fn patch(&self, original: &Pod) -> Result<json_patch::Patch> {
+        patch_between(original, &self.pod)
+    }
+}
+
+/// Decides whether `pod` in `namespace` gets a sensor and builds the injected pod if so.
 pub fn decide(pod: &Pod, namespace: &str, snapshot: &Snapshot, settings: &Settings) -> Decision {
     if SYSTEM_NAMESPACES.contains(&namespace) {
         return Decision::Skip(Skip::SystemNamespace);
@@ -91,13 +110,13 @@ pub fn decide(pod: &Pod, namespace: &str, snapshot: &Snapshot, settings: &Settin
         return Decision::Skip(Skip::NoDecoysLeft);
     }
     let config_map = config_map_name(&governing, &skipped);
-    let patch = build_patch(pod, &governing, &decoys, &skipped, &config_map, settings);
-    Decision::Inject(Injection {
+    let injected = injected_pod(pod, &governing, &decoys, &skipped, &config_map, settings);
+    Decision::Inject(Box::new(Injection {
         policy: governing.reference(),
         config_map,
         skipped,
-        patch,
-    })
+        pod: injected,
+    }))
 }
 
 fn has_sidecar(pod: &Pod) -> bool {

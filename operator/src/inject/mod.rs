@@ -1,5 +1,6 @@
-//! Sidecar injection as pure functions: which policy governs a pod, the RFC 6902 patch that adds
-//! the `portsentry-sensor` native sidecar, and the classic `portsentry.conf` rendered from a policy.
+//! Sidecar injection as pure functions: which policy governs a pod, the pod with the
+//! `portsentry-sensor` native sidecar and the RFC 6902 patch derived from it, and the classic
+//! `portsentry.conf` rendered from a policy.
 //!
 //! # Decoys below 1024: the pod sysctl, not `NET_BIND_SERVICE`
 //!

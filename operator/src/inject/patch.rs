@@ -1,82 +1,79 @@
-//! The RFC 6902 patch that adds the sidecar to a pod: annotations, label, init container,
-//! volumes and, for decoys below 1024, the unprivileged-port sysctl.
+//! The pod as admitted with the sensor, built as a typed `Pod` (annotations, label, sidecar
+//! first in init containers, volumes, the unprivileged-port sysctl), and the RFC 6902 patch
+//! derived from it with `json_patch::diff`.
+//!
+//! Both sides of the diff are serialized from k8s-openapi types, so fields of the request the
+//! types do not know (none at the pinned API version, `v1_33`) appear on neither side and are
+//! left as they are. `json_patch::diff` compares arrays by position: putting the sidecar first
+//! rewrites existing init containers one index later, which yields the same pod.
 
-use k8s_openapi::api::core::v1::Pod;
-use serde_json::{Value, json};
+use k8s_openapi::api::core::v1::{Pod, PodSecurityContext, Sysctl};
 
 use super::{decoys::*, governing::*, sidecar::*};
-use crate::labels::{CONFIG_MAP_ANNOTATION, INJECTED_ANNOTATION, SENSOR_LABEL, SKIPPED_ANNOTATION};
+use crate::{
+    Result,
+    labels::{CONFIG_MAP_ANNOTATION, INJECTED_ANNOTATION, SENSOR_LABEL, SKIPPED_ANNOTATION},
+};
 
-/// JSON Pointer escaping of one reference token (RFC 6901).
-fn escape(token: &str) -> String {
-    token.replace('~', "~0").replace('/', "~1")
-}
-
-fn to_value<T: serde::Serialize>(value: &T) -> Value {
-    serde_json::to_value(value).unwrap_or(Value::Null)
-}
-
-/// The RFC 6902 patch that injects the sensor into `pod`.
-pub fn build_patch(
+/// `pod` with the sensor injected: what the API server stores once the patch is applied.
+pub fn injected_pod(
     pod: &Pod,
     governing: &Governing<'_>,
     decoys: &Decoys,
     skipped: &[Skipped],
     config_map: &str,
     settings: &Settings,
-) -> json_patch::Patch {
+) -> Pod {
     let policy = governing.reference();
-    let spec = pod.spec.clone().unwrap_or_default();
-    let mut ops: Vec<Value> = Vec::new();
-    let mut annotations = vec![
-        (INJECTED_ANNOTATION, policy.clone()),
-        (CONFIG_MAP_ANNOTATION, config_map.to_owned()),
-    ];
+    let mut injected = pod.clone();
+    let annotations = injected.metadata.annotations.get_or_insert_default();
+    annotations.insert(INJECTED_ANNOTATION.to_owned(), policy.clone());
+    annotations.insert(CONFIG_MAP_ANNOTATION.to_owned(), config_map.to_owned());
     if !skipped.is_empty() {
-        annotations.push((SKIPPED_ANNOTATION, skipped_annotation(skipped)));
+        annotations.insert(SKIPPED_ANNOTATION.to_owned(), skipped_annotation(skipped));
     }
-    if pod.metadata.annotations.is_none() {
-        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
-    }
-    for (key, value) in annotations {
-        ops.push(json!({"op": "add", "path": format!("/metadata/annotations/{}", escape(key)), "value": value}));
-    }
-    if pod.metadata.labels.is_none() {
-        ops.push(json!({"op": "add", "path": "/metadata/labels", "value": {}}));
-    }
-    ops.push(json!({"op": "add", "path": format!("/metadata/labels/{}", escape(SENSOR_LABEL)), "value": "injected"}));
-    let container = to_value(&sidecar(decoys, &policy, settings));
-    if spec.init_containers.is_none() {
-        ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [container]}));
-    } else {
-        ops.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": container}));
-    }
-    let volumes: Vec<Value> = volumes(config_map, settings).iter().map(to_value).collect();
-    if spec.volumes.is_none() {
-        ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
-    } else {
-        for volume in volumes {
-            ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume}));
-        }
-    }
+    injected
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert(SENSOR_LABEL.to_owned(), "injected".to_owned());
+    let spec = injected.spec.get_or_insert_default();
+    spec.init_containers
+        .get_or_insert_default()
+        .insert(0, sidecar(decoys, &policy, settings));
+    spec.volumes
+        .get_or_insert_default()
+        .extend(volumes(config_map, settings));
     if let Some(port) = decoys.lowest_privileged_bind() {
-        let sysctl = json!({"name": UNPRIVILEGED_PORT_SYSCTL, "value": port.to_string()});
-        match spec.security_context.as_ref().map(|c| c.sysctls.as_ref()) {
-            None => ops.push(json!({"op": "add", "path": "/spec/securityContext", "value": {"sysctls": [sysctl]}})),
-            Some(None) => ops.push(json!({"op": "add", "path": "/spec/securityContext/sysctls", "value": [sysctl]})),
-            Some(Some(sysctls)) => match sysctls
-                .iter()
-                .position(|s| s.name == UNPRIVILEGED_PORT_SYSCTL)
-            {
-                None => ops.push(json!({"op": "add", "path": "/spec/securityContext/sysctls/-", "value": sysctl})),
-                Some(index) => {
-                    let current = sysctls[index].value.trim().parse::<u32>().unwrap_or(u32::MAX);
-                    if current > u32::from(port) {
-                        ops.push(json!({"op": "replace", "path": format!("/spec/securityContext/sysctls/{index}/value"), "value": port.to_string()}));
-                    }
-                }
-            },
-        }
+        lower_unprivileged_port_start(spec.security_context.get_or_insert_default(), port);
     }
-    serde_json::from_value(Value::Array(ops)).unwrap_or_else(|_| json_patch::Patch(Vec::new()))
+    injected
+}
+
+/// Sets the unprivileged-port sysctl to `port`, unless the pod already sets it lower.
+fn lower_unprivileged_port_start(context: &mut PodSecurityContext, port: u16) {
+    let sysctls = context.sysctls.get_or_insert_default();
+    match sysctls
+        .iter_mut()
+        .find(|s| s.name == UNPRIVILEGED_PORT_SYSCTL)
+    {
+        // A value that is no number is no lower bound worth keeping.
+        Some(sysctl) => {
+            if sysctl.value.trim().parse::<u32>().unwrap_or(u32::MAX) > u32::from(port) {
+                sysctl.value = port.to_string();
+            }
+        }
+        None => sysctls.push(Sysctl {
+            name: UNPRIVILEGED_PORT_SYSCTL.to_owned(),
+            value: port.to_string(),
+        }),
+    }
+}
+
+/// The RFC 6902 patch that turns `original` into `injected`; fails only if either pod does
+/// not serialize to JSON.
+pub fn patch_between(original: &Pod, injected: &Pod) -> Result<json_patch::Patch> {
+    let from = serde_json::to_value(original)?;
+    let to = serde_json::to_value(injected)?;
+    Ok(json_patch::diff(&from, &to))
 }

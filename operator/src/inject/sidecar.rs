@@ -1,18 +1,17 @@
 //! The injected native sidecar: its settings, arguments, locked-down security context and
 //! volumes (config and projected token); node sensors build on the same container.
 
+use super::decoys::*;
+use crate::labels::TOKEN_AUDIENCE;
 use k8s_openapi::{
     api::core::v1::{
-        Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-        ObjectFieldSelector, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
-        VolumeMount,
+        Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+        HTTPGetAction, ObjectFieldSelector, Probe, ProjectedVolumeSource, ResourceRequirements,
+        SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+        VolumeProjection,
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use serde_json::json;
-
-use super::decoys::*;
-use crate::labels::TOKEN_AUDIENCE;
 
 /// Name of the injected native sidecar.
 pub const SIDECAR_NAME: &str = "portsentry-sensor";
@@ -217,19 +216,30 @@ pub fn sidecar(decoys: &Decoys, policy: &str, settings: &Settings) -> Container 
 
 /// The config volume (the ConfigMap) and the projected token volume.
 pub fn volumes(config_map: &str, settings: &Settings) -> Vec<Volume> {
-    serde_json::from_value(json!([
-        {
-            "name": CONFIG_VOLUME,
-            "configMap": {"name": config_map, "defaultMode": 0o444}
+    vec![
+        Volume {
+            name: CONFIG_VOLUME.to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map.to_owned(),
+                default_mode: Some(0o444),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
         },
-        {
-            "name": TOKEN_VOLUME,
-            "projected": {"defaultMode": 0o444, "sources": [{"serviceAccountToken": {
-                "audience": TOKEN_AUDIENCE,
-                "expirationSeconds": settings.token_expiry_seconds,
-                "path": "token"
-            }}]}
-        }
-    ]))
-    .unwrap_or_default()
+        Volume {
+            name: TOKEN_VOLUME.to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                default_mode: Some(0o444),
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(TOKEN_AUDIENCE.to_owned()),
+                        expiration_seconds: Some(settings.token_expiry_seconds),
+                        path: "token".to_owned(),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+            }),
+            ..Volume::default()
+        },
+    ]
 }

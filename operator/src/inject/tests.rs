@@ -116,14 +116,14 @@ fn web_snapshot() -> Snapshot {
 
 fn injection(decision: Decision) -> Injection {
     match decision {
-        Decision::Inject(injection) => injection,
+        Decision::Inject(injection) => *injection,
         Decision::Skip(skip) => panic!("expected an injection, got {skip:?}"),
     }
 }
 
 fn patched(pod: &Pod, injection: &Injection) -> Pod {
     let mut value = serde_json::to_value(pod).unwrap();
-    json_patch::patch(&mut value, &injection.patch).unwrap();
+    json_patch::patch(&mut value, &injection.patch(pod).unwrap()).unwrap();
     serde_json::from_value(value).unwrap()
 }
 
@@ -981,4 +981,57 @@ fn the_skipped_annotation_reads_back() {
         parse_skipped_annotation(&skipped_annotation(&skipped)),
         skipped
     );
+}
+
+/// Pods of every shape the patch has to fit: bare, with existing init containers, volumes,
+/// annotations, a higher sysctl, declared ports (skipped decoys), no spec at all.
+fn pods_of_every_shape() -> Vec<Pod> {
+    let bare = pod(&[("app", "web")], &[]);
+    let mut busy = pod(&[("app", "web")], &[(8080, "TCP"), (7, "UDP")]);
+    busy.metadata.annotations = Some(labels(&[("example.com/owner", "team~a")]));
+    let spec = busy.spec.as_mut().unwrap();
+    spec.init_containers = Some(vec![
+        Container {
+            name: "migrate".into(),
+            image: Some("migrate:1".into()),
+            command: Some(vec!["/migrate".into()]),
+            args: Some(vec!["--up".into()]),
+            ..Container::default()
+        },
+        Container {
+            name: "warm".into(),
+            ..Container::default()
+        },
+    ]);
+    spec.volumes = Some(vec![Volume {
+        name: "data".into(),
+        ..Volume::default()
+    }]);
+    spec.security_context = Some(PodSecurityContext {
+        run_as_user: Some(1000),
+        sysctls: Some(vec![
+            Sysctl {
+                name: "net.ipv4.ping_group_range".into(),
+                value: "0 0".into(),
+            },
+            Sysctl {
+                name: UNPRIVILEGED_PORT_SYSCTL.into(),
+                value: "1024".into(),
+            },
+        ]),
+        ..PodSecurityContext::default()
+    });
+    let mut unlabelled_spec_less = pod(&[], &[]);
+    unlabelled_spec_less.metadata.labels = None;
+    unlabelled_spec_less.spec = None;
+    vec![bare, busy, unlabelled_spec_less]
+}
+
+#[test]
+fn the_patch_applied_to_the_original_yields_exactly_the_injected_pod() {
+    let snapshot = snapshot(vec![policy("web", NS, &[], rules(&[1, 8080, 31337], &[7]))]);
+    for pod in pods_of_every_shape() {
+        let injection = injection(decide(&pod, NS, &snapshot, &Settings::default()));
+        assert_eq!(patched(&pod, &injection), injection.pod, "{pod:?}");
+    }
 }

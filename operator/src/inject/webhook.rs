@@ -41,7 +41,8 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Error, Result,
-    inject::{self, Decision, Settings, Snapshot},
+    inject::{self, Decision, Injection, Settings, Snapshot},
+    metrics::Metrics,
     tls::{CertFiles, shared_ca, tls_config},
 };
 
@@ -59,6 +60,7 @@ pub fn review(
     body: &[u8],
     snapshot: &Snapshot,
     settings: &Settings,
+    metrics: &Metrics,
 ) -> AdmissionReview<DynamicObject> {
     let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
         Ok(review) => review,
@@ -73,7 +75,7 @@ pub fn review(
             return AdmissionResponse::invalid("AdmissionReview without a request").into_review();
         }
     };
-    mutate(&request, snapshot, settings).into_review()
+    mutate(&request, snapshot, settings, metrics).into_review()
 }
 
 /// The response to one pod admission request: allowed, with the injection patch if any.
@@ -81,6 +83,7 @@ pub fn mutate(
     request: &AdmissionRequest<Pod>,
     snapshot: &Snapshot,
     settings: &Settings,
+    metrics: &Metrics,
 ) -> AdmissionResponse {
     let response = AdmissionResponse::from(request);
     if request.operation != Operation::Create {
@@ -96,28 +99,53 @@ pub fn mutate(
             response
         }
         Decision::Inject(injection) => {
-            let warnings: Vec<String> = injection
+            let patch = injection.patch(pod);
+            injected(response, &injection, patch, metrics)
+        }
+    }
+}
+
+/// The response carrying `patch`, with a warning per skipped decoy. A patch that could not be
+/// built or encoded admits the pod unchanged, with a warning saying so and a count in
+/// `injection_failures_total`: never a silently empty patch.
+pub fn injected(
+    response: AdmissionResponse,
+    injection: &Injection,
+    patch: Result<json_patch::Patch>,
+    metrics: &Metrics,
+) -> AdmissionResponse {
+    let encoded = patch.and_then(|patch| {
+        response
+            .clone()
+            .with_patch(patch)
+            .map_err(|e| Error::Serialization(serde::ser::Error::custom(e)))
+    });
+    let mut patched = match encoded {
+        Ok(patched) => patched,
+        Err(error) => {
+            warn!(%error, policy = %injection.policy, "injection patch failed; pod admitted without a sensor");
+            metrics.injection_failed(error.metric_label());
+            let mut unchanged = response;
+            unchanged.warnings = Some(vec![format!(
+                "portsentry: no sensor injected for {}: {error}",
+                injection.policy
+            )]);
+            return unchanged;
+        }
+    };
+    info!(policy = %injection.policy, skipped = injection.skipped.len(), "sensor injected");
+    if !injection.skipped.is_empty() {
+        patched.warnings = Some(
+            injection
                 .skipped
                 .iter()
                 .map(|s| {
                     format!("portsentry: decoy {s} skipped: a container of the pod declares it")
                 })
-                .collect();
-            match response.clone().with_patch(injection.patch) {
-                Ok(mut patched) => {
-                    info!(namespace, policy = %injection.policy, skipped = injection.skipped.len(), "sensor injected");
-                    if !warnings.is_empty() {
-                        patched.warnings = Some(warnings);
-                    }
-                    patched
-                }
-                Err(error) => {
-                    warn!(%error, "injection patch not serializable; pod admitted unchanged");
-                    response
-                }
-            }
-        }
+                .collect(),
+        );
     }
+    patched
 }
 
 /// Live caches of what the webhook decides on; [`PolicyStores::snapshot`] copies them.
@@ -242,6 +270,7 @@ pub async fn apply_ca_bundle(client: Client, name: &str, ca_pem: &str) -> Result
 pub struct Webhook {
     pub stores: PolicyStores,
     pub settings: Arc<Settings>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// One HTTP answer: status and JSON body.
@@ -265,7 +294,13 @@ fn http_response(status: u16, body: &[u8], content_type: &str) -> Vec<u8> {
 }
 
 /// Answers a request given its head and body (pure: for tests and for the server).
-pub fn respond(head: &str, body: &[u8], snapshot: &Snapshot, settings: &Settings) -> Vec<u8> {
+pub fn respond(
+    head: &str,
+    body: &[u8],
+    snapshot: &Snapshot,
+    settings: &Settings,
+    metrics: &Metrics,
+) -> Vec<u8> {
     let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
     let (method, path) = (
         parts.next().unwrap_or_default(),
@@ -277,7 +312,7 @@ pub fn respond(head: &str, body: &[u8], snapshot: &Snapshot, settings: &Settings
     if method != "POST" {
         return http_response(405, b"only POST\n", "text/plain");
     }
-    match serde_json::to_vec(&review(body, snapshot, settings)) {
+    match serde_json::to_vec(&review(body, snapshot, settings, metrics)) {
         Ok(json) => http_response(200, &json, "application/json"),
         Err(error) => http_response(500, error.to_string().as_bytes(), "text/plain"),
     }
@@ -344,7 +379,13 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             "text/plain",
         )
     } else {
-        respond(&head, &body, &webhook.stores.snapshot(), &webhook.settings)
+        respond(
+            &head,
+            &body,
+            &webhook.stores.snapshot(),
+            &webhook.settings,
+            &webhook.metrics,
+        )
     };
     stream.write_all(&answer).await?;
     stream.shutdown().await
@@ -482,7 +523,7 @@ async fn apply_ca_bundle_with_retry(client: &Client, name: &str, ca_pem: &str) -
 /// Everything the webhook needs at start-up, then serving: the certificate (shared CA and
 /// caBundle patch, or cert-manager's folder), the policy caches (waited for, so no pod is
 /// admitted uninjected for want of a first list), and the HTTPS endpoint.
-pub async fn run(client: Client, args: WebhookArgs) -> Result<()> {
+pub async fn run(client: Client, args: WebhookArgs, metrics: Arc<Metrics>) -> Result<()> {
     let Some(addr) = args.webhook_addr else {
         info!("injection webhook disabled (no --webhook-addr)");
         return Ok(());
@@ -521,6 +562,7 @@ pub async fn run(client: Client, args: WebhookArgs) -> Result<()> {
         Webhook {
             stores,
             settings: Arc::new(settings),
+            metrics,
         },
     )
     .await;
@@ -558,6 +600,16 @@ mod tests {
     }
 
     fn review_json(operation: &str, namespace: &str, ports: Value) -> Vec<u8> {
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-0", "namespace": namespace},
+            "spec": {"containers": [{"name": "app", "image": "nginx", "ports": ports}]}
+        });
+        review_of(operation, namespace, pod)
+    }
+
+    /// An AdmissionReview of `operation` on the pod `object` in `namespace`.
+    fn review_of(operation: &str, namespace: &str, object: Value) -> Vec<u8> {
         serde_json::to_vec(&json!({
             "apiVersion": "admission.k8s.io/v1",
             "kind": "AdmissionReview",
@@ -570,14 +622,76 @@ mod tests {
                 "name": "web-0",
                 "userInfo": {"username": "admin"},
                 "dryRun": false,
-                "object": {
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": "web-0", "namespace": namespace},
-                    "spec": {"containers": [{"name": "app", "image": "nginx", "ports": ports}]}
-                }
+                "object": object
             }
         }))
         .unwrap()
+    }
+
+    /// The pod of a review made by [`review_json`].
+    fn pod_of(review: &[u8]) -> Value {
+        serde_json::from_slice::<Value>(review).unwrap()["request"]["object"].clone()
+    }
+
+    #[test]
+    fn a_pod_that_already_has_the_sidecar_is_not_patched_twice() {
+        let (settings, metrics) = (Settings::default(), Metrics::new().unwrap());
+        let first = review_json("CREATE", "shop", json!([]));
+        let answer = review(&first, &snapshot(), &settings, &metrics);
+        let patch: json_patch::Patch =
+            serde_json::from_slice(&answer.response.unwrap().patch.unwrap()).unwrap();
+        let mut injected = pod_of(&first);
+        json_patch::patch(&mut injected, &patch).unwrap();
+        let mut sidecar_only = injected.clone();
+        sidecar_only["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("annotations");
+        for pod in [injected, sidecar_only] {
+            let again = review(
+                &review_of("CREATE", "shop", pod.clone()),
+                &snapshot(),
+                &settings,
+                &metrics,
+            );
+            let response = again.response.unwrap();
+            assert!(response.allowed);
+            assert_eq!(response.patch, None, "{pod}");
+        }
+    }
+
+    #[test]
+    fn a_patch_that_cannot_be_built_admits_the_pod_with_a_warning_and_a_count() {
+        let (settings, metrics) = (Settings::default(), Metrics::new().unwrap());
+        let review: AdmissionReview<Pod> =
+            serde_json::from_slice(&review_json("CREATE", "shop", json!([]))).unwrap();
+        let request: AdmissionRequest<Pod> = review.try_into().unwrap();
+        let pod = request.object.as_ref().unwrap();
+        let Decision::Inject(injection) = inject::decide(pod, "shop", &snapshot(), &settings)
+        else {
+            panic!("the pod is selected by the policy `web`");
+        };
+        let failure = serde_json::from_str::<Value>("{\"spec\":").unwrap_err();
+        let response = injected(
+            AdmissionResponse::from(&request),
+            &injection,
+            Err(Error::Serialization(failure)),
+            &metrics,
+        );
+        assert!(response.allowed);
+        assert_eq!(response.patch, None);
+        let warnings = response.warnings.unwrap();
+        assert!(
+            warnings[0].starts_with("portsentry: no sensor injected for PortSentryPolicy/web"),
+            "{warnings:?}"
+        );
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.contains(
+                r#"portsentry_operator_injection_failures_total{reason="serialization"} 1"#
+            ),
+            "{text}"
+        );
     }
 
     #[test]
@@ -586,6 +700,7 @@ mod tests {
             &review_json("CREATE", "shop", json!([])),
             &snapshot(),
             &Settings::default(),
+            &Metrics::new().unwrap(),
         );
         let response = answer.response.unwrap();
         assert!(response.allowed);
@@ -602,6 +717,7 @@ mod tests {
             &review_json("CREATE", "elsewhere", json!([])),
             &snapshot(),
             &Settings::default(),
+            &Metrics::new().unwrap(),
         );
         let response = answer.response.unwrap();
         assert!(response.allowed);
@@ -614,6 +730,7 @@ mod tests {
             &review_json("UPDATE", "shop", json!([])),
             &snapshot(),
             &Settings::default(),
+            &Metrics::new().unwrap(),
         );
         assert!(answer.response.unwrap().patch.is_none());
     }
@@ -632,6 +749,7 @@ mod tests {
             &review_json("CREATE", "shop", ports),
             &snap,
             &Settings::default(),
+            &Metrics::new().unwrap(),
         )
         .response
         .unwrap();
@@ -641,23 +759,35 @@ mod tests {
 
     #[test]
     fn garbage_is_answered_as_an_invalid_request() {
-        let response = review(b"{not json", &snapshot(), &Settings::default())
-            .response
-            .unwrap();
+        let response = review(
+            b"{not json",
+            &snapshot(),
+            &Settings::default(),
+            &Metrics::new().unwrap(),
+        )
+        .response
+        .unwrap();
         assert!(!response.allowed);
     }
 
     #[test]
     fn only_post_to_the_mutate_path_is_served() {
-        let settings = Settings::default();
+        let (settings, metrics) = (Settings::default(), Metrics::new().unwrap());
         let get = respond(
             "GET /mutate-pods HTTP/1.1\r\n\r\n",
             b"",
             &snapshot(),
             &settings,
+            &metrics,
         );
         assert!(String::from_utf8_lossy(&get).starts_with("HTTP/1.1 405"));
-        let other = respond("POST /other HTTP/1.1\r\n\r\n", b"", &snapshot(), &settings);
+        let other = respond(
+            "POST /other HTTP/1.1\r\n\r\n",
+            b"",
+            &snapshot(),
+            &settings,
+            &metrics,
+        );
         assert!(String::from_utf8_lossy(&other).starts_with("HTTP/1.1 404"));
     }
 
