@@ -268,7 +268,7 @@ impl Operator {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(self.metrics_addr).await?;
         stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: operator\r\n\r\n")
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n")
             .await?;
         let mut text = String::new();
         stream.read_to_string(&mut text).await?;

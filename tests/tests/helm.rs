@@ -110,7 +110,7 @@ fn start_webhook(plane: &'static ControlPlane, port: u16) -> PolicyStores {
                 sensor_token_expiration_seconds: 3600,
                 report_url: settings().report_url,
             };
-            if let Err(error) = webhook::run(client, args).await {
+            if let Err(error) = webhook::run(client, args, Default::default()).await {
                 eprintln!("the webhook stopped: {error}");
             }
         });
