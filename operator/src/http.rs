@@ -11,21 +11,22 @@
 //!   connection waits for its next request, so it is the idle timeout too) and each body
 //!   (`body_timeout`, from the first byte asked for to the last).
 //! - **Bodies**: a body larger than `max_body` is refused (413) by its `Content-Length`
-//!   before a byte of it is read; the bodies being read at once share `body_budget` bytes, so
-//!   many clients promising large bodies and trickling them cost at most that much memory.
-//!   Excess readers wait (within their body deadline) for a share, then get 503.
+//!   before a byte of it is read (or as soon as it outgrows the cap); the bodies being read
+//!   at once share `body_budget` bytes, charged as bytes arrive, so many clients promising
+//!   large bodies and trickling them cost at most that much memory. A body the budget cannot
+//!   take is answered 503 (`Retry-After: 1`) at once, never queued.
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::{
     Request, Response, StatusCode, body::Incoming, header, server::conn::http1, service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     net::TcpListener,
-    sync::{Semaphore, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
     time::Instant,
 };
 use tokio_rustls::{TlsAcceptor, rustls};
@@ -118,7 +119,10 @@ impl Bodies {
         }
     }
 
-    /// The whole body of `request`, or why not.
+    /// The whole body of `request`, or why not. Its bytes are charged to the budget as they
+    /// arrive (a client trickling a body holds only what it sent) and released when this
+    /// returns; a body the budget cannot take is refused at once (Busy) rather than queued
+    /// behind others, so small requests never wait on large ones.
     pub async fn read(&self, request: Request<Incoming>) -> Result<Bytes, BodyError> {
         let declared = request
             .headers()
@@ -128,32 +132,45 @@ impl Bodies {
         if declared.is_some_and(|length| length > self.max as u64) {
             return Err(BodyError::TooLarge(self.max));
         }
-        // What this body may occupy: its declared length, or the cap when chunked.
-        let share = declared.map_or(self.max, |l| l as usize);
         let deadline = Instant::now() + self.timeout;
-        let _share = match u32::try_from(share) {
-            Ok(0) => None,
-            Ok(permits) => Some(
-                tokio::time::timeout_at(deadline, self.budget.acquire_many(permits))
-                    .await
-                    .map_err(|_| BodyError::Busy)?
-                    .map_err(|_| BodyError::Busy)?,
-            ),
-            Err(_) => return Err(BodyError::TooLarge(self.max)),
-        };
-        let collected = tokio::time::timeout_at(
-            deadline,
-            Limited::new(request.into_body(), self.max).collect(),
-        )
-        .await
-        .map_err(|_| BodyError::TimedOut(self.timeout))?;
-        match collected {
-            Ok(body) => Ok(body.to_bytes()),
-            Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
-                Err(BodyError::TooLarge(self.max))
+        let mut body = request.into_body();
+        let mut chunks = Vec::new();
+        let mut held: Option<OwnedSemaphorePermit> = None;
+        let mut length = 0usize;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, body.frame())
+                .await
+                .map_err(|_| BodyError::TimedOut(self.timeout))?;
+            let data = match frame {
+                None => break,
+                Some(Err(error)) => return Err(BodyError::Broken(error.to_string())),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue, // trailers
+                },
+            };
+            length += data.len();
+            if length > self.max {
+                return Err(BodyError::TooLarge(self.max));
             }
-            Err(error) => Err(BodyError::Broken(error.to_string())),
+            let permits = u32::try_from(data.len()).map_err(|_| BodyError::TooLarge(self.max))?;
+            if permits > 0 {
+                let permit = self
+                    .budget
+                    .clone()
+                    .try_acquire_many_owned(permits)
+                    .map_err(|_| BodyError::Busy)?;
+                match held.as_mut() {
+                    Some(held) => held.merge(permit),
+                    None => held = Some(permit),
+                }
+            }
+            chunks.push(data);
         }
+        Ok(match chunks.len() {
+            1 => chunks.swap_remove(0),
+            _ => chunks.concat().into(),
+        })
     }
 }
 
@@ -299,4 +316,101 @@ where
         .max_buf_size(Limits::MAX_HEAD)
         .serve_connection(TokioIo::new(stream), service)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A plain server within `limits` that answers each POST with its body's length.
+    async fn server(limits: Limits) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(serve(
+            listener,
+            None,
+            limits,
+            |request, connection| async move {
+                match connection.bodies.read(request).await {
+                    Ok(body) => text(StatusCode::OK, body.len().to_string()),
+                    Err(refusal) => refusal.answer(),
+                }
+            },
+        ));
+        address
+    }
+
+    fn limits(max_body: usize, budget: usize) -> Limits {
+        Limits {
+            body_timeout: Duration::from_millis(300),
+            ..Limits::new(8, max_body, budget)
+        }
+    }
+
+    async fn status_line(stream: &mut tokio::net::TcpStream) -> String {
+        let mut buffer = vec![0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&buffer[..read]).into_owned();
+        text.lines().next().unwrap_or_default().to_owned()
+    }
+
+    async fn post(address: SocketAddr, length: usize, sent: &[u8]) -> tokio::net::TcpStream {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let head = format!("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {length}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(sent).await.unwrap();
+        stream
+    }
+
+    #[tokio::test]
+    async fn a_body_promised_beyond_the_cap_is_refused_before_it_is_sent() {
+        let address = server(limits(1024, 4096)).await;
+        let mut stream = post(address, 100_000_000, b"").await;
+        assert_eq!(
+            status_line(&mut stream).await,
+            "HTTP/1.1 413 Payload Too Large"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_trickled_body_is_cut_off_at_its_deadline() {
+        let address = server(limits(1024, 4096)).await;
+        let mut stream = post(address, 100, b"x").await;
+        assert_eq!(
+            status_line(&mut stream).await,
+            "HTTP/1.1 408 Request Timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_the_budget_cannot_take_is_refused_at_once_and_others_go_on() {
+        let address = server(limits(1000, 1000)).await;
+        let _holding = post(address, 1000, &[b'x'; 900]).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut refused = post(address, 200, &[b'y'; 200]).await;
+        assert_eq!(
+            status_line(&mut refused).await,
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        let mut small = post(address, 50, &[b'z'; 50]).await;
+        assert_eq!(status_line(&mut small).await, "HTTP/1.1 200 OK");
+    }
+
+    #[tokio::test]
+    async fn one_kept_alive_connection_serves_request_after_request() {
+        let address = server(limits(1024, 4096)).await;
+        let mut stream = post(address, 3, b"abc").await;
+        assert_eq!(status_line(&mut stream).await, "HTTP/1.1 200 OK");
+        stream
+            .write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nab")
+            .await
+            .unwrap();
+        assert_eq!(status_line(&mut stream).await, "HTTP/1.1 200 OK");
+    }
 }
