@@ -196,29 +196,32 @@ async fn round(api: &Api<Lease>, settings: &Settings, observed: &mut Observed) -
 }
 
 /// Releases the Lease if this replica holds it ([`released`]); true when it did. Call it
-/// only once this replica has stopped writing.
+/// only once this replica has stopped writing. A conflict (a renewal of ours still landing)
+/// is read again and retried.
 pub async fn release(client: Client, settings: &Settings) -> Result<bool> {
     let api = Api::<Lease>::namespaced(client, &settings.namespace);
-    let Some(mut lease) = api.get_opt(&settings.name).await? else {
-        return Ok(false);
-    };
-    let Some(spec) = lease.spec.as_ref() else {
-        return Ok(false);
-    };
-    if spec.holder_identity.as_deref() != Some(settings.identity.as_str()) {
-        return Ok(false);
+    for _ in 0..5 {
+        let Some(mut lease) = api.get_opt(&settings.name).await? else {
+            return Ok(false);
+        };
+        let Some(spec) = lease.spec.as_ref() else {
+            return Ok(false);
+        };
+        if spec.holder_identity.as_deref() != Some(settings.identity.as_str()) {
+            return Ok(false);
+        }
+        lease.spec = Some(released(spec, Timestamp::now()));
+        lease.metadata.managed_fields = None;
+        match api
+            .replace(&settings.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(error) => return Err(error.into()),
+        }
     }
-    lease.spec = Some(released(spec, Timestamp::now()));
-    lease.metadata.managed_fields = None;
-    match api
-        .replace(&settings.name, &PostParams::default(), &lease)
-        .await
-    {
-        Ok(_) => Ok(true),
-        // Someone wrote it meanwhile: it is not ours to release any more.
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-        Err(error) => Err(error.into()),
-    }
+    Ok(false)
 }
 
 /// Holds the Lease while it can: `leader` says whether we hold it. Returns an error once
