@@ -25,6 +25,21 @@ pub enum Error {
     /// The operator's own configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// A server could not listen on its address.
+    #[error("{what}: cannot listen on {addr}: {source} (is another process using the port?)")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A server stopped accepting connections.
+    #[error("{what} stopped serving: {source}")]
+    Served {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The operator's result type.
@@ -41,6 +56,8 @@ impl Error {
             Error::Time(_) => "time",
             Error::Metrics(_) => "metrics",
             Error::Config(_) => "config",
+            Error::Listen { .. } => "listen",
+            Error::Served { .. } => "served",
         }
     }
 }

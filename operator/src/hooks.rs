@@ -100,12 +100,16 @@ pub struct Hooks {
 }
 
 impl Hooks {
-    /// Starts the delivery worker; `extra_ca_pem` is trusted besides the system's roots.
-    pub fn start(metrics: Arc<Metrics>, extra_ca_pem: Option<&str>) -> Result<Self> {
+    /// The handle and its delivery worker (run it: it ends only when every handle is
+    /// gone); `extra_ca_pem` is trusted besides the system's roots.
+    pub fn start(
+        metrics: Arc<Metrics>,
+        extra_ca_pem: Option<&str>,
+    ) -> Result<(Self, impl Future<Output = ()> + Send + 'static)> {
         let tls = Arc::new(client_tls(extra_ca_pem)?);
         let (queue, receiver) = mpsc::channel(QUEUE);
-        tokio::spawn(deliver_all(receiver, tls, metrics.clone()));
-        Ok(Self { queue, metrics })
+        let worker = deliver_all(receiver, tls, metrics.clone());
+        Ok((Self { queue, metrics }, worker))
     }
 
     /// Queues `payload` for every target; never waits.

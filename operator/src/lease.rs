@@ -3,6 +3,8 @@
 //!
 //! The holder gives up (and the process stops writing) when it could not renew for
 //! `renew_deadline` (2/3 of the lease), before any other replica may take the lease over.
+//! A holder that stops (SIGTERM) releases the Lease ([`released`], [`release`]) so another
+//! replica takes it over at its next attempt, within a second, not a lease duration.
 
 use std::time::{Duration, Instant};
 
@@ -105,6 +107,19 @@ pub fn next_spec(
     }
 }
 
+/// The Lease spec a stopping holder writes, as client-go's `ReleaseOnCancel` does: no holder
+/// (so [`decide`] takes it over at once), a one-second duration, the transitions kept.
+pub fn released(current: &LeaseSpec, now: Timestamp) -> LeaseSpec {
+    LeaseSpec {
+        holder_identity: None,
+        lease_duration_seconds: Some(1),
+        acquire_time: Some(MicroTime(now)),
+        renew_time: Some(MicroTime(now)),
+        lease_transitions: current.lease_transitions,
+        ..LeaseSpec::default()
+    }
+}
+
 /// Where the Lease is and who we are.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -120,9 +135,10 @@ impl Settings {
         self.duration * 2 / 3
     }
 
-    /// Time between two attempts.
+    /// Time between two attempts: at most a second, so a released Lease is taken over
+    /// within one.
     pub fn retry_period(&self) -> Duration {
-        (self.duration / 5).max(Duration::from_millis(200))
+        (self.duration / 5).clamp(Duration::from_millis(200), Duration::from_secs(1))
     }
 }
 
@@ -177,6 +193,35 @@ async fn round(api: &Api<Lease>, settings: &Settings, observed: &mut Observed) -
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
         Err(error) => Err(error.into()),
     }
+}
+
+/// Releases the Lease if this replica holds it ([`released`]); true when it did. Call it
+/// only once this replica has stopped writing. A conflict (a renewal of ours still landing)
+/// is read again and retried.
+pub async fn release(client: Client, settings: &Settings) -> Result<bool> {
+    let api = Api::<Lease>::namespaced(client, &settings.namespace);
+    for _ in 0..5 {
+        let Some(mut lease) = api.get_opt(&settings.name).await? else {
+            return Ok(false);
+        };
+        let Some(spec) = lease.spec.as_ref() else {
+            return Ok(false);
+        };
+        if spec.holder_identity.as_deref() != Some(settings.identity.as_str()) {
+            return Ok(false);
+        }
+        lease.spec = Some(released(spec, Timestamp::now()));
+        lease.metadata.managed_fields = None;
+        match api
+            .replace(&settings.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(false)
 }
 
 /// Holds the Lease while it can: `leader` says whether we hold it. Returns an error once
@@ -286,6 +331,20 @@ mod tests {
     }
 
     #[test]
+    fn a_released_lease_has_no_holder_and_is_taken_over_at_once() {
+        let lease = held_by("a", 0);
+        let free = released(&lease, at(3));
+        assert_eq!(free.holder_identity, None);
+        assert_eq!(free.lease_duration_seconds, Some(1));
+        assert_eq!(free.lease_transitions, lease.lease_transitions);
+        assert_eq!(free.renew_time, Some(MicroTime(at(3))));
+        assert_eq!(decide(Some(&free), "b", Duration::ZERO, D), Step::TakeOver);
+        let next = next_spec(Some(&free), &Step::TakeOver, "b", at(4), D);
+        assert_eq!(next.holder_identity.as_deref(), Some("b"));
+        assert_eq!(next.lease_transitions, Some(3));
+    }
+
+    #[test]
     fn a_renewal_is_a_new_record_even_by_the_same_holder() {
         let first = held_by("a", 0);
         let renewed = held_by("a", 5);
@@ -303,5 +362,6 @@ mod tests {
         };
         assert!(settings.renew_deadline() < settings.duration);
         assert!(settings.retry_period() < settings.renew_deadline());
+        assert!(settings.retry_period() <= Duration::from_secs(1));
     }
 }

@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod enforce;
 pub mod error;
 pub mod hooks;
+pub mod http;
 pub mod inject;
 pub mod intake;
 pub mod labels;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod names;
 pub mod policy;
 pub mod server;
+pub mod tasks;
 pub mod tls;
 pub mod watch;
 

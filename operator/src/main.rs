@@ -1,8 +1,10 @@
-//! `portsentry-operator`: starts the operations endpoint, the report intake, leader election,
-//! the protected-address refresher and (as leader) the controller; the rest is the library.
+//! `portsentry-operator`: starts the operations endpoint, the webhook, the report intake,
+//! leader election and (as leader) the controllers, each a supervised task; the rest is the
+//! library. Any task ending stops the process (non-zero); SIGTERM releases the Lease first.
 #![forbid(unsafe_code)]
 
 use std::{
+    future::Future,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, RwLock},
@@ -15,6 +17,7 @@ use portsentry_operator::{
     Error, Result, cluster,
     enforce::{self, quarantine},
     hooks::Hooks,
+    http,
     inject::webhook,
     intake::{
         self,
@@ -22,12 +25,16 @@ use portsentry_operator::{
     },
     labels, lease,
     metrics::Metrics,
-    policy, server,
+    policy,
+    server::{self, Readiness},
+    tasks::Supervisor,
 };
-use tokio::sync::watch;
-use tracing::{error, info};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
-
 /// Reconciles PortSentry policies into enforcement.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -109,28 +116,92 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Starts every task, then waits for the first to end (an error: exit non-zero) or for
+/// SIGTERM/SIGINT (stop every task, release the Lease if held, exit zero).
 async fn run(args: Args) -> Result<()> {
     let client = Client::try_default().await?;
+    let mut terminate = signal(SignalKind::terminate())
+        .map_err(|e| Error::Config(format!("cannot handle SIGTERM: {e}")))?;
+    let mut tasks = Supervisor::default();
+    let (leader_tx, election) = start(&mut tasks, &args, client.clone()).await?;
+    let signal = tokio::select! {
+        ended = tasks.first_end() => {
+            let (task, why) = ended.ok_or_else(|| Error::Config("no task to run".into()))?;
+            error!(task, %why, "a task ended; stopping the operator");
+            return Err(Error::Config(format!("{task} ended: {why}")));
+        }
+        _ = terminate.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    };
+    info!(signal, "stopping");
+    // Stop writing before giving the Lease away: no write of ours after another's first.
+    leader_tx.send_replace(false);
+    tasks.stop_all().await;
+    if let Some(settings) = election {
+        release(client, &settings).await;
+    }
+    Ok(())
+}
+
+/// Releases the Lease if held, within two seconds (a failure only delays the handover).
+async fn release(client: Client, settings: &lease::Settings) {
+    match tokio::time::timeout(Duration::from_secs(2), lease::release(client, settings)).await {
+        Ok(Ok(true)) => info!(lease = %settings.name, "lease released"),
+        Ok(Ok(false)) => {}
+        Ok(Err(error)) => warn!(%error, "lease not released; it expires on its own"),
+        Err(_) => warn!("lease not released in time; it expires on its own"),
+    }
+}
+
+/// Spawns every task into `tasks`: the leader flag's sender and the election's settings.
+async fn start(
+    tasks: &mut Supervisor,
+    args: &Args,
+    client: Client,
+) -> Result<(watch::Sender<bool>, Option<lease::Settings>)> {
     let metrics = Arc::new(Metrics::new()?);
-    tokio::spawn(serve_webhook(
-        client.clone(),
-        args.webhook.clone(),
-        metrics.clone(),
-    ));
+    let readiness = Readiness::default();
+    if args.webhook.webhook_addr.is_some() {
+        readiness.not_ready(webhook::READY, "starting");
+    }
+    readiness.not_ready(intake::server::READY, "starting");
+    let operations = http::bind(
+        "operations endpoint",
+        args.metrics_addr,
+        http::BIND_PATIENCE,
+    )
+    .await?;
+    info!(addr = %args.metrics_addr, "serving /metrics, /healthz, /readyz");
+    let (served_metrics, served_readiness) = (metrics.clone(), readiness.clone());
+    tasks.spawn("operations endpoint", async move {
+        server::serve(operations, served_metrics, served_readiness)
+            .await
+            .map_err(|source| Error::Served {
+                what: "operations endpoint",
+                source,
+            })
+    });
+    if args.webhook.webhook_addr.is_some() {
+        let run = webhook::run(
+            client.clone(),
+            args.webhook.clone(),
+            readiness.clone(),
+            metrics.clone(),
+        );
+        tasks.spawn("injection webhook", run);
+    }
     let guards = Arc::new(RwLock::new(
         enforce::guards::discover_guards(&client, &args.operator_addrs).await?,
     ));
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", args.metrics_addr)))?;
-    info!(addr = %args.metrics_addr, "serving /metrics");
-    tokio::spawn(serve_operations(listener, metrics.clone()));
-    tokio::spawn(enforce::guards::refresh_guards(
-        client.clone(),
-        guards.clone(),
-        args.operator_addrs.clone(),
-        Duration::from_secs(args.guard_refresh_secs.max(1)),
-    ));
+    tasks.spawn_infallible(
+        "protected-address refresher",
+        enforce::guards::refresh_guards(
+            client.clone(),
+            guards.clone(),
+            args.operator_addrs.clone(),
+            Duration::from_secs(args.guard_refresh_secs.max(1)),
+        ),
+    );
     let identity = args
         .instance
         .clone()
@@ -149,12 +220,8 @@ async fn run(args: Args) -> Result<()> {
                 .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
         })
         .transpose()?;
-    let hooks = Hooks::start(metrics.clone(), hook_ca.as_deref())?;
-    let node_sensors = args.nodes.node_sensors(
-        &args.namespace,
-        args.webhook.settings()?,
-        tls.ca_pem.clone(),
-    )?;
+    let (hooks, delivery) = Hooks::start(metrics.clone(), hook_ca.as_deref())?;
+    tasks.spawn_infallible("alert hook delivery", delivery);
     let (intake, ban_watch) = Intake::new(
         client.clone(),
         metrics.clone(),
@@ -173,69 +240,56 @@ async fn run(args: Args) -> Result<()> {
             hooks: Some(hooks.clone()),
         },
     );
-    tokio::spawn(ban_watch);
-    let report_listener = tokio::net::TcpListener::bind(args.report_addr)
+    tasks.spawn_infallible("intake ban watch", ban_watch);
+    let serve_intake = intake::server::run(args.report_addr, tls.config, intake, readiness);
+    tasks.spawn("report intake", serve_intake);
+    let election = args.leader_elect.then(|| lease::Settings {
+        namespace: args.namespace.clone(),
+        name: args.lease_name.clone(),
+        identity: identity.clone(),
+        duration: Duration::from_secs(args.lease_duration_secs.max(3)),
+    });
+    if let Some(settings) = election.clone() {
+        tasks.spawn(
+            "leader election",
+            lease::run(client.clone(), settings, leader_tx.clone()),
+        );
+    }
+    let node_sensors = args.nodes.node_sensors(
+        &args.namespace,
+        args.webhook.settings()?,
+        tls.ca_pem.clone(),
+    )?;
+    let policy_controller = policy::controller::run(
+        client.clone(),
+        metrics.clone(),
+        guards.clone(),
+        reporter,
+        Some(hooks),
+        tls.ca_pem.clone(),
+    );
+    tasks.spawn(
+        "policy controller",
+        leading(leader.clone(), policy_controller),
+    );
+    tasks.spawn(
+        "quarantine",
+        leading(leader.clone(), quarantine::run(client.clone())),
+    );
+    let cluster_controller = cluster::controller::run(client, metrics, guards, node_sensors);
+    tasks.spawn("cluster controller", leading(leader, cluster_controller));
+    Ok((leader_tx, election))
+}
+
+/// Runs `task` once this replica leads (it then runs until the process ends).
+async fn leading(
+    mut leader: watch::Receiver<bool>,
+    task: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    leader
+        .wait_for(|leading| *leading)
         .await
-        .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", args.report_addr)))?;
-    info!(addr = %args.report_addr, "serving POST {}", intake::server::PATH);
-    tokio::spawn(serve_reports(report_listener, tls.config, intake));
-    let election = async {
-        if args.leader_elect {
-            let settings = lease::Settings {
-                namespace: args.namespace.clone(),
-                name: args.lease_name.clone(),
-                identity: identity.clone(),
-                duration: Duration::from_secs(args.lease_duration_secs.max(3)),
-            };
-            lease::run(client.clone(), settings, leader_tx).await
-        } else {
-            std::future::pending().await
-        }
-    };
-    let lead = async {
-        let mut leader = leader.clone();
-        leader
-            .wait_for(|leading| *leading)
-            .await
-            .map_err(|_| Error::Config("leader election stopped".into()))?;
-        tokio::select! {
-            () = policy::controller::run(
-                client.clone(),
-                metrics.clone(),
-                guards.clone(),
-                reporter,
-                Some(hooks),
-                tls.ca_pem.clone(),
-            ) => {}
-            () = quarantine::run(client.clone()) => {}
-            () = cluster::controller::run(client.clone(), metrics.clone(), guards.clone(), node_sensors) => {}
-        }
-        Ok(())
-    };
-    tokio::select! {
-        result = election => result,
-        result = lead => result,
-    }
-}
-
-async fn serve_webhook(client: Client, args: webhook::WebhookArgs, metrics: Arc<Metrics>) {
-    if let Err(error) = webhook::run(client, args, metrics).await {
-        error!(%error, "injection webhook stopped");
-    }
-}
-
-async fn serve_reports(
-    listener: tokio::net::TcpListener,
-    tls: watch::Receiver<Arc<tokio_rustls::rustls::ServerConfig>>,
-    intake: Arc<Intake>,
-) {
-    if let Err(error) = intake::server::serve(listener, tls, intake).await {
-        error!(%error, "report intake stopped");
-    }
-}
-
-async fn serve_operations(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
-    if let Err(error) = server::serve(listener, metrics).await {
-        error!(%error, "operations endpoint stopped");
-    }
+        .map_err(|_| Error::Config("leader election stopped".into()))?;
+    task.await;
+    Ok(())
 }

@@ -1,167 +1,192 @@
-//! The plain-HTTP operations endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
-//! Deliberately tiny: GET only, one request per connection, bounded request head.
+//! The plain-HTTP operations endpoint: `/metrics` (Prometheus text), `/healthz`, and
+//! `/readyz`, which is true only while every condition of [`Readiness`] holds.
 
-use std::{sync::Arc, time::Duration};
-
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
 };
-use tracing::debug;
 
-use crate::metrics::Metrics;
+use hyper::{Method, Request, StatusCode};
+use tokio::net::TcpListener;
 
-/// Largest request head read before answering 431.
-const MAX_HEAD: usize = 8 * 1024;
-/// A client that sends nothing for this long is dropped.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::{
+    http::{self, Answer, Limits},
+    metrics::Metrics,
+};
 
-/// An HTTP answer: status, content type, body.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Answer {
-    pub status: u16,
-    pub content_type: &'static str,
-    pub body: String,
-}
+/// What this replica needs before its Service may route to it: named conditions, each met
+/// or not with the reason. Cloned handles share one state.
+#[derive(Clone, Debug, Default)]
+pub struct Readiness(Arc<Mutex<BTreeMap<&'static str, Option<String>>>>);
 
-fn text(status: u16, body: &str) -> Answer {
-    Answer {
-        status,
-        content_type: "text/plain; charset=utf-8",
-        body: body.to_owned(),
+impl Readiness {
+    fn update(&self, what: &'static str, state: Option<String>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(what, state);
+    }
+
+    /// `what` is needed and not met yet, because `why`.
+    pub fn not_ready(&self, what: &'static str, why: impl Into<String>) {
+        self.update(what, Some(why.into()));
+    }
+
+    /// `what` is met.
+    pub fn ready(&self, what: &'static str) {
+        self.update(what, None);
+    }
+
+    /// Every condition not met, as `what: why`, in name order (empty: ready).
+    pub fn unmet(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|(what, why)| Some(format!("{what}: {}", why.as_ref()?)))
+            .collect()
     }
 }
 
-/// Answers a request given its head (request line and headers).
-pub fn respond(head: &str, metrics: &Metrics) -> Answer {
-    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    if method != "GET" {
-        return text(405, "only GET\n");
+/// Answers one request of the operations endpoint.
+pub fn respond<B>(request: &Request<B>, metrics: &Metrics, readiness: &Readiness) -> Answer {
+    if request.method() != Method::GET {
+        return http::text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
-    match path.split('?').next().unwrap_or_default() {
+    match request.uri().path() {
         "/metrics" => match metrics.encode() {
-            Ok(body) => Answer {
-                status: 200,
-                content_type: "text/plain; version=0.0.4; charset=utf-8",
+            Ok(body) => http::answer(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
                 body,
-            },
-            Err(error) => text(500, &format!("{error}\n")),
+            ),
+            Err(error) => http::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
         },
-        "/healthz" | "/readyz" => text(200, "ok\n"),
-        _ => text(404, "not found\n"),
-    }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        _ => "Internal Server Error",
-    }
-}
-
-async fn handle(mut stream: TcpStream, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buffer = [0u8; 1024];
-    let answer = loop {
-        let read = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buffer))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        if read == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buffer[..read]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") {
-            break respond(&String::from_utf8_lossy(&head), &metrics);
-        }
-        if head.len() > MAX_HEAD {
-            break text(431, "request head too large\n");
-        }
-    };
-    let response = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
-        answer.status,
-        reason(answer.status),
-        answer.content_type,
-        answer.body.len(),
-        answer.body
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-/// Serves until the listener fails; each connection in its own task.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    loop {
-        let (stream, peer) = listener.accept().await?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(error) = handle(stream, metrics).await {
-                debug!(%peer, %error, "metrics connection");
+        "/healthz" => http::text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            let unmet = readiness.unmet();
+            if unmet.is_empty() {
+                http::text(StatusCode::OK, "ok\n")
+            } else {
+                let body = format!("not ready:\n{}\n", unmet.join("\n"));
+                http::text(StatusCode::SERVICE_UNAVAILABLE, body)
             }
-        });
+        }
+        _ => http::text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Limits of the operations endpoint: GETs only, so no body is ever read.
+pub fn limits() -> Limits {
+    Limits::new(64, 0, 0)
+}
+
+/// Serves until the listener fails.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+) -> std::io::Result<()> {
+    http::serve(listener, None, limits(), move |request, _| {
+        let answer = respond(&request, &metrics, &readiness);
+        async move { answer }
+    })
+    .await
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    #![allow(clippy::unwrap_used)]
 
-    #[test]
-    fn metrics_are_served_in_prometheus_text_format() {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn get(path: &str) -> Request<()> {
+        Request::get(path).body(()).unwrap()
+    }
+
+    async fn body(answer: Answer) -> String {
+        let bytes = answer.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_in_prometheus_text_format() {
         let metrics = Metrics::new().unwrap();
         metrics.bans_expired(1);
-        let answer = respond("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", &metrics);
-        assert_eq!(answer.status, 200);
-        assert!(answer.content_type.starts_with("text/plain; version=0.0.4"));
+        let answer = respond(&get("/metrics"), &metrics, &Readiness::default());
+        assert_eq!(answer.status(), StatusCode::OK);
+        let content_type = answer.headers()[hyper::header::CONTENT_TYPE].to_str();
         assert!(
-            answer
-                .body
+            content_type
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4")
+        );
+        assert!(
+            body(answer)
+                .await
                 .contains("portsentry_operator_bans_expired_total 1")
         );
     }
 
     #[test]
-    fn health_endpoints_answer_ok_and_others_404_or_405() {
-        let metrics = Metrics::new().unwrap();
+    fn health_answers_ok_and_other_paths_404_or_405() {
+        let (metrics, ready) = (Metrics::new().unwrap(), Readiness::default());
         assert_eq!(
-            respond("GET /healthz HTTP/1.1\r\n\r\n", &metrics).status,
-            200
+            respond(&get("/healthz"), &metrics, &ready).status(),
+            StatusCode::OK
         );
         assert_eq!(
-            respond("GET /readyz HTTP/1.1\r\n\r\n", &metrics).status,
-            200
+            respond(&get("/nope"), &metrics, &ready).status(),
+            StatusCode::NOT_FOUND
         );
-        assert_eq!(respond("GET /nope HTTP/1.1\r\n\r\n", &metrics).status, 404);
+        let post = Request::post("/metrics").body(()).unwrap();
         assert_eq!(
-            respond("POST /metrics HTTP/1.1\r\n\r\n", &metrics).status,
-            405
+            respond(&post, &metrics, &ready).status(),
+            StatusCode::METHOD_NOT_ALLOWED
         );
     }
 
     #[tokio::test]
-    async fn a_real_client_gets_the_metrics_over_tcp() {
+    async fn readyz_names_every_unmet_condition_until_all_are_met() {
+        let (metrics, readiness) = (Metrics::new().unwrap(), Readiness::default());
+        readiness.not_ready("webhook", "not listening yet");
+        readiness.not_ready("intake", "certificate not loaded");
+        let answer = respond(&get("/readyz"), &metrics, &readiness);
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let text = body(answer).await;
+        assert!(text.contains("webhook: not listening yet"), "{text}");
+        assert!(text.contains("intake: certificate not loaded"), "{text}");
+        readiness.ready("webhook");
+        readiness.ready("intake");
+        assert_eq!(
+            respond(&get("/readyz"), &metrics, &readiness).status(),
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn a_real_client_gets_the_metrics_twice_on_one_kept_alive_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let metrics = Arc::new(Metrics::new().unwrap());
-        let server = tokio::spawn(serve(listener, metrics));
-        let mut client = TcpStream::connect(address).await.unwrap();
+        let server = tokio::spawn(serve(listener, metrics, Readiness::default()));
+        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
         client
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\nGET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
         let mut response = String::new();
-        tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut response))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.read_to_string(&mut response),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert_eq!(response.matches("HTTP/1.1 200 OK").count(), 2, "{response}");
         assert!(response.contains("portsentry_operator_bans_active 0"));
         server.abort();
     }

@@ -239,6 +239,8 @@ impl CertFiles {
     pub fn watch(self, every: Duration) -> Result<watch::Receiver<Arc<rustls::ServerConfig>>> {
         let pair = self.read()?;
         let (sender, receiver) = watch::channel(tls_config(&pair.0, &pair.1)?);
+        // Detached on purpose: it ends when every receiver (every server) is gone, and a pair
+        // that fails to load only keeps the previous certificate; it cannot fail otherwise.
         tokio::spawn(self.reload(pair, sender, every));
         Ok(receiver)
     }

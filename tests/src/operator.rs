@@ -267,16 +267,79 @@ impl Operator {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// The operator's `/metrics` text.
-    pub async fn metrics(&self) -> Result<String> {
+    /// The status and body of `GET path` on the operations endpoint (`/metrics`, `/readyz`).
+    pub async fn operations_get(&self, path: &str) -> Result<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(self.metrics_addr).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: operator\r\n\r\n")
-            .await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
         let mut text = String::new();
         stream.read_to_string(&mut text).await?;
-        Ok(text)
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("no HTTP status in {text:?}"))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        Ok((status, body.to_owned()))
+    }
+
+    /// The operator's `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self.operations_get("/metrics").await?.1)
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The resident memory of the process in KiB (`VmRSS` of /proc/PID/status).
+    pub fn rss_kib(&self) -> Result<u64> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow!("the operator is not running"))?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
+    }
+
+    /// Sends SIGTERM (what the kubelet sends a pod being stopped).
+    pub fn terminate(&self) -> Result<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| anyhow!("the operator is not running"))?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit: its status, or None if it still runs.
+    pub async fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(child) = self.child.as_mut() else {
+                bail!("the operator was not started");
+            };
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The value of a metric line starting with `series` (`name` or `name{labels}`), or 0.

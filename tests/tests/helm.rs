@@ -117,7 +117,7 @@ fn start_webhook(plane: &'static ControlPlane, port: u16) -> PolicyStores {
                 report_url: settings().report_url,
             };
             let metrics = std::sync::Arc::new(Metrics::new().unwrap());
-            if let Err(error) = webhook::run(client, args, metrics).await {
+            if let Err(error) = webhook::run(client, args, Default::default(), metrics).await {
                 eprintln!("the webhook stopped: {error}");
             }
         });
@@ -183,7 +183,7 @@ async fn installed() -> &'static Installed {
                 let stores = stores.clone();
                 async move {
                     stores
-                        .snapshot()
+                        .snapshot_for(SHOP)
                         .policies
                         .iter()
                         .any(|p| p.metadata.name.as_deref() == Some("web"))
@@ -517,7 +517,7 @@ async fn a_pod_in_a_selected_namespace_comes_back_with_the_sensor_injected_as_sp
     assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
     assert_eq!(sidecar.image.as_deref(), Some(SENSOR_IMAGE));
     // Exactly what the pure functions specify for this policy and pod.
-    let snapshot = installed.stores.snapshot();
+    let snapshot = installed.stores.snapshot_for(SHOP);
     let policy = snapshot
         .policies
         .iter()
@@ -892,7 +892,7 @@ async fn the_rendered_sensor_config_map_matches_what_the_pod_mounts() {
     let name = annotation(&pod, labels::CONFIG_MAP_ANNOTATION).unwrap();
     let skipped =
         inject::parse_skipped_annotation(annotation(&pod, labels::SKIPPED_ANNOTATION).unwrap());
-    let snapshot = installed.stores.snapshot();
+    let snapshot = installed.stores.snapshot_for(SHOP);
     let policy = snapshot
         .policies
         .iter()
@@ -1112,7 +1112,7 @@ async fn the_injected_sidecar_started_as_specified_runs_a_sensor_that_detects_a_
     let skipped = inject::parse_skipped_annotation(
         annotation(&pod, labels::SKIPPED_ANNOTATION).unwrap_or(""),
     );
-    let snapshot = installed.stores.snapshot();
+    let snapshot = installed.stores.snapshot_for(SHOP);
     let policy = snapshot
         .policies
         .iter()

@@ -155,6 +155,8 @@ impl Drop for Running {
 /// later test's pod creation calls a webhook that is gone.
 struct Release {
     plane: &'static ControlPlane,
+    /// The port the chart's webhook URL names.
+    webhook_port: u16,
 }
 
 impl Release {
@@ -173,7 +175,10 @@ impl Release {
             "helm install failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        Self { plane }
+        Self {
+            plane,
+            webhook_port,
+        }
     }
 }
 
@@ -721,4 +726,138 @@ async fn a_rotated_intake_ca_file_reaches_the_sensor_config_map_without_a_restar
     })
     .await
     .unwrap();
+}
+
+/// A TLS client config trusting `ca_pem` (PEM).
+fn trusting(ca_pem: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    std::sync::Arc::new(config)
+}
+
+/// One misbehaving client of `port` (127.0.0.1), kind `index % 4`: a TCP connection that
+/// sends nothing; a TLS connection that sends nothing; a request promising 100 MB then
+/// trickling a byte a second; a request promising `promise` bytes (under the cap) then
+/// trickling. It runs until aborted.
+async fn misbehave(
+    port: u16,
+    index: usize,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    promise: usize,
+) {
+    use tokio::io::AsyncWriteExt;
+    let Ok(tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return;
+    };
+    if index % 4 == 0 {
+        return std::future::pending::<()>().await;
+    }
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let Ok(mut stream) = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+    else {
+        return;
+    };
+    let length = match index % 4 {
+        1 => return std::future::pending::<()>().await,
+        2 => 100_000_000,
+        _ => promise,
+    };
+    let head = format!(
+        "POST /mutate-pods HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    );
+    if stream.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    while stream.write_all(b" ").await.is_ok() && stream.flush().await.is_ok() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn hundreds_of_idle_and_trickling_connections_leave_admission_and_reports_working_in_bounded_memory()
+ {
+    let plane = plane().await;
+    let namespace = "psinj-slow";
+    namespace_with_policy(plane, namespace).await;
+    let (release, operator) =
+        operator_with_webhook(plane, "psinj-lease-slow", IpAddr::from([127, 0, 0, 1])).await;
+    let client = plane.client().unwrap();
+    create_injected(&client, namespace, "web-before").await;
+    let before = operator.rss_kib().unwrap();
+    let webhook_ca = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), SYSTEM)
+        .get("psinj-webhook-ca")
+        .await
+        .unwrap()
+        .data
+        .unwrap()[tls::CA_CERT_KEY]
+        .clone();
+    let webhook_tls = trusting(&String::from_utf8(webhook_ca.0).unwrap());
+    let intake_tls = trusting(&operator.ca_pem);
+    let intake_port: u16 = operator
+        .report_url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next()?.parse().ok())
+        .unwrap();
+    let mut clients = tokio::task::JoinSet::new();
+    for index in 0..200 {
+        clients.spawn(misbehave(
+            release.webhook_port,
+            index,
+            webhook_tls.clone(),
+            4_000_000,
+        ));
+        clients.spawn(misbehave(intake_port, index, intake_tls.clone(), 900_000));
+    }
+    // Every client connected and the tricklers a few bytes in.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let loaded = operator.rss_kib().unwrap();
+
+    let admitted = Instant::now();
+    let pod = create_injected(&client, namespace, "web-during").await;
+    let admission = admitted.elapsed();
+    let token = plane
+        .token_for_pod(namespace, "default", "web-during", labels::TOKEN_AUDIENCE)
+        .await
+        .unwrap();
+    let report = json!({
+        "policy": {"kind": "PortSentryPolicy", "name": "web"},
+        "detections": [{"source": "203.0.113.91", "probes": [
+            {"port": 31337, "protocol": "TCP", "kind": "Connect", "verified": true, "observedAtMs": 1_780_000_000_000u64}
+        ]}],
+    });
+    let (status, body) = portsentry_tests::post_report(
+        &operator.report_url,
+        &operator.ca_pem,
+        Some(&token),
+        &serde_json::to_vec(&report).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "the report got no answer under load: {body}");
+    assert!(injected(&pod));
+    let after = operator.rss_kib().unwrap();
+    clients.abort_all();
+    eprintln!(
+        "400 slow connections: admission took {admission:?}; operator RSS {} MiB before, {} MiB loaded, {} MiB after a pod and a report",
+        before / 1024,
+        loaded / 1024,
+        after / 1024
+    );
+    assert!(
+        loaded.max(after) < 128 * 1024,
+        "the operator grew to {} MiB",
+        loaded.max(after) / 1024
+    );
 }

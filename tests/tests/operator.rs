@@ -1137,3 +1137,76 @@ async fn a_banned_pod_of_the_cluster_is_quarantined_until_its_ban_expires() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_replica_whose_webhook_cannot_bind_is_not_ready_and_exits_non_zero() {
+    let plane = control_plane().await.unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut settings = OperatorSettings::new("lease-webhook-taken");
+    settings.identity = "operator-taken".into();
+    settings.wait_leading = false;
+    settings.extra_args = vec![
+        format!("--webhook-addr=127.0.0.1:{port}"),
+        "--webhook-dns-name=127.0.0.1".into(),
+        "--webhook-ca-secret=taken-webhook-ca".into(),
+    ];
+    let mut operator = Operator::start(plane, settings).await.unwrap();
+    let mut named = false;
+    let status = loop {
+        if let Some(status) = operator.wait_exit(Duration::ZERO).await.unwrap() {
+            break status;
+        }
+        if let Ok((code, body)) = operator.operations_get("/readyz").await {
+            assert_eq!(code, 503, "ready though its webhook is not serving: {body}");
+            named |= body.contains(&format!("webhook: not listening on 127.0.0.1:{port}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(named, "/readyz never named the webhook's address");
+    assert!(!status.success(), "exited {status} with its webhook down");
+    assert!(
+        operator.log().contains("injection webhook"),
+        "the log does not say which task ended:\n{}",
+        operator.log()
+    );
+    drop(taken);
+}
+
+#[tokio::test]
+async fn a_sigtermed_leader_releases_its_lease_and_the_other_replica_leads_within_two_seconds() {
+    let plane = control_plane().await.unwrap();
+    let lease = "lease-handover";
+    let mut first = Operator::start(plane, OperatorSettings::new(lease))
+        .await
+        .unwrap();
+    let mut settings = OperatorSettings::new(lease);
+    settings.identity = "operator-1".into();
+    settings.wait_leading = false;
+    let second = Operator::start(plane, settings).await.unwrap();
+    let leases = Api::<Lease>::namespaced(plane.client().unwrap(), "portsentry-system");
+    let holder = |lease: Lease| lease.spec.and_then(|s| s.holder_identity);
+    assert_eq!(
+        holder(leases.get(lease).await.unwrap()).as_deref(),
+        Some("operator-0")
+    );
+
+    first.terminate().unwrap();
+    let terminated = Instant::now();
+    while holder(leases.get(lease).await.unwrap()).as_deref() != Some("operator-1") {
+        assert!(
+            terminated.elapsed() < Duration::from_secs(10),
+            "no handover"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let handover = terminated.elapsed();
+    eprintln!("lease handed over {handover:?} after SIGTERM to the leader (lease 3 s)");
+    assert!(
+        handover < Duration::from_secs(2),
+        "handover took {handover:?}"
+    );
+    let status = first.wait_exit(Duration::from_secs(5)).await.unwrap();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(second.leading().await.unwrap());
+}

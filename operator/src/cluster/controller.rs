@@ -112,7 +112,8 @@ fn sidecar_config_selector() -> String {
     )
 }
 
-/// Runs the cluster-policy controller until a termination signal.
+/// Runs the cluster-policy controller until the process ends (signals are main's: it
+/// stops every task, then releases the Lease).
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
@@ -172,7 +173,6 @@ pub async fn run(
         .reconcile_all_on(ca_changes)
         .watches_stream(ban_events, |ban| ban_to_policy(&ban))
         .watches_stream(pod_events, |pod| pod_to_policy(&pod))
-        .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
             match result {

@@ -7,8 +7,10 @@
 //! outcome as `failurePolicy: Ignore` when the webhook is down. Only a body that is no
 //! AdmissionReview at all is answered as an invalid request.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
+use bytes::Bytes;
+use hyper::{Method, Request, StatusCode, body::Incoming};
 use k8s_openapi::{
     ByteString,
     api::{
@@ -17,48 +19,54 @@ use k8s_openapi::{
     },
 };
 use kube::{
-    Api, Client,
+    Api, Client, Resource,
     api::{Patch, PatchParams},
     core::{
-        DynamicObject,
+        DynamicObject, Selector, SelectorExt,
         admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
     },
     runtime::{
         WatchStreamExt,
-        reflector::{self, Store},
+        reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
 use portsentry_crds::{ClusterPortSentryPolicy, PortSentryPolicy};
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpListener,
-    sync::watch,
-};
-use tokio_rustls::{TlsAcceptor, rustls};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
     Error, Result,
+    http::{self, Answer, Bodies, Limits},
     inject::{self, Decision, Injection, Settings, Snapshot},
     metrics::Metrics,
+    server::Readiness,
     tls::{CertFiles, shared_ca, tls_config},
 };
 
 /// The path the MutatingWebhookConfiguration calls.
 pub const PATH: &str = "/mutate-pods";
-/// Largest request body read: an AdmissionReview of a large pod fits with room to spare.
+/// Largest request body read: an AdmissionReview of a large pod fits with room to spare
+/// (the API server itself takes request bodies of at most 3 MiB).
 const MAX_BODY: usize = 8 * 1024 * 1024;
-/// Largest request head read.
-const MAX_HEAD: usize = 16 * 1024;
-/// A client that sends nothing for this long is dropped.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bodies of all connections read at once share this many bytes.
+const BODY_BUDGET: usize = 32 * 1024 * 1024;
+/// Connections served at once: the API servers' (kept alive) with ample room.
+const MAX_CONNECTIONS: usize = 512;
+/// The name of the webhook's condition in `/readyz`.
+pub const READY: &str = "webhook";
 
-/// Answers one AdmissionReview (JSON bytes) with the response review, never refusing a pod.
+/// The webhook's serving limits (see [`crate::http`]).
+pub fn limits() -> Limits {
+    Limits::new(MAX_CONNECTIONS, MAX_BODY, BODY_BUDGET)
+}
+
+/// Answers one AdmissionReview (JSON bytes) with the response review, never refusing a pod;
+/// `snapshot` gives what decides on a pod of the namespace it is called with.
 pub fn review(
     body: &[u8],
-    snapshot: &Snapshot,
+    snapshot: impl FnOnce(&str) -> Snapshot,
     settings: &Settings,
     metrics: &Metrics,
 ) -> AdmissionReview<DynamicObject> {
@@ -75,7 +83,8 @@ pub fn review(
             return AdmissionResponse::invalid("AdmissionReview without a request").into_review();
         }
     };
-    mutate(&request, snapshot, settings, metrics).into_review()
+    let snapshot = snapshot(request.namespace.as_deref().unwrap_or_default());
+    mutate(&request, &snapshot, settings, metrics).into_review()
 }
 
 /// The response to one pod admission request: allowed, with the injection patch if any.
@@ -148,7 +157,7 @@ pub fn injected(
     patched
 }
 
-/// Live caches of what the webhook decides on; [`PolicyStores::snapshot`] copies them.
+/// Live caches of what the webhook decides on; [`PolicyStores::snapshot_for`] reads them.
 #[derive(Clone, Debug)]
 pub struct PolicyStores {
     policies: Store<PortSentryPolicy>,
@@ -157,32 +166,37 @@ pub struct PolicyStores {
 }
 
 impl PolicyStores {
-    /// The current state as a [`Snapshot`].
-    pub fn snapshot(&self) -> Snapshot {
+    /// What decides on a pod of `namespace`, copied from the caches: that namespace's
+    /// policies, the cluster policies selecting it, and its labels. Nothing else is cloned
+    /// (a request costs the policies that may govern it, not every policy and namespace).
+    pub fn snapshot_for(&self, namespace: &str) -> Snapshot {
+        let labels = self
+            .namespaces
+            .get(&ObjectRef::new(namespace))
+            .and_then(|ns| ns.metadata.labels.clone())
+            .unwrap_or_default();
+        let selects_namespace =
+            |policy: &ClusterPortSentryPolicy| {
+                policy.spec.namespace_selector.as_ref().is_some_and(|s| {
+                    Selector::try_from(s.clone()).is_ok_and(|s| s.matches(&labels))
+                })
+            };
         Snapshot {
             policies: self
                 .policies
                 .state()
                 .iter()
+                .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
                 .map(|p| (**p).clone())
                 .collect(),
             cluster_policies: self
                 .cluster_policies
                 .state()
                 .iter()
+                .filter(|p| selects_namespace(p))
                 .map(|p| (**p).clone())
                 .collect(),
-            namespaces: self
-                .namespaces
-                .state()
-                .iter()
-                .filter_map(|ns| {
-                    Some((
-                        ns.metadata.name.clone()?,
-                        ns.metadata.labels.clone().unwrap_or_default(),
-                    ))
-                })
-                .collect(),
+            namespaces: BTreeMap::from([(namespace.to_owned(), labels.clone())]),
         }
     }
 
@@ -195,7 +209,7 @@ impl PolicyStores {
 }
 
 /// Starts watching policies and namespaces: the stores, and the future that keeps them
-/// current (spawn it; it runs until the process ends, retrying with backoff).
+/// current (run it; it never ends, retrying with backoff).
 pub fn watch_policies(client: Client) -> (PolicyStores, impl Future<Output = ()> + Send + 'static) {
     use futures::StreamExt;
     let (policies, policy_writer) = reflector::store();
@@ -204,7 +218,9 @@ pub fn watch_policies(client: Client) -> (PolicyStores, impl Future<Output = ()>
     let config = watcher::Config::default();
     let policy_stream = reflector::reflector(
         policy_writer,
-        watcher(Api::<PortSentryPolicy>::all(client.clone()), config.clone()).default_backoff(),
+        watcher(Api::<PortSentryPolicy>::all(client.clone()), config.clone())
+            .default_backoff()
+            .modify(|p| p.meta_mut().managed_fields = None),
     )
     .for_each(|_| std::future::ready(()));
     let cluster_stream = reflector::reflector(
@@ -213,12 +229,27 @@ pub fn watch_policies(client: Client) -> (PolicyStores, impl Future<Output = ()>
             Api::<ClusterPortSentryPolicy>::all(client.clone()),
             config.clone(),
         )
-        .default_backoff(),
+        .default_backoff()
+        .modify(|p| p.meta_mut().managed_fields = None),
     )
     .for_each(|_| std::future::ready(()));
+    // Only a namespace's labels are read: keep nothing else of it.
     let namespace_stream = reflector::reflector(
         namespace_writer,
-        watcher(Api::<Namespace>::all(client), config).default_backoff(),
+        watcher(Api::<Namespace>::all(client), config)
+            .default_backoff()
+            .modify(|ns| {
+                let labels = ns.metadata.labels.take();
+                *ns = Namespace {
+                    metadata: kube::api::ObjectMeta {
+                        name: ns.metadata.name.take(),
+                        resource_version: ns.metadata.resource_version.take(),
+                        labels,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+            }),
     )
     .for_each(|_| std::future::ready(()));
     let run = async move {
@@ -273,146 +304,50 @@ pub struct Webhook {
     pub metrics: Arc<Metrics>,
 }
 
-/// One HTTP answer: status and JSON body.
-fn http_response(status: u16, body: &[u8], content_type: &str) -> Vec<u8> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        _ => "Internal Server Error",
-    };
-    let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    out.extend_from_slice(body);
-    out
-}
-
-/// Answers a request given its head and body (pure: for tests and for the server).
-pub fn respond(
-    head: &str,
-    body: &[u8],
-    snapshot: &Snapshot,
-    settings: &Settings,
-    metrics: &Metrics,
-) -> Vec<u8> {
-    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    if path.split('?').next() != Some(PATH) {
-        return http_response(404, b"not found\n", "text/plain");
-    }
-    if method != "POST" {
-        return http_response(405, b"only POST\n", "text/plain");
-    }
-    match serde_json::to_vec(&review(body, snapshot, settings, metrics)) {
-        Ok(json) => http_response(200, &json, "application/json"),
-        Err(error) => http_response(500, error.to_string().as_bytes(), "text/plain"),
-    }
-}
-
-fn content_length(head: &str) -> Option<usize> {
-    head.lines().skip(1).find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse().ok())?
-    })
-}
-
-async fn read_request<S: AsyncRead + Unpin>(
-    stream: &mut S,
-) -> std::io::Result<Option<(String, Vec<u8>)>> {
-    let mut data = Vec::with_capacity(4096);
-    let mut buffer = [0u8; 8192];
-    let head_end = loop {
-        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            break end + 4;
+impl Webhook {
+    /// Answers one request: `POST /mutate-pods` with an AdmissionReview.
+    pub async fn handle(&self, request: Request<Incoming>, bodies: &Bodies) -> Answer {
+        if let Some(refusal) = refuse(request.method(), request.uri().path()) {
+            return refusal;
         }
-        if data.len() > MAX_HEAD {
-            return Ok(None);
-        }
-        let read = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buffer))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        if read == 0 {
-            return Ok(None);
-        }
-        data.extend_from_slice(&buffer[..read]);
-    };
-    let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
-    let Some(length) = content_length(&head).filter(|l| *l <= MAX_BODY) else {
-        return Ok(Some((head, Vec::new())));
-    };
-    let mut body = data[head_end..].to_vec();
-    while body.len() < length {
-        let read = tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buffer))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        if read == 0 {
-            break;
-        }
-        body.extend_from_slice(&buffer[..read]);
-    }
-    body.truncate(length);
-    Ok(Some((head, body)))
-}
-
-async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    webhook: &Webhook,
-) -> std::io::Result<()> {
-    let Some((head, body)) = read_request(&mut stream).await? else {
-        return Ok(());
-    };
-    let answer = if content_length(&head).is_none_or(|l| l > MAX_BODY) && head.starts_with("POST") {
-        http_response(
-            413,
-            b"a Content-Length of at most 8 MiB is required\n",
-            "text/plain",
-        )
-    } else {
-        respond(
-            &head,
+        let body = match bodies.read(request).await {
+            Ok(body) => body,
+            Err(refusal) => return refusal.answer(),
+        };
+        let answer = review(
             &body,
-            &webhook.stores.snapshot(),
-            &webhook.settings,
-            &webhook.metrics,
-        )
-    };
-    stream.write_all(&answer).await?;
-    stream.shutdown().await
+            |namespace| self.stores.snapshot_for(namespace),
+            &self.settings,
+            &self.metrics,
+        );
+        match serde_json::to_vec(&answer) {
+            Ok(json) => http::answer(StatusCode::OK, "application/json", Bytes::from(json)),
+            Err(error) => http::text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+        }
+    }
 }
 
-/// Serves `/mutate-pods` over TLS until the listener fails; one task per connection. Each
-/// connection uses the latest config of `tls` (certificates rotated by cert-manager).
+/// The answer to a request that is no `POST` of [`PATH`], if it is not.
+pub fn refuse(method: &Method, path: &str) -> Option<Answer> {
+    if path != PATH {
+        return Some(http::text(StatusCode::NOT_FOUND, "not found\n"));
+    }
+    (method != Method::POST).then(|| http::text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n"))
+}
+
+/// Serves `/mutate-pods` over TLS on `listener` within [`limits`] until accepting fails;
+/// each connection uses the latest config of `tls` (certificates rotated by cert-manager).
 pub async fn serve(
-    listener: TcpListener,
-    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+    listener: tokio::net::TcpListener,
+    tls: watch::Receiver<Arc<tokio_rustls::rustls::ServerConfig>>,
     webhook: Webhook,
 ) -> std::io::Result<()> {
-    loop {
-        let (tcp, peer) = listener.accept().await?;
-        let acceptor = TlsAcceptor::from(tls.borrow().clone());
+    let webhook = Arc::new(webhook);
+    http::serve(listener, Some(tls), limits(), move |request, connection| {
         let webhook = webhook.clone();
-        tokio::spawn(async move {
-            let result = match tokio::time::timeout(READ_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => handle(stream, &webhook).await,
-                Ok(Err(error)) => Err(error),
-                Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
-            };
-            if let Err(error) = result {
-                debug!(%peer, %error, "webhook connection");
-            }
-        });
-    }
+        async move { webhook.handle(request, &connection.bodies).await }
+    })
+    .await
 }
 
 /// The webhook's settings, as flags or environment variables (the chart sets the latter).
@@ -522,14 +457,23 @@ async fn apply_ca_bundle_with_retry(client: &Client, name: &str, ca_pem: &str) -
 
 /// Everything the webhook needs at start-up, then serving: the certificate (shared CA and
 /// caBundle patch, or cert-manager's folder), the policy caches (waited for, so no pod is
-/// admitted uninjected for want of a first list), and the HTTPS endpoint.
-pub async fn run(client: Client, args: WebhookArgs, metrics: Arc<Metrics>) -> Result<()> {
+/// admitted uninjected for want of a first list), and the HTTPS endpoint. `readiness`'s
+/// [`READY`] condition says which step it is at and is met once it serves. Returns at once
+/// when disabled (no address); else only with an error saying which step failed.
+pub async fn run(
+    client: Client,
+    args: WebhookArgs,
+    readiness: Readiness,
+    metrics: Arc<Metrics>,
+) -> Result<()> {
     let Some(addr) = args.webhook_addr else {
         info!("injection webhook disabled (no --webhook-addr)");
+        readiness.ready(READY);
         return Ok(());
     };
+    readiness.not_ready(READY, "loading its certificate");
     let settings = args.settings()?;
-    let (sender, receiver) = match &args.webhook_cert_dir {
+    let (_sender, receiver) = match &args.webhook_cert_dir {
         Some(dir) => (
             None,
             CertFiles::in_dir("webhook", dir).watch(CertFiles::RELOAD_EVERY)?,
@@ -543,31 +487,41 @@ pub async fn run(client: Client, args: WebhookArgs, metrics: Arc<Metrics>) -> Re
             .await?;
             let cert = ca.serving(&args.webhook_dns_names)?;
             if let Some(name) = &args.webhook_configuration {
+                readiness.not_ready(READY, "patching the caBundle");
                 apply_ca_bundle_with_retry(&client, name, &ca.cert_pem).await?;
             }
             let (sender, receiver) = watch::channel(tls_config(&cert.cert_pem, &cert.key_pem)?);
             (Some(sender), receiver)
         }
     };
-    let (stores, watch_future) = watch_policies(client);
-    tokio::spawn(watch_future);
-    stores.ready().await;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
-    info!(%addr, "serving the injection webhook on {PATH}");
-    let served = serve(
-        listener,
-        receiver,
-        Webhook {
-            stores,
+    let (stores, watching) = watch_policies(client);
+    let serving = async {
+        readiness.not_ready(READY, "policy and namespace caches not synced yet");
+        stores.ready().await;
+        readiness.not_ready(READY, format!("not listening on {addr} yet"));
+        let listener = http::bind("injection webhook", addr, http::BIND_PATIENCE).await?;
+        info!(%addr, "serving the injection webhook on {PATH}");
+        readiness.ready(READY);
+        let webhook = Webhook {
+            stores: stores.clone(),
             settings: Arc::new(settings),
             metrics,
-        },
-    )
-    .await;
-    drop(sender);
-    served.map_err(|e| Error::Config(format!("webhook endpoint stopped: {e}")))
+        };
+        serve(listener, receiver, webhook)
+            .await
+            .map_err(|source| Error::Served {
+                what: "injection webhook",
+                source,
+            })
+    };
+    let result = tokio::select! {
+        () = watching => Err(Error::Config("the webhook's policy caches stopped".into())),
+        result = serving => result,
+    };
+    if let Err(error) = &result {
+        readiness.not_ready(READY, error.to_string());
+    }
+    result
 }
 
 #[cfg(test)]
@@ -637,7 +591,7 @@ mod tests {
     fn a_pod_that_already_has_the_sidecar_is_not_patched_twice() {
         let (settings, metrics) = (Settings::default(), Metrics::new().unwrap());
         let first = review_json("CREATE", "shop", json!([]));
-        let answer = review(&first, &snapshot(), &settings, &metrics);
+        let answer = review(&first, |_| snapshot(), &settings, &metrics);
         let patch: json_patch::Patch =
             serde_json::from_slice(&answer.response.unwrap().patch.unwrap()).unwrap();
         let mut injected = pod_of(&first);
@@ -650,7 +604,7 @@ mod tests {
         for pod in [injected, sidecar_only] {
             let again = review(
                 &review_of("CREATE", "shop", pod.clone()),
-                &snapshot(),
+                |_| snapshot(),
                 &settings,
                 &metrics,
             );
@@ -698,7 +652,7 @@ mod tests {
     fn a_selected_pod_gets_a_json_patch_and_keeps_the_request_uid() {
         let answer = review(
             &review_json("CREATE", "shop", json!([])),
-            &snapshot(),
+            |_| snapshot(),
             &Settings::default(),
             &Metrics::new().unwrap(),
         );
@@ -715,7 +669,7 @@ mod tests {
     fn an_unselected_pod_is_allowed_without_a_patch() {
         let answer = review(
             &review_json("CREATE", "elsewhere", json!([])),
-            &snapshot(),
+            |_| snapshot(),
             &Settings::default(),
             &Metrics::new().unwrap(),
         );
@@ -728,7 +682,7 @@ mod tests {
     fn updates_are_never_patched() {
         let answer = review(
             &review_json("UPDATE", "shop", json!([])),
-            &snapshot(),
+            |_| snapshot(),
             &Settings::default(),
             &Metrics::new().unwrap(),
         );
@@ -747,7 +701,7 @@ mod tests {
             .push(PortRange::single(40000).unwrap());
         let response = review(
             &review_json("CREATE", "shop", ports),
-            &snap,
+            |_| snap,
             &Settings::default(),
             &Metrics::new().unwrap(),
         )
@@ -761,7 +715,7 @@ mod tests {
     fn garbage_is_answered_as_an_invalid_request() {
         let response = review(
             b"{not json",
-            &snapshot(),
+            |_| snapshot(),
             &Settings::default(),
             &Metrics::new().unwrap(),
         )
@@ -772,23 +726,11 @@ mod tests {
 
     #[test]
     fn only_post_to_the_mutate_path_is_served() {
-        let (settings, metrics) = (Settings::default(), Metrics::new().unwrap());
-        let get = respond(
-            "GET /mutate-pods HTTP/1.1\r\n\r\n",
-            b"",
-            &snapshot(),
-            &settings,
-            &metrics,
-        );
-        assert!(String::from_utf8_lossy(&get).starts_with("HTTP/1.1 405"));
-        let other = respond(
-            "POST /other HTTP/1.1\r\n\r\n",
-            b"",
-            &snapshot(),
-            &settings,
-            &metrics,
-        );
-        assert!(String::from_utf8_lossy(&other).starts_with("HTTP/1.1 404"));
+        let get = refuse(&Method::GET, PATH).unwrap();
+        assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let other = refuse(&Method::POST, "/other").unwrap();
+        assert_eq!(other.status(), StatusCode::NOT_FOUND);
+        assert!(refuse(&Method::POST, PATH).is_none());
     }
 
     #[test]

@@ -9,19 +9,14 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    convert::Infallible,
     net::IpAddr,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::{
-    Method, Request, Response, StatusCode, body::Incoming, header, server::conn::http1,
-    service::service_fn,
-};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
 use jiff::Timestamp;
 use k8s_openapi::{
     api::{
@@ -45,25 +40,36 @@ use portsentry_crds::{
     report::{DetectionOutcome, Report, ReportOutcome},
 };
 use tokio::{net::TcpListener, sync::watch};
-use tokio_rustls::{TlsAcceptor, rustls};
+use tokio_rustls::rustls;
 use tracing::{debug, info, warn};
 
 use crate::{
     Error, Result,
     enforce::bans::{self, Guards},
     hooks::{self, Hooks},
+    http::{self, Bodies, BodyError, Limits as HttpLimits},
     intake::checks::{
         self as intake, Authentication, BanWrite, Governing, RateLimiter, Refusal, Reporter,
     },
     intake::review,
     labels,
     metrics::Metrics,
+    server::Readiness,
 };
 
 /// The path sensors post their reports to.
 pub const PATH: &str = "/v1/reports";
-/// A client that does not finish its TLS handshake or request head in this time is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once (sensors keep theirs alive; an idle one closes in 10 s).
+const MAX_CONNECTIONS: usize = 1024;
+/// Report bodies of all connections read at once share this many bytes.
+const BODY_BUDGET: usize = 16 * 1024 * 1024;
+/// The name of the intake's condition in `/readyz`.
+pub const READY: &str = "intake";
+
+/// The intake's serving limits (see [`crate::http`]).
+pub fn serving_limits() -> HttpLimits {
+    HttpLimits::new(MAX_CONNECTIONS, intake::MAX_BODY_BYTES, BODY_BUDGET)
+}
 
 /// Per-sensor rate limit: a burst of `burst` reports, refilled at `per_second`; and
 /// per-address limit on TokenReviews of tokens not yet known, so a flood of bad tokens
@@ -103,11 +109,22 @@ pub struct Settings {
     pub hooks: Option<Hooks>,
 }
 
-/// Why a report got no 200: refused by a check, or an API call failed (answered 503).
+/// Why a report got no 200: refused by a check, its body not read, or an API call failed
+/// (answered 503).
 #[derive(Debug)]
 enum Failure {
     Refused(Refusal),
+    Body(BodyError),
     Internal(Error),
+}
+
+impl From<BodyError> for Failure {
+    fn from(error: BodyError) -> Self {
+        match error {
+            BodyError::TooLarge(_) => Failure::Refused(Refusal::BodyTooLarge),
+            other => Failure::Body(other),
+        }
+    }
 }
 
 impl From<Refusal> for Failure {
@@ -297,8 +314,18 @@ impl Intake {
         (intake, run)
     }
 
-    /// Answers one request from `peer`.
-    pub async fn handle(&self, peer: IpAddr, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// Waits until the ban cache (the per-policy cap) has had its first full list.
+    pub async fn ready(&self) {
+        let _ = self.bans.wait_until_ready().await;
+    }
+
+    /// Answers one request from `peer`, its body read with `bodies`.
+    pub async fn handle(
+        &self,
+        peer: IpAddr,
+        request: Request<Incoming>,
+        bodies: &Bodies,
+    ) -> Response<Full<Bytes>> {
         let received = Instant::now();
         if request.uri().path() != PATH {
             return answer(404, "not found\n".into(), "text/plain", None);
@@ -309,7 +336,7 @@ impl Intake {
         if request.method() != Method::POST {
             return answer(405, "only POST\n".into(), "text/plain", None);
         }
-        match self.take(peer, request, received).await {
+        match self.take(peer, request, bodies, received).await {
             Ok(outcome) => {
                 self.metrics.report_accepted();
                 let body = serde_json::to_string(&outcome).unwrap_or_else(|_| "{}".into());
@@ -320,6 +347,11 @@ impl Intake {
                 debug!(%refusal, "report refused");
                 let (status, body, retry_after) = refusal_answer(&refusal);
                 answer(status, body, "application/json", retry_after)
+            }
+            Err(Failure::Body(error)) => {
+                self.metrics.report_refused("body_unread");
+                debug!(%error, "report body not read");
+                error.answer()
             }
             Err(Failure::Internal(error)) => {
                 self.metrics.report_refused("internal");
@@ -334,6 +366,7 @@ impl Intake {
         &self,
         peer: IpAddr,
         request: Request<Incoming>,
+        bodies: &Bodies,
         received: Instant,
     ) -> Result<ReportOutcome, Failure> {
         let token = bearer(
@@ -350,19 +383,7 @@ impl Intake {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .check(&reporter.key(), Instant::now())?;
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|length| length > intake::MAX_BODY_BYTES) {
-            return Err(Refusal::BodyTooLarge.into());
-        }
-        let body = Limited::new(request.into_body(), intake::MAX_BODY_BYTES)
-            .collect()
-            .await
-            .map_err(|_| Refusal::BodyTooLarge)?
-            .to_bytes();
+        let body = bodies.read(request).await?;
         let report = intake::parse(&body)?;
         let (namespaced, cluster) = self.find_policy(&report, &reporter).await?;
         let governing = namespaced
@@ -638,52 +659,63 @@ fn answer(
     content_type: &'static str,
     retry_after: Option<u64>,
 ) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() =
-        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = http::answer(status, content_type, body);
     if let Some(seconds) = retry_after {
-        headers.insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
     }
     response
 }
 
-/// Serves the intake over TLS until the listener fails; each connection in its own task,
-/// with the latest config of `tls`.
+/// Serves the intake over TLS on `listener` within [`serving_limits`] until accepting
+/// fails; each connection uses the latest config of `tls`.
 pub async fn serve(
     listener: TcpListener,
-    tls: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
+    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
     intake: Arc<Intake>,
 ) -> std::io::Result<()> {
-    loop {
-        let (tcp, peer) = listener.accept().await?;
-        let _ = tcp.set_nodelay(true);
-        // The latest certificate (files given are reloaded: `intake_tls`).
-        let acceptor = TlsAcceptor::from(tls.borrow().clone());
-        let intake = intake.clone();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => return debug!(%peer, %error, "report TLS handshake"),
-                Err(_) => return debug!(%peer, "report TLS handshake timed out"),
-            };
-            let service = service_fn(move |request| {
-                let intake = intake.clone();
-                async move { Ok::<_, Infallible>(intake.handle(peer.ip(), request).await) }
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HANDSHAKE_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(error) = connection.await {
-                debug!(%peer, %error, "report connection");
+    http::serve(
+        listener,
+        Some(tls),
+        serving_limits(),
+        move |request, connection| {
+            let intake = intake.clone();
+            async move {
+                intake
+                    .handle(connection.peer.ip(), request, &connection.bodies)
+                    .await
             }
-        });
-    }
+        },
+    )
+    .await
+}
+
+/// The intake from start to serving on `addr`: its ban cache synced, its address bound, then
+/// served (its TLS is loaded before). `readiness`'s [`READY`] condition says which step it is
+/// at. Returns only with an error saying which step failed.
+pub async fn run(
+    addr: std::net::SocketAddr,
+    tls: watch::Receiver<Arc<rustls::ServerConfig>>,
+    intake: Arc<Intake>,
+    readiness: Readiness,
+) -> Result<()> {
+    readiness.not_ready(READY, "ban cache not synced yet");
+    intake.ready().await;
+    readiness.not_ready(READY, format!("not listening on {addr} yet"));
+    let listener = http::bind("report intake", addr, http::BIND_PATIENCE).await?;
+    info!(%addr, "serving POST {PATH}");
+    readiness.ready(READY);
+    let served = serve(listener, tls, intake).await;
+    let error = Error::Served {
+        what: "report intake",
+        source: served
+            .err()
+            .unwrap_or_else(|| std::io::ErrorKind::Other.into()),
+    };
+    readiness.not_ready(READY, error.to_string());
+    Err(error)
 }
 
 #[cfg(test)]

@@ -111,6 +111,8 @@ fn ca_bundle(path: &PathBuf) -> Result<String> {
 /// half-written rotation) is logged and the previous one kept.
 pub fn follow_ca_file(path: PathBuf, every: Duration) -> Result<CaBundle> {
     let (sender, receiver) = watch::channel(Some(ca_bundle(&path)?));
+    // Detached on purpose: it ends when every receiver is gone, and a bundle that fails to
+    // parse only keeps the previous one; it cannot fail otherwise.
     tokio::spawn(async move {
         loop {
             tokio::select! {

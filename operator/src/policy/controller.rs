@@ -129,7 +129,8 @@ pub fn pod_to_policy(pod: &PartialObjectMeta<Pod>) -> Option<ObjectRef<PortSentr
     Some(ObjectRef::new(name).within(&pod.namespace()?))
 }
 
-/// Runs the controller until a termination signal.
+/// Runs the controller until the process ends (signals are main's: it stops every task,
+/// then releases the Lease).
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
@@ -219,7 +220,6 @@ pub async fn run(
             policies_in_namespace(&pod_store, pod.namespace())
         })
         .watches_stream(readiness_changes, |pod| pod_to_policy(&pod))
-        .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
             match result {
