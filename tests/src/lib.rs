@@ -7,6 +7,9 @@ mod certs;
 mod control_plane;
 mod http_server;
 mod manifests;
+mod node;
+mod node_config;
+mod node_net;
 mod operator;
 mod process;
 
@@ -19,4 +22,6 @@ pub use http_server::{HttpServer, Recorded, Reply};
 pub use manifests::{
     api_for, apply_documents, chart_crd_files, install_crds, parse_documents, wait_for,
 };
+pub use node::{NODE_BUILD_HINT, NODE_NAME, Node, NodeOptions, node_bin_dir, shared_node};
+pub use node_config::{CLUSTER_DOMAIN, NODE_ADDRESS, OUTSIDE_ADDRESS, POD_CIDR, SERVICE_CIDR};
 pub use operator::{Operator, OperatorSettings, PodNet, post_report, prerequisites};

@@ -1,0 +1,228 @@
+//! A real one-node cluster: the kubelet registers the node and runs pods from locally built
+//! images on containerd + runc, the pods are reachable from outside the node through the CNI
+//! bridge, CoreDNS answers for Services, and kube-router enforces NetworkPolicy.
+//! Needs root and tests/build-node (see docs/testing.md).
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context, Result};
+use futures::FutureExt;
+use k8s_openapi::api::{
+    core::v1::{Node as NodeObject, Pod},
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, PostParams},
+};
+use portsentry_tests::{
+    NODE_ADDRESS, NODE_NAME, Node, NodeOptions, POD_CIDR, shared_node, wait_for,
+};
+use tokio::sync::OnceCell;
+
+static NODE: OnceCell<Node> = OnceCell::const_new();
+
+async fn node() -> &'static Node {
+    shared_node(&NODE, NodeOptions::default())
+        .await
+        .expect("starting the test node")
+}
+
+const WEB_PORT: u16 = 8080;
+const PAGE: &str = "hello from the pod";
+
+/// A pod of the busybox image serving [`PAGE`] over HTTP on [`WEB_PORT`], labelled
+/// `app=web`; returns its address once it is Ready (its TCP readiness probe passed).
+async fn web_pod(node: &Node, namespace: &str) -> Result<String> {
+    let plane = node.control_plane();
+    plane.ensure_namespace(namespace).await?;
+    let image = node.image("busybox")?;
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": namespace, "labels": {"app": "web"}},
+        "spec": {
+            "containers": [{
+                "name": "web",
+                "image": image,
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c", format!(
+                    "mkdir -p /tmp/www && echo '{PAGE}' > /tmp/www/index.html && \
+                     exec httpd -f -p {WEB_PORT} -h /tmp/www"
+                )],
+                "ports": [{"containerPort": WEB_PORT}],
+                "readinessProbe": {
+                    "tcpSocket": {"port": WEB_PORT},
+                    "periodSeconds": 1,
+                },
+            }],
+            "terminationGracePeriodSeconds": 0,
+        }
+    }))?;
+    let pods: Api<Pod> = Api::namespaced(plane.client()?, namespace);
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .context("creating the web pod")?;
+    let check = pods.clone();
+    wait_for(Duration::from_secs(90), "the web pod Ready", move || {
+        let pods = check.clone();
+        async move { Ok(pods.get("web").await.is_ok_and(|pod| pod_ready(&pod))) }.boxed()
+    })
+    .await
+    .map_err(|err| err.context(node.log_tails(15)))?;
+    pods.get("web")
+        .await?
+        .status
+        .and_then(|status| status.pod_ip)
+        .context("the Ready web pod has no address")
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|status| status.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+/// An HTTP GET of `/` from the outside namespace to `address`:[`WEB_PORT`] (1 s timeout):
+/// the page, or the connection's error.
+fn get_from_outside(node: &Node, address: &str) -> Result<std::io::Result<String>> {
+    let to: SocketAddr = format!("{address}:{WEB_PORT}").parse()?;
+    let answer = node.from_outside(
+        to,
+        b"GET / HTTP/1.0\r\nHost: web\r\n\r\n",
+        Duration::from_secs(1),
+    )?;
+    Ok(answer.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+#[tokio::test]
+async fn the_kubelet_registers_the_node_ready_on_containerd() {
+    let node = node().await;
+    let nodes: Api<NodeObject> = Api::all(node.control_plane().client().unwrap());
+    let object = nodes.get(NODE_NAME).await.unwrap();
+    let status = object.status.unwrap();
+    let ready = status
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("a Ready condition");
+    assert_eq!(ready.status, "True", "{ready:?}");
+    let info = status.node_info.unwrap();
+    assert_eq!(info.kubelet_version, "v1.33.13");
+    assert!(
+        info.container_runtime_version
+            .starts_with("containerd://1.6"),
+        "{}",
+        info.container_runtime_version
+    );
+    let addresses: Vec<String> = status
+        .addresses
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| a.address)
+        .collect();
+    assert!(
+        addresses.contains(&NODE_ADDRESS.to_owned()),
+        "{addresses:?}"
+    );
+    assert_eq!(object.spec.unwrap().pod_cidr.as_deref(), Some(POD_CIDR));
+}
+
+#[tokio::test]
+async fn a_pod_of_a_local_image_gets_an_address_and_answers_from_outside_the_node() {
+    let node = node().await;
+    let address = web_pod(node, "reachable").await.unwrap();
+    let cidr: ipnet::Ipv4Net = POD_CIDR.parse().unwrap();
+    assert!(
+        cidr.contains(&address.parse::<std::net::Ipv4Addr>().unwrap()),
+        "{address} is not in {POD_CIDR}"
+    );
+    let page = get_from_outside(node, &address)
+        .unwrap()
+        .expect("the pod answers a connection from outside the node");
+    assert!(page.contains(PAGE), "{page}");
+}
+
+#[tokio::test]
+async fn a_network_policy_denying_ingress_drops_outside_connections_until_deleted() {
+    let node = node().await;
+    let namespace = "deny-ingress";
+    let address = web_pod(node, namespace).await.unwrap();
+    let reachable = || {
+        get_from_outside(node, &address)
+            .unwrap()
+            .is_ok_and(|page| page.contains(PAGE))
+    };
+    assert!(reachable(), "the pod answers before any policy");
+
+    let client: Client = node.control_plane().client().unwrap();
+    let policies: Api<NetworkPolicy> = Api::namespaced(client, namespace);
+    let deny: NetworkPolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "deny-ingress", "namespace": namespace},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"]},
+    }))
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &deny)
+        .await
+        .unwrap();
+    let denied_within = wait_until(Duration::from_secs(60), || !reachable()).await;
+    assert!(
+        denied_within.is_some(),
+        "kube-router never dropped the outside connection:\n{}",
+        node.log_tails(20)
+    );
+    let failure = get_from_outside(node, &address).unwrap();
+    assert!(failure.is_err(), "the connection fails: {failure:?}");
+
+    policies
+        .delete("deny-ingress", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), reachable)
+            .await
+            .is_some(),
+        "the pod never answered again after the policy was deleted"
+    );
+}
+
+#[tokio::test]
+async fn cluster_dns_answers_for_the_api_servers_service() {
+    let node = node().await;
+    let name = "kubernetes.default.svc.cluster.local";
+    let resolved = wait_until(Duration::from_secs(30), || {
+        node.exec_in_node(&["busybox", "nslookup", name, NODE_ADDRESS])
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("10.96.0.1"))
+    })
+    .await;
+    let last = node
+        .exec_in_node(&["busybox", "nslookup", name, NODE_ADDRESS])
+        .unwrap();
+    assert!(
+        resolved.is_some(),
+        "CoreDNS at {NODE_ADDRESS} did not resolve {name} to 10.96.0.1: {}{}",
+        String::from_utf8_lossy(&last.stdout),
+        String::from_utf8_lossy(&last.stderr)
+    );
+}
+
+/// Polls `condition` every 250 ms until it holds (how long it took) or `timeout` passes.
+async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if condition() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
+}
