@@ -1,5 +1,5 @@
-//! A real one-node Kubernetes cluster for the tests: the control plane, containerd + runc,
-//! kubelet, kube-proxy, CoreDNS and kube-router's policy controller in a private namespace.
+//! A real one-node Kubernetes cluster for the tests: the control plane with kube-scheduler,
+//! containerd + runc, kubelet, kube-proxy, CoreDNS and kube-router's policy controller.
 //!
 //! Everything runs in a network namespace of its own (`psknode<id>`), joined by a veth link
 //! to an "outside" namespace (`pskout<id>`) that routes the pod and Service ranges to the
@@ -38,7 +38,7 @@ use crate::{
 /// What to do when a part of the node is missing; such errors end with it.
 pub const NODE_BUILD_HINT: &str = "run tests/build-node as root (it installs Debian's \
 containerd, runc, containernetworking-plugins, iptables and ipset, builds kubelet, kube-proxy, \
-CoreDNS and kube-router, and the node's images) and set PORTSENTRY_NODE_BIN to the folder it \
+kube-scheduler, CoreDNS and kube-router, and the node's images) and set PORTSENTRY_NODE_BIN to the folder it \
 prints on its last line";
 
 /// The node's name (its `--hostname-override`).
@@ -49,7 +49,7 @@ pub const NODE_NAME: &str = "portsentry-node";
 pub struct NodeOptions {
     /// How long the whole start may take (the kubelet's registration included).
     pub start_timeout: Duration,
-    /// Where kubelet, kube-proxy, coredns and kube-router are, instead of
+    /// Where kubelet, kube-proxy, kube-scheduler, coredns and kube-router are, instead of
     /// `PORTSENTRY_NODE_BIN` or the cache folder of tests/build-node.
     pub bin_dir: Option<PathBuf>,
     /// The control plane's options (controllers are always on: a node needs them).
@@ -101,7 +101,13 @@ impl Node {
             Some(dir) => dir.clone(),
             None => node_bin_dir()?,
         };
-        for name in ["kubelet", "kube-proxy", "coredns", "kube-router"] {
+        for name in [
+            "kubelet",
+            "kube-proxy",
+            "kube-scheduler",
+            "coredns",
+            "kube-router",
+        ] {
             if !bin_dir.join(name).is_file() {
                 bail!(
                     "{name} is missing from {}: {NODE_BUILD_HINT}",
@@ -267,7 +273,20 @@ impl Node {
             .await
             .context("setting the node's podCIDR")?;
 
-        // --- kube-proxy, CoreDNS, kube-router's policy controller ---
+        // --- kube-scheduler (the control plane of the other suites has none: they bind
+        // pods themselves), kube-proxy, CoreDNS, kube-router's policy controller ---
+        let scheduler = self.spawn(
+            "kube-scheduler",
+            &self.bin_dir.join("kube-scheduler"),
+            &[
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--authentication-kubeconfig={}", kubeconfig.display()),
+                format!("--authorization-kubeconfig={}", kubeconfig.display()),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                "--v=2".into(),
+            ],
+        )?;
         let proxy = self.spawn(
             "kube-proxy",
             &self.bin_dir.join("kube-proxy"),
@@ -282,6 +301,7 @@ impl Node {
                 "--conntrack-tcp-timeout-close-wait=0".into(),
                 "--metrics-bind-address=127.0.0.1:10249".into(),
                 "--healthz-bind-address=127.0.0.1:10256".into(),
+                "--nodeport-addresses=primary".into(),
                 "--v=2".into(),
             ],
         )?;
@@ -310,6 +330,11 @@ impl Node {
                 "--v=2".into(),
             ],
         )?;
+        let scheduler_log = self.components[scheduler].log.clone();
+        self.wait(scheduler, deadline, "its informers synced", || {
+            Ok(fs::read_to_string(&scheduler_log)?.contains("Caches are synced"))
+        })
+        .await?;
         for (index, what, port, path) in [
             (proxy, "its /healthz", 10256, "/healthz"),
             (coredns, "its /ready", 8181, "/ready"),
@@ -475,6 +500,46 @@ impl Node {
         let mut full = vec!["ip", "netns", "exec", &self.net.node];
         full.extend_from_slice(args);
         run(&full)
+    }
+
+    /// Every process in the node's cgroup now: its daemons, containerd's shims and the
+    /// containers (the control plane's processes are [`ControlPlane::process_ids`]).
+    pub fn process_ids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        let mut dirs = vec![PathBuf::from(format!(
+            "/sys/fs/cgroup/pids/{}",
+            self.cgroup
+        ))];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.path().is_dir() {
+                    dirs.push(entry.path());
+                }
+            }
+            let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            pids.extend(
+                procs
+                    .lines()
+                    .filter_map(|line| line.trim().parse::<u32>().ok()),
+            );
+        }
+        pids
+    }
+
+    /// The node's cgroup in each cgroup v1 hierarchy (the kubelet's `cgroupRoot`).
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        fs::read_dir("/sys/fs/cgroup")
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|entry| entry.path().join(&self.cgroup))
+                    .filter(|dir| dir.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The node's temp dir (configs, logs, kubelet and containerd state).

@@ -42,7 +42,8 @@ impl Layout {
 
 /// containerd 1.6's config (version 2): state, sockets and CNI in the node's dir; runc with
 /// the cgroupfs driver; the locally built pause image as the sandbox image; pod network
-/// namespaces under the state dir (gone with the node, not left in /run/netns).
+/// namespaces under the state dir (gone with the node, not left in /run/netns); no
+/// oom_score_adj below containerd's own.
 pub fn containerd_toml(layout: &Layout, sandbox_image: &str) -> String {
     let p = |name: &str| layout.path(name).display().to_string();
     format!(
@@ -66,6 +67,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{sandbox_image}"
   netns_mounts_under_state_dir = true
+  # This machine's root lacks CAP_SYS_RESOURCE: a negative oom_score_adj (-998 for every
+  # sandbox) is refused and runc fails. Clamped to containerd's own (0) instead.
+  restrict_oom_score_adj = true
   enable_selinux = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"

@@ -174,12 +174,13 @@ async fn a_network_policy_denying_ingress_drops_outside_connections_until_delete
         .create(&PostParams::default(), &deny)
         .await
         .unwrap();
-    let denied_within = wait_until(Duration::from_secs(60), || !reachable()).await;
-    assert!(
-        denied_within.is_some(),
-        "kube-router never dropped the outside connection:\n{}",
-        node.log_tails(20)
-    );
+    let Some(denied_within) = wait_until(Duration::from_secs(60), || !reachable()).await else {
+        panic!(
+            "kube-router never dropped the outside connection:\n{}",
+            node.log_tails(20)
+        );
+    };
+    eprintln!("NetworkPolicy created -> first failed connection from outside: {denied_within:?}");
     let failure = get_from_outside(node, &address).unwrap();
     assert!(failure.is_err(), "the connection fails: {failure:?}");
 
@@ -213,6 +214,52 @@ async fn cluster_dns_answers_for_the_api_servers_service() {
         String::from_utf8_lossy(&last.stdout),
         String::from_utf8_lossy(&last.stderr)
     );
+}
+
+#[tokio::test]
+async fn a_dropped_node_leaves_no_process_cgroup_mount_or_namespace_behind() {
+    let node = Node::start(NodeOptions::default()).await.unwrap();
+    web_pod(&node, "teardown").await.unwrap();
+    let pids = node.process_ids();
+    let plane_pids = node.control_plane().process_ids();
+    let cgroups = node.cgroup_dirs();
+    let namespaces = [node.netns().to_owned(), node.outside_netns().to_owned()];
+    let dir = node.dir().to_path_buf();
+    assert!(pids.len() > 8, "daemons, shim, pause and web run: {pids:?}");
+    assert!(!cgroups.is_empty());
+
+    drop(node);
+
+    let alive: Vec<String> = pids
+        .iter()
+        .chain(&plane_pids)
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        // A zombie has ended: only its exit status waits for the reaper (PID 1 here, to
+        // which the shims and containers are re-parented).
+        .filter(|stat| {
+            !stat
+                .split(") ")
+                .nth(1)
+                .is_some_and(|rest| rest.starts_with('Z'))
+        })
+        .collect();
+    assert!(alive.is_empty(), "still running: {alive:?}");
+    let left: Vec<_> = cgroups.iter().filter(|dir| dir.exists()).collect();
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+    let listed = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for name in &namespaces {
+        assert!(!listed.contains(name.as_str()), "{name} left in: {listed}");
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir_text = dir.display().to_string();
+    assert!(!mounts.contains(&dir_text), "mounts under {dir_text} left");
+    if std::env::var_os("PORTSENTRY_KEEP_TEMP").is_none() {
+        assert!(!dir.exists(), "{dir_text} left");
+    }
 }
 
 /// Polls `condition` every 250 ms until it holds (how long it took) or `timeout` passes.
