@@ -31,7 +31,7 @@ use crate::{
     binaries::repo_root,
     control_plane::{ControlPlane, Options},
     node_config::{self, Layout, NODE_ADDRESS, POD_CIDR},
-    node_net::{NodeNet, Relay, enter_netns, exchange, run},
+    node_net::{NodeNet, Relay, enter_netns, exchange, in_netns, run},
     process::Component,
 };
 
@@ -196,6 +196,16 @@ impl Node {
         // The control plane, started from a thread inside the node's network namespace: its
         // processes live there (the API server can reach the node's pods and Services), and
         // the relay gives the host its address 127.0.0.1:PORT.
+        // Bound to every address of the node's namespace: pods reach it at the node's
+        // address through the `kubernetes` Service, as in a cluster (see expose_api_server).
+        let mut plane_options = plane_options;
+        plane_options
+            .extra_apiserver_args
+            .push("--bind-address=0.0.0.0".into());
+        // The kubelet by its address (logs, exec), never by a name looked up in DNS.
+        plane_options
+            .extra_apiserver_args
+            .push("--kubelet-preferred-address-types=InternalIP".into());
         let plane = start_plane_in(&netns_path, plane_options).await?;
         let port: u16 = plane
             .server_url()
@@ -208,6 +218,7 @@ impl Node {
         plane
             .issue_serving_cert(&[NODE_ADDRESS, "127.0.0.1", NODE_NAME])?
             .write(&self.layout.root, "kubelet")?;
+        expose_api_server(&plane, port, deadline).await?;
         self.plane = Some(plane);
 
         // --- containerd, with the CNI config in place (the kubelet reports the node Ready
@@ -495,6 +506,15 @@ impl Node {
         exchange(&self.net.outside, to, request, timeout)
     }
 
+    /// Runs `work` on a thread inside the node's network namespace (its sockets are made
+    /// there: Service addresses, pod addresses and the node's ports are reachable).
+    pub fn run_in_node<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        in_netns(&self.net.node, work)
+    }
+
     /// Runs `args` inside the node's network namespace (e.g. `iptables-save`, `nslookup`).
     pub fn exec_in_node(&self, args: &[&str]) -> Result<std::process::Output> {
         let mut full = vec!["ip", "netns", "exec", &self.net.node];
@@ -587,6 +607,71 @@ impl Drop for Node {
             eprintln!("node files kept in {}", self.dir.path().display());
         }
     }
+}
+
+/// The `kubernetes` Service's address (the first of the Service range).
+pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
+
+/// Lets pods reach the API server as in a cluster: its serving certificate also names the
+/// `kubernetes` Service (10.96.0.1, `kubernetes.default.svc`...) and the node's address, and
+/// an EndpointSlice sends the Service to the node's address (the control plane runs with
+/// `--endpoint-reconciler-type=none`, which would point it at 127.0.0.1). The API server
+/// reloads the rewritten certificate files by itself; a request that verifies the new name
+/// shows it did.
+async fn expose_api_server(plane: &ControlPlane, port: u16, deadline: Instant) -> Result<()> {
+    plane
+        .issue_serving_cert(&[
+            "127.0.0.1",
+            "localhost",
+            NODE_ADDRESS,
+            KUBERNETES_SERVICE_IP,
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ])?
+        .write(plane.dir(), "apiserver")?;
+    let mut config = plane.admin_config().clone();
+    config.tls_server_name = Some("kubernetes.default.svc".into());
+    let client = kube::Client::try_from(config)?;
+    loop {
+        let request = http::Request::get("/readyz").body(Vec::new())?;
+        match client.request_text(request).await {
+            Ok(_) => break,
+            Err(err) if Instant::now() >= deadline => {
+                bail!(
+                    "the API server never served its certificate naming the kubernetes Service: {err}"
+                )
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let slice = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "kubernetes",
+            "namespace": "default",
+            "labels": {
+                "kubernetes.io/service-name": "kubernetes",
+                "endpointslice.kubernetes.io/managed-by": "portsentry-tests",
+            },
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [NODE_ADDRESS], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+    });
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(plane.client()?, "default");
+    slices
+        .patch(
+            "kubernetes",
+            &PatchParams::apply(crate::control_plane::FIELD_MANAGER),
+            &Patch::Apply(slice),
+        )
+        .await
+        .context("writing the kubernetes Service's EndpointSlice")?;
+    Ok(())
 }
 
 /// Starts a control plane from a new thread that entered `netns_path`, so that its

@@ -217,6 +217,76 @@ async fn cluster_dns_answers_for_the_api_servers_service() {
 }
 
 #[tokio::test]
+async fn a_pod_resolves_and_reaches_the_api_server_through_the_kubernetes_service() {
+    let node = node().await;
+    let plane = node.control_plane();
+    let namespace = "api-access";
+    plane.ensure_namespace(namespace).await.unwrap();
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "client", "namespace": namespace},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "client",
+                "image": node.image("busybox").unwrap(),
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c",
+                    "nslookup kubernetes.default.svc.cluster.local && \
+                     echo | nc -w 3 10.96.0.1 443 >/dev/null && echo connected"],
+            }],
+        }
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(plane.client().unwrap(), namespace);
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let check = pods.clone();
+    let ended = wait_for(
+        Duration::from_secs(90),
+        "the client pod to end",
+        move || {
+            let pods = check.clone();
+            async move {
+                let phase = pods.get("client").await?.status.and_then(|s| s.phase);
+                Ok(matches!(phase.as_deref(), Some("Succeeded" | "Failed")))
+            }
+            .boxed()
+        },
+    )
+    .await;
+    let logs = pods.logs("client", &Default::default()).await;
+    ended.unwrap();
+    let logs = logs.expect("the kubelet serves the pod's logs through the API server");
+    let phase = pods.get("client").await.unwrap().status.unwrap().phase;
+    assert_eq!(phase.as_deref(), Some("Succeeded"), "{logs}");
+    assert!(logs.contains("10.96.0.1"), "DNS answer: {logs}");
+    assert!(logs.trim_end().ends_with("connected"), "nc: {logs}");
+}
+
+#[tokio::test]
+async fn the_api_server_answers_at_the_kubernetes_service_with_a_certificate_naming_it() {
+    let node = node().await;
+    let mut config = node.control_plane().admin_config().clone();
+    config.cluster_url = "https://10.96.0.1:443".parse().unwrap();
+    // From the node's namespace, where kube-proxy's rules send the Service to the API
+    // server; the client verifies the certificate against the address 10.96.0.1.
+    let answer = node
+        .run_in_node(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let client = Client::try_from(config)?;
+                let request = http::Request::get("/readyz").body(Vec::new())?;
+                Ok(client.request_text(request).await?)
+            })
+        })
+        .unwrap();
+    assert_eq!(answer.trim(), "ok");
+}
+
+#[tokio::test]
 async fn a_dropped_node_leaves_no_process_cgroup_mount_or_namespace_behind() {
     let node = Node::start(NodeOptions::default()).await.unwrap();
     web_pod(&node, "teardown").await.unwrap();
