@@ -8,6 +8,7 @@ mod control_plane;
 mod http_server;
 mod manifests;
 mod node;
+mod node_cgroup;
 mod node_config;
 mod node_net;
 mod operator;

@@ -11,9 +11,8 @@
 use std::{
     env, fs,
     net::SocketAddr,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
@@ -30,9 +29,10 @@ use tokio::sync::OnceCell;
 use crate::{
     binaries::repo_root,
     control_plane::{ControlPlane, Options},
+    node_cgroup::{self, create_cgroups},
     node_config::{self, Layout, NODE_ADDRESS, POD_CIDR},
     node_net::{NodeNet, Relay, enter_netns, exchange, in_netns, run},
-    process::Component,
+    process::{Component, Watchdog},
 };
 
 /// What to do when a part of the node is missing; such errors end with it.
@@ -81,7 +81,7 @@ pub struct Node {
     bin_dir: PathBuf,
     layout: Layout,
     components: Vec<Component>,
-    watchdog: Option<NodeWatchdog>,
+    watchdog: Option<Watchdog>,
     relay: Option<Relay>,
     plane: Option<ControlPlane>,
     net: NodeNet,
@@ -149,7 +149,7 @@ impl Node {
         if keep_temp() {
             remove.clear();
         }
-        let watchdog = NodeWatchdog::spawn(&cgroup, &[&net.node, &net.outside], &remove)?;
+        let watchdog = node_cgroup::watchdog(&cgroup, &[&net.node, &net.outside], &remove)?;
         let mut node = Self {
             bin_dir,
             layout,
@@ -525,41 +525,12 @@ impl Node {
     /// Every process in the node's cgroup now: its daemons, containerd's shims and the
     /// containers (the control plane's processes are [`ControlPlane::process_ids`]).
     pub fn process_ids(&self) -> Vec<u32> {
-        let mut pids = Vec::new();
-        let mut dirs = vec![PathBuf::from(format!(
-            "/sys/fs/cgroup/pids/{}",
-            self.cgroup
-        ))];
-        while let Some(dir) = dirs.pop() {
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if entry.path().is_dir() {
-                    dirs.push(entry.path());
-                }
-            }
-            let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-            pids.extend(
-                procs
-                    .lines()
-                    .filter_map(|line| line.trim().parse::<u32>().ok()),
-            );
-        }
-        pids
+        node_cgroup::process_ids(&self.cgroup)
     }
 
     /// The node's cgroup in each cgroup v1 hierarchy (the kubelet's `cgroupRoot`).
     pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
-        fs::read_dir("/sys/fs/cgroup")
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|entry| entry.path().join(&self.cgroup))
-                    .filter(|dir| dir.is_dir())
-                    .collect()
-            })
-            .unwrap_or_default()
+        node_cgroup::cgroup_dirs(&self.cgroup)
     }
 
     /// The node's temp dir (configs, logs, kubelet and containerd state).
@@ -731,83 +702,6 @@ fn node_ready(node: &NodeObject) -> bool {
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status == "True")
         })
-}
-
-/// The node's cgroup in every cgroup v1 hierarchy (the kubelet's `cgroupRoot` must exist in
-/// each); cpuset needs its CPUs and memory nodes copied from the parent to take tasks.
-fn create_cgroups(name: &str) -> Result<()> {
-    let root = Path::new("/sys/fs/cgroup");
-    for entry in fs::read_dir(root).context("reading /sys/fs/cgroup (cgroup v1 needed)")? {
-        let hierarchy = entry?.path();
-        if hierarchy.file_name().is_some_and(|n| n == "unified")
-            || !hierarchy.join("cgroup.procs").exists()
-        {
-            continue;
-        }
-        let dir = hierarchy.join(name);
-        fs::create_dir_all(&dir)
-            .with_context(|| format!("creating the cgroup {}", dir.display()))?;
-        if hierarchy.ends_with("cpuset") {
-            for file in ["cpuset.cpus", "cpuset.mems"] {
-                let value = fs::read_to_string(hierarchy.join(file))?;
-                fs::write(dir.join(file), value.trim())
-                    .with_context(|| format!("writing {}", dir.join(file).display()))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A shell that waits for its stdin to close, then kills every process in the node's cgroup
-/// (daemons, shims, containers), removes the cgroups, the namespaces and the given paths.
-/// The test process holds its stdin, so it fires however the process ends.
-#[derive(Debug)]
-struct NodeWatchdog {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-const CLEANUP: &str = r#"cat >/dev/null
-cg=$1; shift
-i=0
-while [ $i -lt 100 ]; do
-  pids=$(cat $(find "/sys/fs/cgroup/pids/$cg" -name cgroup.procs 2>/dev/null) 2>/dev/null)
-  [ -z "$pids" ] && break
-  kill -KILL $pids 2>/dev/null
-  sleep 0.1
-  i=$((i + 1))
-done
-for d in /sys/fs/cgroup/*/"$cg"; do
-  [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} + 2>/dev/null
-done
-while [ "$1" != -- ]; do ip netns del "$1" 2>/dev/null; shift; done
-shift
-rm -rf -- "$@"
-"#;
-
-impl NodeWatchdog {
-    fn spawn(cgroup: &str, netns: &[&str], remove: &[PathBuf]) -> Result<Self> {
-        let mut command = Command::new("sh");
-        command
-            .args(["-c", CLEANUP, "portsentry-node-watchdog", cgroup])
-            .args(netns)
-            .arg("--")
-            .args(remove)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0);
-        let mut child = command
-            .spawn()
-            .context("starting the node's cleanup watchdog (sh)")?;
-        let stdin = child.stdin.take();
-        Ok(Self { child, stdin })
-    }
-
-    fn fire(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.wait();
-    }
 }
 
 /// The cache folder tests/build-node writes (from tests/versions.env), or
