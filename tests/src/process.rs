@@ -2,6 +2,7 @@
 //! file, free loopback ports, and a watchdog that cleans up even if the test process dies.
 
 use std::{
+    ffi::OsString,
     fs::{self, File},
     io::Write,
     os::unix::process::CommandExt,
@@ -144,15 +145,25 @@ pub struct Watchdog {
 
 impl Watchdog {
     pub fn spawn(pgid: u32, remove: &[&Path]) -> Result<Self> {
+        let mut args = vec![OsString::from(pgid.to_string())];
+        args.extend(remove.iter().map(|path| path.as_os_str().to_owned()));
+        Self::with_script(
+            "kill -KILL -\"$1\" 2>/dev/null; shift; rm -rf -- \"$@\"",
+            &args,
+        )
+    }
+
+    /// A watchdog that runs the shell `script` (with `args` as `$1`...) once its stdin
+    /// closes.
+    pub fn with_script(script: &str, args: &[OsString]) -> Result<Self> {
         let mut command = Command::new("sh");
         command
             .args([
                 "-c",
-                "cat >/dev/null; kill -KILL -\"$1\" 2>/dev/null; shift; rm -rf -- \"$@\"",
+                &format!("cat >/dev/null\n{script}"),
                 "portsentry-tests-watchdog",
             ])
-            .arg(pgid.to_string())
-            .args(remove)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
