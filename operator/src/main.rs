@@ -118,7 +118,10 @@ async fn run(args: Args) -> Result<()> {
     ));
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
-        .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", args.metrics_addr)))?;
+        .map_err(|source| Error::Listen {
+            addr: args.metrics_addr,
+            source,
+        })?;
     info!(addr = %args.metrics_addr, "serving /metrics");
     tokio::spawn(serve_operations(listener, metrics.clone()));
     tokio::spawn(enforce::guards::refresh_guards(
@@ -141,8 +144,10 @@ async fn run(args: Args) -> Result<()> {
         .hook_ca_file
         .as_ref()
         .map(|path| {
-            std::fs::read_to_string(path)
-                .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
+            std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
+                path: path.clone(),
+                source,
+            })
         })
         .transpose()?;
     let hooks = Hooks::start(metrics.clone(), hook_ca.as_deref())?;
@@ -172,7 +177,10 @@ async fn run(args: Args) -> Result<()> {
     tokio::spawn(ban_watch);
     let report_listener = tokio::net::TcpListener::bind(args.report_addr)
         .await
-        .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", args.report_addr)))?;
+        .map_err(|source| Error::Listen {
+            addr: args.report_addr,
+            source,
+        })?;
     info!(addr = %args.report_addr, "serving POST {}", intake::server::PATH);
     tokio::spawn(serve_reports(report_listener, tls.config, intake));
     let election = async {
@@ -193,18 +201,18 @@ async fn run(args: Args) -> Result<()> {
         leader
             .wait_for(|leading| *leading)
             .await
-            .map_err(|_| Error::Config("leader election stopped".into()))?;
+            .map_err(|_| Error::LeadershipLost("leader election stopped"))?;
         tokio::select! {
             () = policy::controller::run(
                 client.clone(),
                 metrics.clone(),
                 guards.clone(),
-                reporter,
+                reporter.clone(),
                 Some(hooks),
                 tls.ca_pem.clone(),
             ) => {}
             () = quarantine::run(client.clone()) => {}
-            () = cluster::controller::run(client.clone(), metrics.clone(), guards.clone(), node_sensors) => {}
+            () = cluster::controller::run(client.clone(), metrics.clone(), guards.clone(), node_sensors, reporter) => {}
         }
         Ok(())
     };

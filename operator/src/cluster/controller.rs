@@ -36,6 +36,7 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
+        events::{Recorder, Reporter},
         reflector::{self, ObjectRef, Store},
         watcher,
     },
@@ -53,7 +54,10 @@ use crate::{
     inject,
     labels::{self, INJECTED_PODS},
     metrics::Metrics,
-    policy::status,
+    policy::{
+        controller::report_failure,
+        status::{self, StatusApply},
+    },
     watch::{self, WatchBackoff},
 };
 
@@ -68,6 +72,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub guards: Arc<RwLock<Guards>>,
     pub nodes: NodeSensors,
+    /// Events of failed reconciles.
+    pub recorder: Recorder,
     /// The controller's cache of cluster policies (forgetting deleted ones' metrics).
     pub policies: Store<ClusterPortSentryPolicy>,
     /// Every pod the webhook injected (label `portsentry.io/sensor=injected`), trimmed to
@@ -118,6 +124,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     guards: Arc<RwLock<Guards>>,
     nodes: NodeSensors,
+    reporter: Reporter,
 ) {
     let namespace = nodes.namespace.clone();
     let owned = watcher::Config::default().labels(labels::CLUSTER_POLICY_LABEL);
@@ -160,6 +167,7 @@ pub async fn run(
     // A new intake CA bundle (a rotated --report-ca-file) re-renders every sensor ConfigMap.
     let ca_changes = crate::tls::ca_changes(nodes.report_ca_pem.clone());
     let context = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
         client,
         metrics,
         guards,
@@ -189,6 +197,11 @@ async fn reconcile(policy: Arc<ClusterPortSentryPolicy>, context: Arc<Context>) 
     let result = reconcile_policy(&policy, &context, &key)
         .instrument(info_span!("reconcile", cluster_policy = %key))
         .await;
+    if let Err(error) = &result {
+        let api = Api::<ClusterPortSentryPolicy>::all(context.client.clone());
+        let previous = policy.status.as_ref();
+        report_failure(&api, &context.recorder, policy.as_ref(), previous, error).await;
+    }
     context.metrics.reconciled(CONTROLLER, started.elapsed());
     let live = context
         .policies
@@ -213,12 +226,22 @@ fn error_policy(
 /// Applies `object` when wanted, deletes `name` otherwise (gone already is fine).
 async fn apply_or_delete<K>(api: &Api<K>, name: &str, object: Option<K>) -> Result<Option<K>>
 where
-    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
 {
+    let kind = if K::kind(&()) == "DaemonSet" {
+        "DaemonSet"
+    } else {
+        "ConfigMap"
+    };
     match object {
         Some(object) => Ok(Some(
             api.patch(name, &field_manager(), &Patch::Apply(&object))
-                .await?,
+                .await
+                .map_err(Error::write(kind, name))?,
         )),
         None => match api.delete(name, &DeleteParams::background()).await {
             Ok(_) => {
@@ -229,7 +252,7 @@ where
                 Ok(None)
             }
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
-            Err(error) => Err(error.into()),
+            Err(error) => Err(Error::write(kind, name)(error)),
         },
     }
 }
@@ -302,20 +325,20 @@ async fn reconcile_policy(
     }
     Api::<ClusterPortSentryPolicy>::all(client.clone())
         .patch_status(&name, &field_manager(), &Patch::Apply(&plan.status))
-        .await?;
+        .await
+        .map_err(Error::write(
+            "ClusterPortSentryPolicy status",
+            name.as_str(),
+        ))?;
     for (ban, condition) in plan.ban_conditions {
-        let patch = serde_json::json!({
-            "apiVersion": PortSentryBan::api_version(&()),
-            "kind": PortSentryBan::kind(&()),
-            "status": {"conditions": [condition]},
-        });
+        let apply = StatusApply::of::<PortSentryBan>(status::ban_status(condition));
         match ban_api
-            .patch_status(&ban, &field_manager(), &Patch::Apply(&patch))
+            .patch_status(&ban, &field_manager(), &Patch::Apply(&apply))
             .await
         {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(error) => return Err(error.into()),
+            Err(error) => return Err(Error::write("PortSentryBan status", ban)(error)),
         }
     }
     context
@@ -337,7 +360,7 @@ async fn apply_sidecar_config_maps(
             .pods
             .wait_until_ready()
             .await
-            .map_err(|_| Error::Config("the injected-pod watch stopped".into()))?;
+            .map_err(|_| Error::WatchStopped("Pod"))?;
     }
     let uid = policy
         .uid()
@@ -360,7 +383,8 @@ async fn apply_sidecar_config_maps(
         Api::<ConfigMap>::namespaced(client.clone(), &namespace)
             .patch(&name, &field_manager(), &Patch::Apply(config_map))
             .instrument(info_span!("apply", config_map = %format!("{namespace}/{name}")))
-            .await?;
+            .await
+            .map_err(Error::write("ConfigMap", format!("{namespace}/{name}")))?;
     }
     let existing: Vec<ObjectMeta> = Api::<ConfigMap>::all(client.clone())
         .list_metadata(&ListParams::default().labels(&sidecar_config_selector()))
@@ -388,7 +412,11 @@ async fn apply_sidecar_config_maps(
                 info!(config_map = %format!("{namespace}/{name}"), "stale sensor ConfigMap deleted")
             }
             Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
-            Err(error) => return Err(error.into()),
+            Err(error) => {
+                return Err(Error::write("ConfigMap", format!("{namespace}/{name}"))(
+                    error,
+                ));
+            }
         }
     }
     Ok(sidecars)

@@ -440,10 +440,9 @@ impl WebhookArgs {
             .as_deref()
             .filter(|r| !r.trim().is_empty())
         {
-            Some(json) => serde_json::from_str(json).map_err(|e| {
-                Error::Config(format!(
-                    "PORTSENTRY_SENSOR_RESOURCES is not resource requirements: {e}"
-                ))
+            Some(json) => serde_json::from_str(json).map_err(|e| Error::Setting {
+                setting: "PORTSENTRY_SENSOR_RESOURCES",
+                detail: format!("not resource requirements ({{\"requests\": ...}}): {e}"),
             })?,
             None => Default::default(),
         };
@@ -513,7 +512,7 @@ pub async fn run(client: Client, args: WebhookArgs) -> Result<()> {
     stores.ready().await;
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
+        .map_err(|source| Error::Listen { addr, source })?;
     info!(%addr, "serving the injection webhook on {PATH}");
     let served = serve(
         listener,
@@ -525,7 +524,10 @@ pub async fn run(client: Client, args: WebhookArgs) -> Result<()> {
     )
     .await;
     drop(sender);
-    served.map_err(|e| Error::Config(format!("webhook endpoint stopped: {e}")))
+    served.map_err(|source| Error::Serve {
+        server: "injection webhook",
+        source,
+    })
 }
 
 #[cfg(test)]
