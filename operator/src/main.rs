@@ -10,7 +10,9 @@ use std::{
 };
 
 use clap::{ArgAction, Parser};
-use kube::{Client, runtime::events::Reporter};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, Client, runtime::events::Reporter};
+use portsentry_crds::PortSentryBan;
 use portsentry_operator::{
     Error, Result, cluster,
     enforce::{self, quarantine},
@@ -23,6 +25,7 @@ use portsentry_operator::{
     labels, lease,
     metrics::Metrics,
     policy, server,
+    shared::{self, Shared},
 };
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -156,7 +159,12 @@ async fn run(args: Args) -> Result<()> {
         args.webhook.settings()?,
         tls.ca_pem.clone(),
     )?;
-    let (intake, ban_watch) = Intake::new(
+    // One watch of PortSentryBans for the intake (every replica) and the leader's controllers.
+    let (bans, ban_watch) = Shared::watch(
+        Api::<PortSentryBan>::all(client.clone()),
+        shared::without_managed_fields,
+    );
+    let intake = Intake::new(
         client.clone(),
         metrics.clone(),
         guards.clone(),
@@ -173,6 +181,7 @@ async fn run(args: Args) -> Result<()> {
             reporter: reporter.clone(),
             hooks: Some(hooks.clone()),
         },
+        bans.store(),
     );
     tokio::spawn(ban_watch);
     let report_listener = tokio::net::TcpListener::bind(args.report_addr)
@@ -202,7 +211,11 @@ async fn run(args: Args) -> Result<()> {
             .wait_for(|leading| *leading)
             .await
             .map_err(|_| Error::LeadershipLost("leader election stopped"))?;
+        // One watch of pods (trimmed) for the three leader-only consumers.
+        let (pods, pod_watch) = Shared::watch(Api::<Pod>::all(client.clone()), shared::pod_view);
+        let watches = shared::Watches { bans, pods };
         tokio::select! {
+            () = pod_watch => {}
             () = policy::controller::run(
                 client.clone(),
                 metrics.clone(),
@@ -210,9 +223,10 @@ async fn run(args: Args) -> Result<()> {
                 reporter.clone(),
                 Some(hooks),
                 tls.ca_pem.clone(),
+                watches.clone(),
             ) => {}
-            () = quarantine::run(client.clone()) => {}
-            () = cluster::controller::run(client.clone(), metrics.clone(), guards.clone(), node_sensors, reporter) => {}
+            () = quarantine::run(client.clone(), watches.clone()) => {}
+            () = cluster::controller::run(client.clone(), metrics.clone(), guards.clone(), node_sensors, reporter, watches) => {}
         }
         Ok(())
     };

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use k8s_openapi::{
     api::{
@@ -37,7 +37,7 @@ use kube::{
         Controller, WatchStreamExt,
         controller::Action,
         events::{Recorder, Reporter},
-        reflector::{self, ObjectRef, Store},
+        reflector::{ObjectRef, Store},
         watcher,
     },
 };
@@ -51,13 +51,13 @@ use crate::{
         plan::{Observed, plan},
     },
     enforce::bans::Guards,
-    inject,
-    labels::{self, INJECTED_PODS},
+    inject, labels,
     metrics::Metrics,
     policy::{
         controller::report_failure,
         status::{self, StatusApply},
     },
+    shared::Watches,
     watch::{self, WatchBackoff},
 };
 
@@ -76,8 +76,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// The controller's cache of cluster policies (forgetting deleted ones' metrics).
     pub policies: Store<ClusterPortSentryPolicy>,
-    /// Every pod the webhook injected (label `portsentry.io/sensor=injected`), trimmed to
-    /// its sensor annotations and sidecar readiness ([`status::sensor_view`]).
+    /// Every pod (the shared watch's store, trimmed by [`crate::shared::pod_view`]); the
+    /// ones the webhook injected carry the policy's annotation.
     pub pods: Store<Pod>,
     /// One reconcile at a time waits for the pod store's first list (see the policy
     /// controller's `bans_ready`): an empty store would read as "no pod needs a ConfigMap".
@@ -125,6 +125,7 @@ pub async fn run(
     guards: Arc<RwLock<Guards>>,
     nodes: NodeSensors,
     reporter: Reporter,
+    shared: Watches,
 ) {
     let namespace = nodes.namespace.clone();
     let owned = watcher::Config::default().labels(labels::CLUSTER_POLICY_LABEL);
@@ -145,25 +146,23 @@ pub async fn run(
                 owned,
             );
     }
-    let ban_events = watcher::watcher(
-        Api::<PortSentryBan>::namespaced(client.clone(), &namespace),
-        watcher::Config::default(),
-    )
-    .backoff(WatchBackoff::default())
-    .touched_objects();
-    // Injected pods only, kept in a store for the reconciles; their arrival, departure or
-    // sensor readiness flip reconciles the cluster policy named in their annotation.
-    // Full pods (readiness is status), label-bounded and trimmed by `sensor_view`: one watch
-    // serves every reconcile and the triggers, where a list per reconcile would cost a call.
-    let (pods, pod_writer) = reflector::store::<Pod>();
-    let pod_events = watch::injected_pod_triggers(
-        watcher::watcher(
-            Api::<Pod>::all(client.clone()),
-            watcher::Config::default().labels(INJECTED_PODS),
-        )
-        .modify(status::sensor_view)
-        .reflect(pod_writer),
-    );
+    // The shared ban watch, reduced to the bans of the operator namespace.
+    let ban_namespace = namespace.clone();
+    let ban_events = shared
+        .bans
+        .subscribe()
+        .await
+        .touched_objects()
+        .try_filter(move |ban| {
+            std::future::ready(ban.namespace().as_deref() == Some(ban_namespace.as_str()))
+        });
+    // Injected pods of the shared pod watch (trimmed by `pod_view`: readiness is status); the
+    // store serves every reconcile; their arrival, departure or sensor readiness flip
+    // reconciles the cluster policy named in their annotation.
+    let pods = shared.pods.store();
+    let pod_events = watch::injected_pod_triggers(crate::shared::injected_events(
+        shared.pods.subscribe().await,
+    ));
     // A new intake CA bundle (a rotated --report-ca-file) re-renders every sensor ConfigMap.
     let ca_changes = crate::tls::ca_changes(nodes.report_ca_pem.clone());
     let context = Arc::new(Context {

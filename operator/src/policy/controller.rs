@@ -50,7 +50,8 @@ use crate::{
         plan::{self, Observed},
         status::{self, StatusApply},
     },
-    watch::{WatchBackoff, pod_triggers, readiness_triggers},
+    shared::Watches,
+    watch::{WatchBackoff, metadata_event, pod_triggers, readiness_triggers},
 };
 
 /// Label value of this controller in metrics.
@@ -137,6 +138,7 @@ pub async fn run(
     reporter: Reporter,
     hooks: Option<crate::hooks::Hooks>,
     intake_ca: crate::tls::CaBundle,
+    shared: Watches,
 ) {
     // Lists read from etcd (the default semantic), not the API server's watch cache: after
     // an API server restart a cached list can name a resourceVersion the watch then refuses
@@ -147,26 +149,15 @@ pub async fn run(
     );
     let store = controller.store();
     let (netpol_store, pod_store, rival_store) = (store.clone(), store.clone(), store.clone());
-    let (bans, ban_writer) = reflector::store::<PortSentryBan>();
-    let ban_events = watcher::watcher(
-        Api::<PortSentryBan>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .backoff(WatchBackoff::default())
-    .modify(|ban| ban.managed_fields_mut().clear())
-    .reflect(ban_writer)
-    .touched_objects();
-    // Pods (metadata only): arrivals and label changes change which pods a policy selects,
-    // the departure of an injected pod may leave a skip-specific ConfigMap unused; status
-    // churn (probes, restarts) never drives a reconcile (see `PodTriggers`).
-    let pod_changes = pod_triggers(watcher::watcher(
-        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
-        watcher::Config::default(),
-    ));
-    // Injected pods (full: readiness is status), a flip of a sensor's readiness reconciling
-    // only the policy it was injected for, so `sensorsReady` follows the kubelet's probes.
-    // A second, label-bounded watch rather than the all-pods watch widened to full pods: only
-    // injected pods' status is read, and nothing is stored but one entry per ready sensor.
+    // The shared ban watch: its store for the reconciles, its events for the triggers.
+    let bans = shared.bans.store();
+    let ban_events = shared.bans.subscribe().await.touched_objects();
+    // Pods (of the shared, trimmed pod watch): arrivals and label changes change which pods
+    // a policy selects, the departure of an injected pod may leave a skip-specific ConfigMap
+    // unused; status churn (probes, restarts) never drives a reconcile (see `PodTriggers`).
+    let pod_changes = pod_triggers(shared.pods.subscribe().await.map_ok(metadata_event));
+    // A flip of an injected pod's sensor readiness reconciles only the policy it was
+    // injected for, so `sensorsReady` follows the kubelet's probes.
     // NetworkPolicies: any change may make a policy's generated objects widen (or stop
     // widening) access, so each re-evaluates the policies of its namespace; the store is
     // what the reconcile's never-widen check reads.
@@ -179,13 +170,9 @@ pub async fn run(
     .modify(|np| np.managed_fields_mut().clear())
     .reflect(netpol_writer)
     .touched_objects();
-    let readiness_changes = readiness_triggers(
-        watcher::watcher(
-            Api::<Pod>::all(client.clone()),
-            watcher::Config::default().labels(labels::INJECTED_PODS),
-        )
-        .modify(status::sensor_view),
-    );
+    let readiness_changes = readiness_triggers(crate::shared::injected_events(
+        shared.pods.subscribe().await,
+    ));
     // A new intake CA bundle (a rotated --report-ca-file) re-renders every sensor ConfigMap.
     let ca_changes = crate::tls::ca_changes(intake_ca.clone());
     let context = Arc::new(Context {

@@ -3,12 +3,10 @@
 //! condition of a ban, kept stable so unchanged state writes nothing; the policy's sensor
 //! counts (`sensorsInjected`, `sensorsReady`) read from its pods; the typed apply bodies.
 
-use std::collections::BTreeMap;
-
 use jiff::Timestamp;
 use k8s_openapi::{
-    api::core::v1::{ContainerStatus, Pod, PodStatus},
-    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time},
+    api::core::v1::Pod,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
 };
 use kube::{Resource, ResourceExt};
 use portsentry_crds::{BanStatus, PolicyStatus, PortSentryBan};
@@ -274,56 +272,6 @@ pub fn count_sensors<'a>(pods: impl IntoIterator<Item = &'a Pod>, reference: &st
             injected: count.injected.saturating_add(1),
             ready: count.ready.saturating_add(u32::from(sensor_ready(pod))),
         })
-}
-
-/// Trims an injected pod, in place, to what the sensor counts and the pod triggers read: its
-/// name, namespace, uid, resourceVersion and deletionTimestamp, its sensor annotations, its
-/// phase and its sidecar's name, `ready` and `started`. What a store of injected pods then
-/// holds per pod is a few hundred bytes, whatever the pod's spec and other containers.
-pub fn sensor_view(pod: &mut Pod) {
-    let meta = std::mem::take(&mut pod.metadata);
-    let annotations: BTreeMap<String, String> = meta
-        .annotations
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(key, _)| {
-            [
-                labels::INJECTED_ANNOTATION,
-                labels::CONFIG_MAP_ANNOTATION,
-                labels::SKIPPED_ANNOTATION,
-            ]
-            .contains(&key.as_str())
-        })
-        .collect();
-    pod.metadata = ObjectMeta {
-        name: meta.name,
-        namespace: meta.namespace,
-        uid: meta.uid,
-        resource_version: meta.resource_version,
-        deletion_timestamp: meta.deletion_timestamp,
-        annotations: (!annotations.is_empty()).then_some(annotations),
-        ..ObjectMeta::default()
-    };
-    pod.spec = None;
-    pod.status = pod.status.take().map(|status| {
-        let sidecar: Vec<ContainerStatus> = status
-            .init_container_statuses
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|c| c.name == inject::SIDECAR_NAME)
-            .map(|c| ContainerStatus {
-                name: c.name,
-                ready: c.ready,
-                started: c.started,
-                ..ContainerStatus::default()
-            })
-            .collect();
-        PodStatus {
-            phase: status.phase,
-            init_container_statuses: (!sidecar.is_empty()).then_some(sidecar),
-            ..PodStatus::default()
-        }
-    });
 }
 
 /// Whether one ban drops traffic.
@@ -704,31 +652,5 @@ mod tests {
                 ready: 1
             }
         );
-    }
-
-    #[test]
-    fn the_sensor_view_of_a_pod_keeps_what_counting_reads_and_drops_the_rest() {
-        let mut pod = injected_pod(
-            WEB,
-            &[("init-db", true, true), (inject::SIDECAR_NAME, true, true)],
-            "Running",
-        );
-        pod.metadata.annotations.as_mut().unwrap().insert(
-            "kubectl.kubernetes.io/last-applied-configuration".into(),
-            "{}".into(),
-        );
-        pod.metadata.labels = Some([("app".to_owned(), "web".to_owned())].into());
-        pod.spec = Some(Default::default());
-        let before = count_sensors([&pod], WEB);
-        sensor_view(&mut pod);
-        assert_eq!(count_sensors([&pod], WEB), before);
-        assert_eq!(
-            pod.annotations().keys().collect::<Vec<_>>(),
-            [labels::INJECTED_ANNOTATION]
-        );
-        assert!(pod.metadata.labels.is_none() && pod.spec.is_none());
-        let statuses = pod.status.unwrap().init_container_statuses.unwrap();
-        assert_eq!(statuses.len(), 1);
-        assert_eq!(statuses[0].image, "");
     }
 }
