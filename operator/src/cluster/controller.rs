@@ -369,7 +369,11 @@ async fn apply_sidecar_config_maps(
         .pods
         .state()
         .into_iter()
-        .filter(|pod| pod.annotations().get(labels::INJECTED_ANNOTATION) == Some(&reference))
+        .filter(|pod| {
+            // Sidecars only: node sensors' pods (labelled `=node`) count through their DaemonSet.
+            crate::shared::injected(pod)
+                && pod.annotations().get(labels::INJECTED_ANNOTATION) == Some(&reference)
+        })
         .collect();
     let sidecars = status::count_sensors(injected.iter().map(|pod| pod.as_ref()), &reference);
     let pods: Vec<ObjectMeta> = injected.iter().map(|pod| pod.metadata.clone()).collect();
