@@ -127,6 +127,13 @@ impl Hooks {
     }
 }
 
+fn hook_ca_error(detail: String) -> Error {
+    Error::Certificate {
+        what: "--hook-ca-file (a PEM CA bundle)".into(),
+        detail,
+    }
+}
+
 fn client_tls(extra_ca_pem: Option<&str>) -> Result<rustls::ClientConfig> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
@@ -134,17 +141,18 @@ fn client_tls(extra_ca_pem: Option<&str>) -> Result<rustls::ClientConfig> {
     roots.add_parsable_certificates(native.certs);
     if let Some(pem) = extra_ca_pem {
         for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            let cert = cert.map_err(|e| Error::Config(format!("hook CA: {e}")))?;
-            roots
-                .add(cert)
-                .map_err(|e| Error::Config(format!("hook CA: {e}")))?;
+            let cert = cert.map_err(|e| hook_ca_error(e.to_string()))?;
+            roots.add(cert).map_err(|e| hook_ca_error(e.to_string()))?;
         }
     }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| Error::Config(format!("TLS: {e}")))?
+    .map_err(|e| Error::Certificate {
+        what: "alert hooks' TLS client".into(),
+        detail: e.to_string(),
+    })?
     .with_root_certificates(roots)
     .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

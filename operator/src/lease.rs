@@ -257,12 +257,12 @@ pub async fn run(client: Client, settings: Settings, leader: watch::Sender<bool>
             (Some(true), Some(_)) => renewed = Some(attempt),
             (Some(false), Some(_)) => {
                 leader.send_replace(false);
-                return Err(Error::Config("leadership lost to another replica".into()));
+                return Err(Error::LeadershipLost("another replica holds the lease"));
             }
             (None, Some(at)) if at.elapsed() >= settings.renew_deadline() => {
                 leader.send_replace(false);
-                return Err(Error::Config(
-                    "leadership lost: the lease could not be renewed in time".into(),
+                return Err(Error::LeadershipLost(
+                    "the lease could not be renewed in time",
                 ));
             }
             _ => {}

@@ -8,7 +8,8 @@
 //!  enforce/  bans and how they are enforced: ban arithmetic, NetworkPolicies, quarantine
 //!  inject/   sidecar injection: the pure decision and patch, the admission webhook
 //!  shared:   labels (every label/annotation/audience string), tls (CA, certificates),
-//!            watch (backoff, pod triggers), names, metrics, hooks, lease, server, error
+//!            watch (backoff, pod triggers), shared (one watch per kind, trimmed pods),
+//!            names, metrics, hooks, lease, server, error
 //! ```
 #![forbid(unsafe_code)]
 
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod names;
 pub mod policy;
 pub mod server;
+pub mod shared;
 pub mod tasks;
 pub mod tls;
 pub mod watch;

@@ -12,7 +12,9 @@ use std::{
 };
 
 use clap::{ArgAction, Parser};
-use kube::{Client, runtime::events::Reporter};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, Client, runtime::events::Reporter};
+use portsentry_crds::PortSentryBan;
 use portsentry_operator::{
     Error, Result, cluster,
     enforce::{self, quarantine},
@@ -27,6 +29,7 @@ use portsentry_operator::{
     metrics::Metrics,
     policy,
     server::{self, Readiness},
+    shared::{self, Shared},
     tasks::Supervisor,
 };
 use tokio::{
@@ -120,15 +123,23 @@ async fn main() -> std::process::ExitCode {
 /// SIGTERM/SIGINT (stop every task, release the Lease if held, exit zero).
 async fn run(args: Args) -> Result<()> {
     let client = Client::try_default().await?;
-    let mut terminate = signal(SignalKind::terminate())
-        .map_err(|e| Error::Config(format!("cannot handle SIGTERM: {e}")))?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|source| Error::Signal {
+        signal: "SIGTERM",
+        source,
+    })?;
     let mut tasks = Supervisor::default();
     let (leader_tx, election) = start(&mut tasks, &args, client.clone()).await?;
     let signal = tokio::select! {
         ended = tasks.first_end() => {
-            let (task, why) = ended.ok_or_else(|| Error::Config("no task to run".into()))?;
+            let (task, why) = ended.ok_or_else(|| Error::TaskEnded {
+                task: "supervisor",
+                why: "no task to run".into(),
+            })?;
             error!(task, %why, "a task ended; stopping the operator");
-            return Err(Error::Config(format!("{task} ended: {why}")));
+            return Err(Error::TaskEnded {
+                task,
+                why: why.to_string(),
+            });
         }
         _ = terminate.recv() => "SIGTERM",
         _ = tokio::signal::ctrl_c() => "SIGINT",
@@ -176,8 +187,8 @@ async fn start(
     tasks.spawn("operations endpoint", async move {
         server::serve(operations, served_metrics, served_readiness)
             .await
-            .map_err(|source| Error::Served {
-                what: "operations endpoint",
+            .map_err(|source| Error::Serve {
+                server: "operations endpoint",
                 source,
             })
     });
@@ -216,13 +227,20 @@ async fn start(
         .hook_ca_file
         .as_ref()
         .map(|path| {
-            std::fs::read_to_string(path)
-                .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
+            std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
+                path: path.clone(),
+                source,
+            })
         })
         .transpose()?;
     let (hooks, delivery) = Hooks::start(metrics.clone(), hook_ca.as_deref())?;
     tasks.spawn_infallible("alert hook delivery", delivery);
-    let (intake, ban_watch) = Intake::new(
+    // One watch of PortSentryBans for the intake (every replica) and the leader's controllers.
+    let (bans, ban_watch) = Shared::watch(
+        Api::<PortSentryBan>::all(client.clone()),
+        shared::without_managed_fields,
+    );
+    let intake = Intake::new(
         client.clone(),
         metrics.clone(),
         guards.clone(),
@@ -239,8 +257,9 @@ async fn start(
             reporter: reporter.clone(),
             hooks: Some(hooks.clone()),
         },
+        bans.store(),
     );
-    tasks.spawn_infallible("intake ban watch", ban_watch);
+    tasks.spawn_infallible("ban watch", ban_watch);
     let serve_intake = intake::server::run(args.report_addr, tls.config, intake, readiness);
     tasks.spawn("report intake", serve_intake);
     let election = args.leader_elect.then(|| lease::Settings {
@@ -260,13 +279,18 @@ async fn start(
         args.webhook.settings()?,
         tls.ca_pem.clone(),
     )?;
+    // One watch of pods (trimmed), run by the leader for its three consumers.
+    let (pods, pod_watch) = Shared::watch(Api::<Pod>::all(client.clone()), shared::pod_view);
+    tasks.spawn("pod watch", leading(leader.clone(), pod_watch));
+    let watches = shared::Watches { bans, pods };
     let policy_controller = policy::controller::run(
         client.clone(),
         metrics.clone(),
         guards.clone(),
-        reporter,
+        reporter.clone(),
         Some(hooks),
         tls.ca_pem.clone(),
+        watches.clone(),
     );
     tasks.spawn(
         "policy controller",
@@ -274,9 +298,13 @@ async fn start(
     );
     tasks.spawn(
         "quarantine",
-        leading(leader.clone(), quarantine::run(client.clone())),
+        leading(
+            leader.clone(),
+            quarantine::run(client.clone(), watches.clone()),
+        ),
     );
-    let cluster_controller = cluster::controller::run(client, metrics, guards, node_sensors);
+    let cluster_controller =
+        cluster::controller::run(client, metrics, guards, node_sensors, reporter, watches);
     tasks.spawn("cluster controller", leading(leader, cluster_controller));
     Ok((leader_tx, election))
 }
@@ -289,7 +317,7 @@ async fn leading(
     leader
         .wait_for(|leading| *leading)
         .await
-        .map_err(|_| Error::Config("leader election stopped".into()))?;
+        .map_err(|_| Error::LeadershipLost("leader election stopped"))?;
     task.await;
     Ok(())
 }

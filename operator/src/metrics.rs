@@ -316,7 +316,8 @@ impl Metrics {
     pub fn encode(&self) -> Result<String> {
         let mut buffer = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
-        String::from_utf8(buffer).map_err(|e| Error::Config(format!("metrics are not UTF-8: {e}")))
+        String::from_utf8(buffer)
+            .map_err(|e| Error::Metrics(prometheus::Error::Msg(format!("not UTF-8: {e}"))))
     }
 }
 

@@ -92,7 +92,10 @@ mod tests {
         let mut tasks = Supervisor::default();
         tasks.spawn_infallible("forever", std::future::pending());
         tasks.spawn("failing", async {
-            Err(crate::Error::Config("no certificate".into()))
+            Err(crate::Error::Certificate {
+                what: "webhook certificate".into(),
+                detail: "no certificate".into(),
+            })
         });
         let (name, ended) = tasks.first_end().await.unwrap();
         assert_eq!(name, "failing");

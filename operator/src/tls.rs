@@ -44,7 +44,10 @@ pub const CA_CERT_KEY: &str = "ca.crt";
 pub const CA_KEY_KEY: &str = "ca.key";
 
 fn cert_error(what: &str, error: impl std::fmt::Display) -> Error {
-    Error::Config(format!("webhook certificate: {what}: {error}"))
+    Error::Certificate {
+        what: format!("webhook certificate: {what}"),
+        detail: error.to_string(),
+    }
 }
 
 /// Fixed CA parameters: a replica rebuilds the issuer from the shared key alone.

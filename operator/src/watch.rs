@@ -264,7 +264,7 @@ impl InjectedPodTriggers {
 }
 
 /// `event` with each pod reduced to its metadata.
-fn metadata_event(event: watcher::Event<Pod>) -> watcher::Event<PartialObjectMeta<Pod>> {
+pub fn metadata_event(event: watcher::Event<Pod>) -> watcher::Event<PartialObjectMeta<Pod>> {
     let meta = |pod: Pod| {
         let mut meta = PartialObjectMeta::<Pod>::default();
         *meta.meta_mut() = pod.metadata;

@@ -112,7 +112,11 @@ impl Operator {
     /// Starts the operator and waits until it leads (its intake answers other than 503).
     pub async fn start(plane: &ControlPlane, settings: OperatorSettings) -> Result<Self> {
         plane.ensure_namespace(&settings.namespace).await?;
-        let program = workspace_binary("portsentry-operator", "portsentry-operator")?;
+        // PORTSENTRY_OPERATOR_BIN: another build (e.g. of an older commit) to compare with.
+        let program = match std::env::var_os("PORTSENTRY_OPERATOR_BIN") {
+            Some(path) => PathBuf::from(path),
+            None => workspace_binary("portsentry-operator", "portsentry-operator")?,
+        };
         let dir = tempfile::Builder::new()
             .prefix("portsentry-operator-")
             .tempdir()?;
@@ -237,6 +241,24 @@ impl Operator {
     pub async fn leading(&self) -> Result<bool> {
         let (status, _) = https_request("GET", &self.report_url, &self.ca_pem, None, b"").await?;
         Ok(status != 503)
+    }
+
+    /// The operator's memory from /proc: (resident now `VmRSS`, peak resident `VmHWM`), KiB.
+    pub fn resident_kib(&self) -> Result<(u64, u64)> {
+        let pid = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .context("the operator is not running")?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> Result<u64> {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+                .with_context(|| format!("no {name} in /proc/{pid}/status"))
+        };
+        Ok((field("VmRSS:")?, field("VmHWM:")?))
     }
 
     /// SIGKILLs the operator (no shutdown at all).

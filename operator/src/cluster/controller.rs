@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use k8s_openapi::{
     api::{
@@ -36,7 +36,8 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
-        reflector::{self, ObjectRef, Store},
+        events::{Recorder, Reporter},
+        reflector::{ObjectRef, Store},
         watcher,
     },
 };
@@ -50,10 +51,13 @@ use crate::{
         plan::{Observed, plan},
     },
     enforce::bans::Guards,
-    inject,
-    labels::{self, INJECTED_PODS},
+    inject, labels,
     metrics::Metrics,
-    policy::status,
+    policy::{
+        controller::report_failure,
+        status::{self, StatusApply},
+    },
+    shared::Watches,
     watch::{self, WatchBackoff},
 };
 
@@ -68,10 +72,12 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub guards: Arc<RwLock<Guards>>,
     pub nodes: NodeSensors,
+    /// Events of failed reconciles.
+    pub recorder: Recorder,
     /// The controller's cache of cluster policies (forgetting deleted ones' metrics).
     pub policies: Store<ClusterPortSentryPolicy>,
-    /// Every pod the webhook injected (label `portsentry.io/sensor=injected`), trimmed to
-    /// its sensor annotations and sidecar readiness ([`status::sensor_view`]).
+    /// Every pod (the shared watch's store, trimmed by [`crate::shared::pod_view`]); the
+    /// ones the webhook injected carry the policy's annotation.
     pub pods: Store<Pod>,
     /// One reconcile at a time waits for the pod store's first list (see the policy
     /// controller's `bans_ready`): an empty store would read as "no pod needs a ConfigMap".
@@ -119,6 +125,8 @@ pub async fn run(
     metrics: Arc<Metrics>,
     guards: Arc<RwLock<Guards>>,
     nodes: NodeSensors,
+    reporter: Reporter,
+    shared: Watches,
 ) {
     let namespace = nodes.namespace.clone();
     let owned = watcher::Config::default().labels(labels::CLUSTER_POLICY_LABEL);
@@ -139,28 +147,27 @@ pub async fn run(
                 owned,
             );
     }
-    let ban_events = watcher::watcher(
-        Api::<PortSentryBan>::namespaced(client.clone(), &namespace),
-        watcher::Config::default(),
-    )
-    .backoff(WatchBackoff::default())
-    .touched_objects();
-    // Injected pods only, kept in a store for the reconciles; their arrival, departure or
-    // sensor readiness flip reconciles the cluster policy named in their annotation.
-    // Full pods (readiness is status), label-bounded and trimmed by `sensor_view`: one watch
-    // serves every reconcile and the triggers, where a list per reconcile would cost a call.
-    let (pods, pod_writer) = reflector::store::<Pod>();
-    let pod_events = watch::injected_pod_triggers(
-        watcher::watcher(
-            Api::<Pod>::all(client.clone()),
-            watcher::Config::default().labels(INJECTED_PODS),
-        )
-        .modify(status::sensor_view)
-        .reflect(pod_writer),
-    );
+    // The shared ban watch, reduced to the bans of the operator namespace.
+    let ban_namespace = namespace.clone();
+    let ban_events = shared
+        .bans
+        .subscribe()
+        .await
+        .touched_objects()
+        .try_filter(move |ban| {
+            std::future::ready(ban.namespace().as_deref() == Some(ban_namespace.as_str()))
+        });
+    // Injected pods of the shared pod watch (trimmed by `pod_view`: readiness is status); the
+    // store serves every reconcile; their arrival, departure or sensor readiness flip
+    // reconciles the cluster policy named in their annotation.
+    let pods = shared.pods.store();
+    let pod_events = watch::injected_pod_triggers(crate::shared::injected_events(
+        shared.pods.subscribe().await,
+    ));
     // A new intake CA bundle (a rotated --report-ca-file) re-renders every sensor ConfigMap.
     let ca_changes = crate::tls::ca_changes(nodes.report_ca_pem.clone());
     let context = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
         client,
         metrics,
         guards,
@@ -189,6 +196,11 @@ async fn reconcile(policy: Arc<ClusterPortSentryPolicy>, context: Arc<Context>) 
     let result = reconcile_policy(&policy, &context, &key)
         .instrument(info_span!("reconcile", cluster_policy = %key))
         .await;
+    if let Err(error) = &result {
+        let api = Api::<ClusterPortSentryPolicy>::all(context.client.clone());
+        let previous = policy.status.as_ref();
+        report_failure(&api, &context.recorder, policy.as_ref(), previous, error).await;
+    }
     context.metrics.reconciled(CONTROLLER, started.elapsed());
     let live = context
         .policies
@@ -213,12 +225,22 @@ fn error_policy(
 /// Applies `object` when wanted, deletes `name` otherwise (gone already is fine).
 async fn apply_or_delete<K>(api: &Api<K>, name: &str, object: Option<K>) -> Result<Option<K>>
 where
-    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
 {
+    let kind = if K::kind(&()) == "DaemonSet" {
+        "DaemonSet"
+    } else {
+        "ConfigMap"
+    };
     match object {
         Some(object) => Ok(Some(
             api.patch(name, &field_manager(), &Patch::Apply(&object))
-                .await?,
+                .await
+                .map_err(Error::write(kind, name))?,
         )),
         None => match api.delete(name, &DeleteParams::background()).await {
             Ok(_) => {
@@ -229,7 +251,7 @@ where
                 Ok(None)
             }
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
-            Err(error) => Err(error.into()),
+            Err(error) => Err(Error::write(kind, name)(error)),
         },
     }
 }
@@ -302,20 +324,20 @@ async fn reconcile_policy(
     }
     Api::<ClusterPortSentryPolicy>::all(client.clone())
         .patch_status(&name, &field_manager(), &Patch::Apply(&plan.status))
-        .await?;
+        .await
+        .map_err(Error::write(
+            "ClusterPortSentryPolicy status",
+            name.as_str(),
+        ))?;
     for (ban, condition) in plan.ban_conditions {
-        let patch = serde_json::json!({
-            "apiVersion": PortSentryBan::api_version(&()),
-            "kind": PortSentryBan::kind(&()),
-            "status": {"conditions": [condition]},
-        });
+        let apply = StatusApply::of::<PortSentryBan>(status::ban_status(condition));
         match ban_api
-            .patch_status(&ban, &field_manager(), &Patch::Apply(&patch))
+            .patch_status(&ban, &field_manager(), &Patch::Apply(&apply))
             .await
         {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(error) => return Err(error.into()),
+            Err(error) => return Err(Error::write("PortSentryBan status", ban)(error)),
         }
     }
     context
@@ -337,7 +359,7 @@ async fn apply_sidecar_config_maps(
             .pods
             .wait_until_ready()
             .await
-            .map_err(|_| Error::Config("the injected-pod watch stopped".into()))?;
+            .map_err(|_| Error::WatchStopped("Pod"))?;
     }
     let uid = policy
         .uid()
@@ -347,7 +369,11 @@ async fn apply_sidecar_config_maps(
         .pods
         .state()
         .into_iter()
-        .filter(|pod| pod.annotations().get(labels::INJECTED_ANNOTATION) == Some(&reference))
+        .filter(|pod| {
+            // Sidecars only: node sensors' pods (labelled `=node`) count through their DaemonSet.
+            crate::shared::injected(pod)
+                && pod.annotations().get(labels::INJECTED_ANNOTATION) == Some(&reference)
+        })
         .collect();
     let sidecars = status::count_sensors(injected.iter().map(|pod| pod.as_ref()), &reference);
     let pods: Vec<ObjectMeta> = injected.iter().map(|pod| pod.metadata.clone()).collect();
@@ -360,7 +386,8 @@ async fn apply_sidecar_config_maps(
         Api::<ConfigMap>::namespaced(client.clone(), &namespace)
             .patch(&name, &field_manager(), &Patch::Apply(config_map))
             .instrument(info_span!("apply", config_map = %format!("{namespace}/{name}")))
-            .await?;
+            .await
+            .map_err(Error::write("ConfigMap", format!("{namespace}/{name}")))?;
     }
     let existing: Vec<ObjectMeta> = Api::<ConfigMap>::all(client.clone())
         .list_metadata(&ListParams::default().labels(&sidecar_config_selector()))
@@ -388,7 +415,11 @@ async fn apply_sidecar_config_maps(
                 info!(config_map = %format!("{namespace}/{name}"), "stale sensor ConfigMap deleted")
             }
             Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
-            Err(error) => return Err(error.into()),
+            Err(error) => {
+                return Err(Error::write("ConfigMap", format!("{namespace}/{name}"))(
+                    error,
+                ));
+            }
         }
     }
     Ok(sidecars)

@@ -71,11 +71,12 @@ impl NodeSensorSettings {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_json::from_str(text).map_err(|e| {
-            Error::Config(format!(
-                "PORTSENTRY_NODE_SENSOR_SETTINGS is not the chart's nodeSensors values \
+        serde_json::from_str(text).map_err(|e| Error::Setting {
+            setting: "PORTSENTRY_NODE_SENSOR_SETTINGS",
+            detail: format!(
+                "not the chart's nodeSensors values \
                  (image, serviceAccountName, tolerations, priorityClassName, resources): {e}"
-            ))
+            ),
         })
     }
 

@@ -5,17 +5,16 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::{api::apps::v1::DaemonSet, apimachinery::pkg::apis::meta::v1::Condition};
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use portsentry_crds::{
-    Backend, ClusterPortSentryPolicy, PolicyKind, PortSentryBan, PortSentryBanSpec,
+    Backend, ClusterPortSentryPolicy, PolicyKind, PolicyStatus, PortSentryBan, PortSentryBanSpec,
 };
-use serde_json::Value;
 
 use crate::{
     enforce::bans::{self, Guards},
     policy::{
         plan::RESYNC,
-        status::{self, BanEnforcement, Enforcement},
+        status::{self, BanEnforcement, Enforcement, StatusApply},
     },
 };
 
@@ -46,7 +45,7 @@ pub struct Plan {
     pub active_bans: usize,
     pub enforced: bool,
     /// Server-side apply body of the policy's status.
-    pub status: Value,
+    pub status: StatusApply<PolicyStatus>,
     /// Bans whose `Enforced` condition changes: (name, new condition).
     pub ban_conditions: Vec<(String, Condition)>,
     /// When to look again: the next expiry, at most [`RESYNC`].
@@ -159,14 +158,12 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
         injected: u32::try_from(desired).unwrap_or(0),
         ready: u32::try_from(ready).unwrap_or(0),
     };
-    let status = status::policy_status_patch(
-        &ClusterPortSentryPolicy::api_version(&()),
-        &ClusterPortSentryPolicy::kind(&()),
-        &conditions,
+    let status = StatusApply::of::<ClusterPortSentryPolicy>(status::policy_status(
+        conditions,
         active.len(),
         node_sensors.plus(observed.sidecars),
         generation,
-    );
+    ));
     let ban_conditions = status::ban_condition_changes(
         active.iter().map(|ban| {
             let protected = observed
@@ -278,12 +275,12 @@ mod tests {
         })
     }
 
-    fn condition<'a>(plan: &'a Plan, type_: &str) -> &'a Value {
-        plan.status["status"]["conditions"]
-            .as_array()
-            .unwrap()
+    fn condition<'a>(plan: &'a Plan, type_: &str) -> &'a Condition {
+        plan.status
+            .status
+            .conditions
             .iter()
-            .find(|c| c["type"] == type_)
+            .find(|c| c.type_ == type_)
             .unwrap()
     }
 
@@ -297,17 +294,12 @@ mod tests {
         );
         assert!(plan.enforced);
         let enforced = condition(&plan, status::ENFORCED);
-        assert_eq!(enforced["status"], "True");
-        assert_eq!(enforced["reason"], NODE_NFTABLES);
-        assert!(
-            enforced["message"]
-                .as_str()
-                .unwrap()
-                .contains("2 of 3 ready")
-        );
-        assert_eq!(plan.status["status"]["sensorsInjected"], 3);
-        assert_eq!(plan.status["status"]["sensorsReady"], 2);
-        assert_eq!(plan.status["status"]["observedGeneration"], 4);
+        assert_eq!(enforced.status, "True");
+        assert_eq!(enforced.reason, NODE_NFTABLES);
+        assert!(enforced.message.contains("2 of 3 ready"));
+        assert_eq!(plan.status.status.sensors_injected, 3);
+        assert_eq!(plan.status.status.sensors_ready, 2);
+        assert_eq!(plan.status.status.observed_generation, Some(4));
     }
 
     #[test]
@@ -325,8 +317,8 @@ mod tests {
             },
             now: at(T0),
         });
-        assert_eq!(plan.status["status"]["sensorsInjected"], 7);
-        assert_eq!(plan.status["status"]["sensorsReady"], 3);
+        assert_eq!(plan.status.status.sensors_injected, 7);
+        assert_eq!(plan.status.status.sensors_ready, 3);
     }
 
     #[test]
@@ -335,13 +327,8 @@ mod tests {
         let plan = run(&policy, &[], None);
         assert!(!plan.enforced);
         let enforced = condition(&plan, status::ENFORCED);
-        assert_eq!(enforced["status"], "False");
-        assert!(
-            enforced["message"]
-                .as_str()
-                .unwrap()
-                .contains("NodeNftables")
-        );
+        assert_eq!(enforced.status, "False");
+        assert!(enforced.message.contains("NodeNftables"));
     }
 
     #[test]
@@ -350,9 +337,8 @@ mod tests {
         let plan = run(&policy, &[], None);
         assert!(!plan.enforced);
         assert!(
-            condition(&plan, status::ENFORCED)["message"]
-                .as_str()
-                .unwrap()
+            condition(&plan, status::ENFORCED)
+                .message
                 .contains("nodeSelector")
         );
     }
@@ -368,7 +354,7 @@ mod tests {
         let plan = run(&policy, &bans, None);
         assert_eq!(plan.active_bans, 1);
         assert_eq!(plan.expired.len(), 1);
-        assert_eq!(plan.status["status"]["activeBans"], 1);
+        assert_eq!(plan.status.status.active_bans, 1);
         assert_eq!(plan.requeue_after, Duration::from_secs(60));
     }
 
@@ -380,7 +366,7 @@ mod tests {
             ban("edge", "203.0.113.8", None),
         ];
         let plan = run(&policy, &bans, None);
-        assert_eq!(condition(&plan, status::BAN_CAP_REACHED)["status"], "True");
+        assert_eq!(condition(&plan, status::BAN_CAP_REACHED).status, "True");
     }
 
     #[test]

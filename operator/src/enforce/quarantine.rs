@@ -37,6 +37,7 @@ use crate::{
     Result,
     enforce::bans,
     labels::{self, QUARANTINE_LABEL},
+    shared::Watches,
     watch::WatchBackoff,
 };
 
@@ -133,19 +134,34 @@ pub fn egress_policy(namespace: &str) -> NetworkPolicy {
 }
 
 /// Keeps quarantine equal to `desired` until the process ends; run only by the leader.
-pub async fn run(client: Client) {
+/// Bans and pods are the shared watches' stores (pods trimmed: addresses and labels are
+/// what quarantine reads); any event of theirs wakes a pass.
+pub async fn run(client: Client, shared: Watches) {
     let changed = Arc::new(Notify::new());
-    let bans = store::<PortSentryBan>(&client, changed.clone());
     let policies = store::<PortSentryPolicy>(&client, changed.clone());
-    let pods = store::<Pod>(&client, changed.clone());
-    for ready in [bans.1, policies.1, pods.1] {
-        let _ = ready.await;
-    }
-    loop {
-        if let Err(error) = pass(&client, &bans.0, &policies.0, &pods.0).await {
-            warn!(%error, "quarantine pass failed");
+    let wake = |events: futures::stream::BoxStream<'static, _>| {
+        let changed = changed.clone();
+        events.for_each(move |_| {
+            changed.notify_one();
+            std::future::ready(())
+        })
+    };
+    let ban_events = wake(shared.bans.subscribe().await.map(|_| ()).boxed());
+    let pod_events = wake(shared.pods.subscribe().await.map(|_| ()).boxed());
+    let _ = policies.1.await;
+    let (bans, pods) = (shared.bans.store(), shared.pods.store());
+    let passes = async {
+        loop {
+            if let Err(error) = pass(&client, &bans, &policies.0, &pods).await {
+                warn!(%error, "quarantine pass failed");
+            }
+            let _ = tokio::time::timeout(RESYNC, changed.notified()).await;
         }
-        let _ = tokio::time::timeout(RESYNC, changed.notified()).await;
+    };
+    tokio::select! {
+        () = passes => {}
+        () = ban_events => warn!("the shared ban watch ended"),
+        () = pod_events => warn!("the shared pod watch ended"),
     }
 }
 

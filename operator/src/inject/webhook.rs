@@ -416,10 +416,9 @@ impl WebhookArgs {
             .as_deref()
             .filter(|r| !r.trim().is_empty())
         {
-            Some(json) => serde_json::from_str(json).map_err(|e| {
-                Error::Config(format!(
-                    "PORTSENTRY_SENSOR_RESOURCES is not resource requirements: {e}"
-                ))
+            Some(json) => serde_json::from_str(json).map_err(|e| Error::Setting {
+                setting: "PORTSENTRY_SENSOR_RESOURCES",
+                detail: format!("not resource requirements ({{\"requests\": ...}}): {e}"),
             })?,
             None => Default::default(),
         };
@@ -509,13 +508,13 @@ pub async fn run(
         };
         serve(listener, receiver, webhook)
             .await
-            .map_err(|source| Error::Served {
-                what: "injection webhook",
+            .map_err(|source| Error::Serve {
+                server: "injection webhook",
                 source,
             })
     };
     let result = tokio::select! {
-        () = watching => Err(Error::Config("the webhook's policy caches stopped".into())),
+        () = watching => Err(Error::WatchStopped("webhook policy and namespace")),
         result = serving => result,
     };
     if let Err(error) = &result {

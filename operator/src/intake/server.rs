@@ -29,10 +29,8 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams, PostParams},
     runtime::{
-        WatchStreamExt,
         events::{Event, EventType, Recorder, Reporter as EventReporter},
-        reflector::{self, Store},
-        watcher,
+        reflector::Store,
     },
 };
 use portsentry_crds::{
@@ -263,33 +261,17 @@ impl std::fmt::Debug for Intake {
 }
 
 impl Intake {
-    /// The intake and the watch that keeps its ban cache (for the per-policy cap) current;
-    /// run the future.
+    /// The intake; `bans` (the shared ban watch's store) is its ban cache for the
+    /// per-policy cap.
     pub fn new(
         client: Client,
         metrics: Arc<Metrics>,
         guards: Arc<RwLock<Guards>>,
         leader: watch::Receiver<bool>,
         settings: Settings,
-    ) -> (Arc<Self>, impl Future<Output = ()> + Send + 'static) {
-        let (bans, writer) = reflector::store::<PortSentryBan>();
-        let watch = watcher::watcher(
-            Api::<PortSentryBan>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .backoff(crate::watch::WatchBackoff::default())
-        .modify(|ban| ban.managed_fields_mut().clear())
-        .reflect(writer)
-        .applied_objects();
-        let run = async move {
-            futures::pin_mut!(watch);
-            while let Some(event) = futures::StreamExt::next(&mut watch).await {
-                if let Err(error) = event {
-                    warn!(%error, "intake ban watch");
-                }
-            }
-        };
-        let intake = Arc::new(Self {
+        bans: Store<PortSentryBan>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
             recorder: Recorder::new(client.clone(), settings.reporter),
             hooks: settings.hooks,
             client,
@@ -310,8 +292,7 @@ impl Intake {
             operator_namespace: settings.operator_namespace,
             leader,
             writing: tokio::sync::Mutex::new(()),
-        });
-        (intake, run)
+        })
     }
 
     /// Waits until the ban cache (the per-policy cap) has had its first full list.
@@ -708,8 +689,8 @@ pub async fn run(
     info!(%addr, "serving POST {PATH}");
     readiness.ready(READY);
     let served = serve(listener, tls, intake).await;
-    let error = Error::Served {
-        what: "report intake",
+    let error = Error::Serve {
+        server: "report intake",
         source: served
             .err()
             .unwrap_or_else(|| std::io::ErrorKind::Other.into()),

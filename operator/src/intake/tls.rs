@@ -91,17 +91,15 @@ fn ca_bundle(path: &PathBuf) -> Result<String> {
     let pem = read(path)?;
     let certificates = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| {
-            Error::Config(format!(
-                "{}: not a PEM certificate bundle: {e}",
-                path.display()
-            ))
+        .map_err(|e| Error::Certificate {
+            what: path.display().to_string(),
+            detail: format!("not a PEM certificate bundle: {e}"),
         })?;
     if certificates.is_empty() {
-        return Err(Error::Config(format!(
-            "{}: no PEM certificate in it (--report-ca-file wants the CA's ca.crt)",
-            path.display()
-        )));
+        return Err(Error::Certificate {
+            what: path.display().to_string(),
+            detail: "no PEM certificate in it (--report-ca-file wants the CA's ca.crt)".into(),
+        });
     }
     Ok(pem)
 }
@@ -160,11 +158,9 @@ pub fn service_names(service: &str, namespace: &str, extra: &[String]) -> Vec<St
 }
 
 fn read(path: &PathBuf) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| {
-        Error::Config(format!(
-            "cannot read {}: {e} (check the intake certificate flags)",
-            path.display()
-        ))
+    std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
+        path: path.clone(),
+        source,
     })
 }
 

@@ -38,7 +38,7 @@ use kube::{
         watcher,
     },
 };
-use portsentry_crds::{PolicyKind, PortSentryBan, PortSentryPolicy};
+use portsentry_crds::{PolicyKind, PolicyStatus, PortSentryBan, PortSentryPolicy};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
@@ -48,9 +48,10 @@ use crate::{
     metrics::Metrics,
     policy::{
         plan::{self, Observed},
-        status,
+        status::{self, StatusApply},
     },
-    watch::{WatchBackoff, pod_triggers, readiness_triggers},
+    shared::Watches,
+    watch::{WatchBackoff, metadata_event, pod_triggers, readiness_triggers},
 };
 
 /// Label value of this controller in metrics.
@@ -138,6 +139,7 @@ pub async fn run(
     reporter: Reporter,
     hooks: Option<crate::hooks::Hooks>,
     intake_ca: crate::tls::CaBundle,
+    shared: Watches,
 ) {
     // Lists read from etcd (the default semantic), not the API server's watch cache: after
     // an API server restart a cached list can name a resourceVersion the watch then refuses
@@ -148,26 +150,15 @@ pub async fn run(
     );
     let store = controller.store();
     let (netpol_store, pod_store, rival_store) = (store.clone(), store.clone(), store.clone());
-    let (bans, ban_writer) = reflector::store::<PortSentryBan>();
-    let ban_events = watcher::watcher(
-        Api::<PortSentryBan>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .backoff(WatchBackoff::default())
-    .modify(|ban| ban.managed_fields_mut().clear())
-    .reflect(ban_writer)
-    .touched_objects();
-    // Pods (metadata only): arrivals and label changes change which pods a policy selects,
-    // the departure of an injected pod may leave a skip-specific ConfigMap unused; status
-    // churn (probes, restarts) never drives a reconcile (see `PodTriggers`).
-    let pod_changes = pod_triggers(watcher::watcher(
-        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
-        watcher::Config::default(),
-    ));
-    // Injected pods (full: readiness is status), a flip of a sensor's readiness reconciling
-    // only the policy it was injected for, so `sensorsReady` follows the kubelet's probes.
-    // A second, label-bounded watch rather than the all-pods watch widened to full pods: only
-    // injected pods' status is read, and nothing is stored but one entry per ready sensor.
+    // The shared ban watch: its store for the reconciles, its events for the triggers.
+    let bans = shared.bans.store();
+    let ban_events = shared.bans.subscribe().await.touched_objects();
+    // Pods (of the shared, trimmed pod watch): arrivals and label changes change which pods
+    // a policy selects, the departure of an injected pod may leave a skip-specific ConfigMap
+    // unused; status churn (probes, restarts) never drives a reconcile (see `PodTriggers`).
+    let pod_changes = pod_triggers(shared.pods.subscribe().await.map_ok(metadata_event));
+    // A flip of an injected pod's sensor readiness reconciles only the policy it was
+    // injected for, so `sensorsReady` follows the kubelet's probes.
     // NetworkPolicies: any change may make a policy's generated objects widen (or stop
     // widening) access, so each re-evaluates the policies of its namespace; the store is
     // what the reconcile's never-widen check reads.
@@ -180,13 +171,9 @@ pub async fn run(
     .modify(|np| np.managed_fields_mut().clear())
     .reflect(netpol_writer)
     .touched_objects();
-    let readiness_changes = readiness_triggers(
-        watcher::watcher(
-            Api::<Pod>::all(client.clone()),
-            watcher::Config::default().labels(labels::INJECTED_PODS),
-        )
-        .modify(status::sensor_view),
-    );
+    let readiness_changes = readiness_triggers(crate::shared::injected_events(
+        shared.pods.subscribe().await,
+    ));
     // A new intake CA bundle (a rotated --report-ca-file) re-renders every sensor ConfigMap.
     let ca_changes = crate::tls::ca_changes(intake_ca.clone());
     let context = Arc::new(Context {
@@ -240,10 +227,76 @@ async fn reconcile(policy: Arc<PortSentryPolicy>, context: Arc<Context>) -> Resu
     let result = reconcile_policy(&policy, &context, &key)
         .instrument(info_span!("reconcile", policy = %key))
         .await;
+    if let Err(error) = &result {
+        let api = Api::<PortSentryPolicy>::namespaced(
+            context.client.clone(),
+            &policy.namespace().unwrap_or_default(),
+        );
+        let previous = policy.status.as_ref();
+        report_failure(&api, &context.recorder, policy.as_ref(), previous, error).await;
+    }
     context.metrics.reconciled(CONTROLLER, started.elapsed());
     forget_deleted_policies(&context);
     result
 }
+
+/// Tells the owner of `policy` that its reconcile failed: `Ready=False` with the error's
+/// reason and message (the rest of its status as the last reconcile wrote it), and a Warning
+/// Event when that changes what `Ready` said. Failing to say so is logged: the reconcile is
+/// retried either way.
+pub async fn report_failure<K>(
+    api: &Api<K>,
+    recorder: &Recorder,
+    policy: &K,
+    previous: Option<&PolicyStatus>,
+    error: &Error,
+) where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let message = error.to_string();
+    let failed = status::failed_status(
+        previous,
+        error.reason(),
+        message.clone(),
+        policy.meta().generation,
+        Timestamp::now(),
+    );
+    let changed = failed
+        .conditions
+        .iter()
+        .find(|c| c.type_ == status::READY)
+        .is_some_and(|ready| {
+            status::differs(
+                previous
+                    .map(|s| s.conditions.as_slice())
+                    .unwrap_or_default(),
+                ready,
+            )
+        });
+    let name = policy.meta().name.clone().unwrap_or_default();
+    let apply = StatusApply::of::<K>(failed);
+    if let Err(error) = api
+        .patch_status(&name, &field_manager(), &Patch::Apply(&apply))
+        .await
+    {
+        warn!(%error, "could not write Ready=False");
+    }
+    if changed {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: error.reason().to_owned(),
+            note: Some(message.chars().take(MAX_EVENT_NOTE).collect()),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        if let Err(error) = recorder.publish(&event, &policy.object_ref(&())).await {
+            warn!(%error, "could not publish event");
+        }
+    }
+}
+
+/// Longest Event note the API server accepts (events.k8s.io/v1: 1 KiB).
+const MAX_EVENT_NOTE: usize = 1024;
 
 fn error_policy(policy: Arc<PortSentryPolicy>, error: &Error, context: Arc<Context>) -> Action {
     warn!(policy = %policy.name_any(), %error, "reconcile failed");
@@ -281,7 +334,7 @@ async fn reconcile_policy(
             .bans
             .wait_until_ready()
             .await
-            .map_err(|_| Error::Config("the ban watch stopped".into()))?;
+            .map_err(|_| Error::WatchStopped("PortSentryBan"))?;
     }
     let selector = Selector::try_from(policy.spec.pod_selector.clone())
         .map_err(|e| Error::InvalidSelector(e.to_string()))?;
@@ -302,7 +355,7 @@ async fn reconcile_policy(
             .network_policies
             .wait_until_ready()
             .await
-            .map_err(|_| Error::Config("the NetworkPolicy watch stopped".into()))?;
+            .map_err(|_| Error::WatchStopped("NetworkPolicy"))?;
     }
     let network_policies: Vec<NetworkPolicy> = context
         .network_policies
@@ -358,13 +411,22 @@ async fn reconcile_policy(
         let object_name = object.metadata.name.clone().unwrap_or_default();
         netpol_api
             .patch(&object_name, &field_manager(), &Patch::Apply(object))
-            .await?;
+            .await
+            .map_err(Error::write(
+                "NetworkPolicy",
+                format!("{namespace}/{object_name}"),
+            ))?;
     }
     for stale in &plan.delete {
         match netpol_api.delete(stale, &DeleteParams::default()).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(error) => return Err(error.into()),
+            Err(error) => {
+                return Err(Error::write(
+                    "NetworkPolicy",
+                    format!("{namespace}/{stale}"),
+                )(error));
+            }
         }
     }
     // The sensors' ConfigMaps: injected pods carry this policy's annotation and were
@@ -382,7 +444,11 @@ async fn reconcile_policy(
                 &field_manager(),
                 &Patch::Apply(config_map),
             )
-            .await?;
+            .await
+            .map_err(Error::write(
+                "ConfigMap",
+                format!("{namespace}/{config_map_name}"),
+            ))?;
     }
     delete_stale_config_maps(&config_map_api, policy, &wanted_config_maps).await?;
     let wrote = !plan.apply.is_empty() || !plan.delete.is_empty();
@@ -420,7 +486,8 @@ async fn reconcile_policy(
             &field_manager(),
             &Patch::Apply(&plan.status),
         )
-        .await?;
+        .await
+        .map_err(Error::write("PortSentryPolicy status", key))?;
     if let Some(enforced) = plan.enforced_changed {
         let (kind, reason) = if enforced {
             (EventType::Normal, "Enforced")
@@ -471,7 +538,7 @@ async fn delete_stale_config_maps(
         match api.delete(&name, &params).await {
             Ok(_) => info!(config_map = %name, "stale sensor ConfigMap deleted"),
             Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
-            Err(error) => return Err(error.into()),
+            Err(error) => return Err(Error::write("ConfigMap", name)(error)),
         }
     }
     Ok(())
@@ -506,18 +573,14 @@ async fn write_ban_statuses(
 ) -> Result<()> {
     stream::iter(writes)
         .map(|(name, condition)| async move {
-            let patch = serde_json::json!({
-                "apiVersion": PortSentryBan::api_version(&()),
-                "kind": PortSentryBan::kind(&()),
-                "status": {"conditions": [condition]},
-            });
+            let apply = StatusApply::of::<PortSentryBan>(status::ban_status(condition));
             match api
-                .patch_status(&name, &field_manager(), &Patch::Apply(&patch))
+                .patch_status(&name, &field_manager(), &Patch::Apply(&apply))
                 .await
             {
                 Ok(_) => Ok(()),
                 Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-                Err(error) => Err(Error::from(error)),
+                Err(error) => Err(Error::write("PortSentryBan status", name)(error)),
             }
         })
         .buffer_unordered(BAN_STATUS_CONCURRENCY)

@@ -8,15 +8,14 @@ use k8s_openapi::{
     api::networking::v1::NetworkPolicy, apimachinery::pkg::apis::meta::v1::Condition,
 };
 use kube::{Resource, ResourceExt};
-use portsentry_crds::{Backend, PolicyKind, PortSentryBan, PortSentryPolicy};
-use serde_json::Value;
+use portsentry_crds::{Backend, PolicyKind, PolicyStatus, PortSentryBan, PortSentryPolicy};
 
 use crate::{
     Error, Result,
     enforce::bans::{self, Guards},
     enforce::netpol,
     enforce::prefixes::BannedPrefixes,
-    policy::status::{self, Enforcement},
+    policy::status::{self, Enforcement, StatusApply},
     policy::widen,
 };
 
@@ -57,7 +56,7 @@ pub struct Plan {
     pub active_bans: usize,
     pub conditions: Vec<Condition>,
     /// Server-side apply body of the policy's status.
-    pub status: Value,
+    pub status: StatusApply<PolicyStatus>,
     /// Bans whose `Enforced` condition changes: (name, new condition).
     pub ban_conditions: Vec<(String, Condition)>,
     /// `Some(now enforced)` when the policy's Enforced condition flips (or is first set).
@@ -193,14 +192,12 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
         generation,
         now,
     );
-    let status = status::policy_status_patch(
-        &PortSentryPolicy::api_version(&()),
-        &PortSentryPolicy::kind(&()),
-        &conditions,
+    let status = StatusApply::of::<PortSentryPolicy>(status::policy_status(
+        conditions.clone(),
         active.len(),
         observed.sensors,
         generation,
-    );
+    ));
 
     let enforced = enforcement.is_safe();
     let ban_conditions = status::ban_condition_changes(
@@ -516,7 +513,7 @@ mod tests {
             ready: 2,
         };
         let plan = world.plan(T0);
-        assert_eq!(plan.status["status"]["sensorsInjected"], 3);
-        assert_eq!(plan.status["status"]["sensorsReady"], 2);
+        assert_eq!(plan.status.status.sensors_injected, 3);
+        assert_eq!(plan.status.status.sensors_ready, 2);
     }
 }

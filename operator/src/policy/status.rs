@@ -1,18 +1,16 @@
 //! Status as users read it: the `Ready`, `Enforced` and `BanCapReached` conditions of a
-//! policy and the `Enforced` condition of a ban, kept stable so unchanged state writes nothing;
-//! and the policy's sensor counts (`sensorsInjected`, `sensorsReady`) read from its pods.
-
-use std::collections::BTreeMap;
+//! policy (`Ready=False` with the error's reason when a reconcile fails) and the `Enforced`
+//! condition of a ban, kept stable so unchanged state writes nothing; the policy's sensor
+//! counts (`sensorsInjected`, `sensorsReady`) read from its pods; the typed apply bodies.
 
 use jiff::Timestamp;
 use k8s_openapi::{
-    api::core::v1::{ContainerStatus, Pod, PodStatus},
-    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time},
+    api::core::v1::Pod,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
 };
-use serde_json::{Value, json};
-
-use kube::ResourceExt;
-use portsentry_crds::PortSentryBan;
+use kube::{Resource, ResourceExt};
+use portsentry_crds::{BanStatus, PolicyStatus, PortSentryBan};
+use serde::Serialize;
 
 use crate::{enforce::bans::Protection, inject, labels, policy::widen};
 
@@ -143,26 +141,79 @@ pub fn policy_conditions(
     ]
 }
 
-/// Server-side apply body for a policy's status: only the fields this operator owns.
-pub fn policy_status_patch(
-    api_version: &str,
-    kind: &str,
-    conditions: &[Condition],
+/// The server-side apply body of a `K`'s status: its `apiVersion`, `kind` and the status
+/// fields this operator owns, nothing of its spec or metadata.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusApply<S> {
+    pub api_version: String,
+    pub kind: String,
+    pub status: S,
+}
+
+impl<S> StatusApply<S> {
+    /// The apply body of `status` for an object of kind `K`.
+    pub fn of<K: Resource<DynamicType = ()>>(status: S) -> Self {
+        Self {
+            api_version: K::api_version(&()).into_owned(),
+            kind: K::kind(&()).into_owned(),
+            status,
+        }
+    }
+}
+
+/// A policy's status after a reconcile: only the fields this operator owns (the webhook's
+/// `skippedDecoys` is left out, so the apply neither claims nor clears it).
+pub fn policy_status(
+    conditions: Vec<Condition>,
     active_bans: usize,
     sensors: SensorCount,
     generation: Option<i64>,
-) -> Value {
-    json!({
-        "apiVersion": api_version,
-        "kind": kind,
-        "status": {
-            "observedGeneration": generation,
-            "conditions": conditions,
-            "activeBans": active_bans,
-            "sensorsInjected": sensors.injected,
-            "sensorsReady": sensors.ready,
-        }
-    })
+) -> PolicyStatus {
+    PolicyStatus {
+        observed_generation: generation,
+        conditions,
+        sensors_injected: sensors.injected,
+        sensors_ready: sensors.ready,
+        active_bans: u32::try_from(active_bans).unwrap_or(u32::MAX),
+        skipped_decoys: Vec::new(),
+    }
+}
+
+/// A policy's status after a failed reconcile: what it said before (the last reconcile's
+/// counts and `Enforced`, still true of what was written), with `Ready=False`, `reason` (a
+/// fixed word, [`crate::Error::reason`]) and `message` (the error, saying what to do).
+pub fn failed_status(
+    previous: Option<&PolicyStatus>,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> PolicyStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    status.skipped_decoys = Vec::new();
+    let ready = condition(
+        &status.conditions,
+        READY,
+        false,
+        reason,
+        message.chars().take(MAX_MESSAGE).collect(),
+        generation,
+        now,
+    );
+    status.conditions.retain(|c| c.type_ != READY);
+    status.conditions.insert(0, ready);
+    status
+}
+
+/// Longest condition message written (the API allows 32768; a user reads the first lines).
+const MAX_MESSAGE: usize = 1024;
+
+/// The status of a ban: its one `Enforced` condition.
+pub fn ban_status(enforced: Condition) -> BanStatus {
+    BanStatus {
+        conditions: vec![enforced],
+    }
 }
 
 /// A policy's sensors as its status counts them.
@@ -221,56 +272,6 @@ pub fn count_sensors<'a>(pods: impl IntoIterator<Item = &'a Pod>, reference: &st
             injected: count.injected.saturating_add(1),
             ready: count.ready.saturating_add(u32::from(sensor_ready(pod))),
         })
-}
-
-/// Trims an injected pod, in place, to what the sensor counts and the pod triggers read: its
-/// name, namespace, uid, resourceVersion and deletionTimestamp, its sensor annotations, its
-/// phase and its sidecar's name, `ready` and `started`. What a store of injected pods then
-/// holds per pod is a few hundred bytes, whatever the pod's spec and other containers.
-pub fn sensor_view(pod: &mut Pod) {
-    let meta = std::mem::take(&mut pod.metadata);
-    let annotations: BTreeMap<String, String> = meta
-        .annotations
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(key, _)| {
-            [
-                labels::INJECTED_ANNOTATION,
-                labels::CONFIG_MAP_ANNOTATION,
-                labels::SKIPPED_ANNOTATION,
-            ]
-            .contains(&key.as_str())
-        })
-        .collect();
-    pod.metadata = ObjectMeta {
-        name: meta.name,
-        namespace: meta.namespace,
-        uid: meta.uid,
-        resource_version: meta.resource_version,
-        deletion_timestamp: meta.deletion_timestamp,
-        annotations: (!annotations.is_empty()).then_some(annotations),
-        ..ObjectMeta::default()
-    };
-    pod.spec = None;
-    pod.status = pod.status.take().map(|status| {
-        let sidecar: Vec<ContainerStatus> = status
-            .init_container_statuses
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|c| c.name == inject::SIDECAR_NAME)
-            .map(|c| ContainerStatus {
-                name: c.name,
-                ready: c.ready,
-                started: c.started,
-                ..ContainerStatus::default()
-            })
-            .collect();
-        PodStatus {
-            phase: status.phase,
-            init_container_statuses: (!sidecar.is_empty()).then_some(sidecar),
-            ..PodStatus::default()
-        }
-    });
 }
 
 /// Whether one ban drops traffic.
@@ -342,6 +343,9 @@ pub fn ban_condition_changes<'a>(
 
 #[cfg(test)]
 mod tests {
+    use portsentry_crds::PortSentryPolicy;
+    use serde_json::json;
+
     use super::*;
 
     fn at(s: i64) -> Timestamp {
@@ -438,14 +442,13 @@ mod tests {
     #[test]
     fn status_patch_carries_only_owned_fields() {
         let c = policy_conditions(&[], &Enforcement::NothingToEnforce, 0, 10, Some(1), at(100));
-        let patch = policy_status_patch(
-            "portsentry.io/v1alpha1",
-            "PortSentryPolicy",
-            &c,
+        let apply = StatusApply::of::<PortSentryPolicy>(policy_status(
+            c,
             0,
             SensorCount::default(),
             Some(1),
-        );
+        ));
+        let patch = serde_json::to_value(&apply).unwrap();
         let status = patch["status"].as_object().unwrap();
         let mut keys: Vec<&str> = status.keys().map(String::as_str).collect();
         keys.sort();
@@ -460,6 +463,89 @@ mod tests {
             ]
         );
         assert_eq!(patch["kind"], "PortSentryPolicy");
+    }
+
+    fn reconciled(generation: i64) -> PolicyStatus {
+        let applied = Enforcement::Applied {
+            objects: 1,
+            prefixes: 2,
+        };
+        let c = policy_conditions(&[], &applied, 2, 10, Some(generation), at(100));
+        policy_status(
+            c,
+            2,
+            SensorCount {
+                injected: 3,
+                ready: 3,
+            },
+            Some(generation),
+        )
+    }
+
+    #[test]
+    fn a_failed_reconcile_is_ready_false_with_the_errors_reason_and_message() {
+        let failed = failed_status(
+            Some(&reconciled(1)),
+            "WriteRejected",
+            "could not write NetworkPolicy shop/portsentry-web-0: exceeded quota".into(),
+            Some(2),
+            at(200),
+        );
+        let ready = find(&failed.conditions, READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "WriteRejected")
+        );
+        assert!(ready.message.contains("exceeded quota"));
+        assert_eq!(ready.observed_generation, Some(2));
+        assert_eq!(ready.last_transition_time, Time(at(200)));
+    }
+
+    #[test]
+    fn a_failed_reconcile_keeps_what_the_last_one_wrote() {
+        let before = reconciled(1);
+        let failed = failed_status(
+            Some(&before),
+            "KubernetesApiError",
+            "x".into(),
+            Some(1),
+            at(200),
+        );
+        assert_eq!(failed.conditions.len(), 3);
+        assert_eq!(
+            find(&failed.conditions, ENFORCED),
+            find(&before.conditions, ENFORCED)
+        );
+        assert_eq!(
+            (failed.active_bans, failed.sensors_ready),
+            (before.active_bans, before.sensors_ready)
+        );
+    }
+
+    #[test]
+    fn a_policy_failing_before_its_first_status_gets_ready_false_alone() {
+        let failed = failed_status(None, "InvalidSelector", "bad".into(), Some(1), at(100));
+        assert_eq!(failed.conditions.len(), 1);
+        assert_eq!(failed.conditions[0].type_, READY);
+    }
+
+    #[test]
+    fn a_long_error_is_cut_in_the_condition_message() {
+        let failed = failed_status(None, "WriteRejected", "x".repeat(40_000), None, at(100));
+        assert_eq!(failed.conditions[0].message.chars().count(), MAX_MESSAGE);
+    }
+
+    #[test]
+    fn a_ban_status_apply_carries_its_kind_and_only_the_condition() {
+        let c = ban_condition(&[], BanEnforcement::Enforced, at(100));
+        let apply = StatusApply::of::<PortSentryBan>(ban_status(c));
+        let patch = serde_json::to_value(&apply).unwrap();
+        assert_eq!(
+            (patch["apiVersion"].as_str(), patch["kind"].as_str()),
+            (Some("portsentry.io/v1alpha1"), Some("PortSentryBan"))
+        );
+        assert_eq!(patch["status"]["conditions"][0]["type"], ENFORCED);
+        assert_eq!(patch.as_object().unwrap().len(), 3);
     }
 
     #[test]
@@ -566,31 +652,5 @@ mod tests {
                 ready: 1
             }
         );
-    }
-
-    #[test]
-    fn the_sensor_view_of_a_pod_keeps_what_counting_reads_and_drops_the_rest() {
-        let mut pod = injected_pod(
-            WEB,
-            &[("init-db", true, true), (inject::SIDECAR_NAME, true, true)],
-            "Running",
-        );
-        pod.metadata.annotations.as_mut().unwrap().insert(
-            "kubectl.kubernetes.io/last-applied-configuration".into(),
-            "{}".into(),
-        );
-        pod.metadata.labels = Some([("app".to_owned(), "web".to_owned())].into());
-        pod.spec = Some(Default::default());
-        let before = count_sensors([&pod], WEB);
-        sensor_view(&mut pod);
-        assert_eq!(count_sensors([&pod], WEB), before);
-        assert_eq!(
-            pod.annotations().keys().collect::<Vec<_>>(),
-            [labels::INJECTED_ANNOTATION]
-        );
-        assert!(pod.metadata.labels.is_none() && pod.spec.is_none());
-        let statuses = pod.status.unwrap().init_container_statuses.unwrap();
-        assert_eq!(statuses.len(), 1);
-        assert_eq!(statuses[0].image, "");
     }
 }
