@@ -257,7 +257,7 @@ async fn start(
             reporter: reporter.clone(),
             hooks: Some(hooks.clone()),
         },
-        bans.store(),
+        &bans,
     );
     tasks.spawn_infallible("ban watch", ban_watch);
     let serve_intake = intake::server::run(args.report_addr, tls.config, intake, readiness);
