@@ -28,8 +28,9 @@ pub const MAX_EVIDENCE: usize = 32;
     printcolumn = r#"{"name":"Source","type":"string","jsonPath":".spec.source"}"#,
     printcolumn = r#"{"name":"Policy","type":"string","jsonPath":".spec.policy.name"}"#,
     printcolumn = r#"{"name":"Offences","type":"integer","jsonPath":".spec.offences"}"#,
-    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".spec.expiresAt"}"#,
-    printcolumn = r#"{"name":"Enforced","type":"string","jsonPath":".status.conditions[?(@.type==\"Enforced\")].status"}"#
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".spec.expiresAt"}"#,
+    printcolumn = r#"{"name":"Enforced","type":"string","jsonPath":".status.conditions[?(@.type==\"Enforced\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Enforced\")].reason"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PortSentryBanSpec {

@@ -72,7 +72,7 @@ impl Metrics {
         let bans_active =
             IntGauge::new("bans_active", "PortSentryBans in force, over all policies.")?;
         let bans_expired =
-            IntCounter::new("bans_expired_total", "PortSentryBans removed at expiry.")?;
+            IntCounter::new("bans_expired_total", "PortSentryBans lifted at expiry.")?;
         let policies_not_enforced = IntGauge::new(
             "policies_not_enforced",
             "Policies whose bans cannot be enforced safely (Enforced=False).",

@@ -9,7 +9,7 @@
 //!  Pod (injected ones, ──────┤   nodes::build_*,      │  namespace with a pod injected for the
 //!  trimmed: arrive, leave,   │   inject::cluster_     │  policy; delete the ones no pod needs
 //!  sensor readiness flips)   │                        │
-//!  PortSentryBan ────────────┘   sensor_config_maps,  ├─ delete expired bans of the policy
+//!  PortSentryBan ────────────┘   sensor_config_maps,  ├─ delete forgotten bans of the policy
 //!  (operator namespace)          plan (pure)          ├─ status: Ready, Enforced, BanCapReached,
 //!                                                     │  sensorsInjected/Ready, activeBans
 //!                                                     └─ requeue at the next ban expiry
@@ -319,8 +319,11 @@ async fn reconcile_policy(
     // Apply and report.
     let removed = delete_expired(&ban_api, &plan.expired).await;
     if removed > 0 {
-        context.metrics.bans_expired(removed);
-        info!(removed, "expired cluster bans removed");
+        info!(removed, "expired cluster bans no longer remembered removed");
+    }
+    if !plan.lifted.is_empty() {
+        context.metrics.bans_expired(plan.lifted.len());
+        info!(lifted = plan.lifted.len(), "cluster bans expired");
     }
     Api::<ClusterPortSentryPolicy>::all(client.clone())
         .patch_status(&name, &field_manager(), &Patch::Apply(&plan.status))

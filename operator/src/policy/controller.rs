@@ -2,7 +2,7 @@
 //! selected pods, asks the pure core (`plan`) what to do, then applies it and writes status.
 //!
 //! ```text
-//!  PortSentryBan ──────┐                      ┌─ delete expired bans
+//!  PortSentryBan ──────┐                      ┌─ delete forgotten bans
 //!  NetworkPolicy ──────┤                      ├─ apply / delete generated NetworkPolicies (SSA)
 //!  Pod ────────────────┤                      ├─ policy status: Ready, Enforced, BanCapReached,
 //!  Pod (injected: its ─┼─▶ reconcile(policy) ─┤  sensorsInjected/Ready
@@ -382,12 +382,15 @@ async fn reconcile_policy(
     })?;
 
     // Apply.
-    let removed_bans = delete_expired(&ban_api, &plan.expired).await;
-    let removed = removed_bans.len();
+    let removed = delete_expired(&ban_api, &plan.expired).await.len();
+    if removed > 0 {
+        info!(removed, "expired bans no longer remembered removed");
+    }
+    let lifted = plan.lifted.len();
     if let Some(hooks) = &context.hooks
         && !policy.spec.rules.response.webhooks.is_empty()
     {
-        for ban in &removed_bans {
+        for ban in &plan.lifted {
             let body = crate::hooks::payload(
                 crate::hooks::Kind::Expiry,
                 &namespace,
@@ -397,10 +400,10 @@ async fn reconcile_policy(
             hooks.notify(&policy.spec.rules.response.webhooks, &body);
         }
     }
-    if removed > 0 {
-        context.metrics.bans_expired(removed);
-        info!(removed, "expired bans removed");
-        let note = format!("{removed} bans expired and were removed");
+    if lifted > 0 {
+        context.metrics.bans_expired(lifted);
+        info!(lifted, "bans expired");
+        let note = format!("{lifted} bans expired and were lifted");
         publish(context, policy, EventType::Normal, "BansExpired", note).await;
     }
     let started = Instant::now();
