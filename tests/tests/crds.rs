@@ -416,3 +416,7 @@ rule!(ipv4_mapped_ban_source_is_refused_as_not_an_address, Kind::Ban,
 rule!(narrow_ipv4_mapped_ban_source_is_refused_as_not_an_address, Kind::Ban,
     bad: ["/source" => "::ffff:203.0.113.0/120"], good: ["/source" => "203.0.113.0/24"],
     field: "spec.source", says: ADDRESS_MESSAGE);
+rule!(webhook_timeout_above_30s_is_refused, Kind::Policy,
+    bad: ["/response/webhooks" => [{"url": "https://alerts.example.com/ps", "timeout": "31s"}]],
+    good: ["/response/webhooks" => [{"url": "https://alerts.example.com/ps", "timeout": "30s"}]],
+    field: "spec.response.webhooks[0].timeout", says: "must be at most 30s");

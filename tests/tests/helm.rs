@@ -1363,8 +1363,20 @@ async fn the_real_operator_binary_accepts_the_charts_arguments_and_environment()
     let mut helm = plane.helm().unwrap();
     helm.args(["template", "env"])
         .arg(chart())
-        .args(["-n", "portsentry-env"]);
+        .args(["-n", "portsentry-env"])
+        .args([
+            "--set",
+            "operator.hooks.allowCidrs={127.0.0.1/32,fd00::/64}",
+        ])
+        .args(["--set", "operator.hooks.clusterCidrs={10.244.0.0/16}"]);
     let rendered = String::from_utf8(run(helm).stdout).unwrap();
+    for flag in [
+        "--hook-allow-cidr=127.0.0.1/32",
+        "--hook-allow-cidr=fd00::/64",
+        "--hook-deny-cidr=10.244.0.0/16",
+    ] {
+        assert!(rendered.contains(flag), "{flag} missing");
+    }
     let deployment = portsentry_tests::parse_documents(&rendered)
         .unwrap()
         .into_iter()
