@@ -647,7 +647,7 @@ mod tests {
             config,
             None,
             Arc::new(Alerts::stderr()),
-            Arc::new(Metrics::new(&[], &[]).expect("metrics")),
+            Arc::new(Metrics::new().expect("metrics")),
         )
         .expect("responder")
     }
