@@ -32,6 +32,7 @@ pub struct Metrics {
     detections: IntCounterVec,
     bans_added: IntCounter,
     hook_deliveries: IntCounterVec,
+    hook_refusals: IntCounterVec,
     injection_failures: IntCounterVec,
     report_to_enforcement: Histogram,
     /// Bans written on a report, awaiting their NetworkPolicy write: (policy, ban) → received.
@@ -121,6 +122,13 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let hook_refusals = IntCounterVec::new(
+            Opts::new(
+                "hook_refusals_total",
+                "Alert hook deliveries refused because the target resolves to a forbidden address, by reason (loopback, metadata, link_local, unspecified, multicast, cluster_range, unresolved).",
+            ),
+            &["reason"],
+        )?;
         let injection_failures = IntCounterVec::new(
             Opts::new(
                 "injection_failures_total",
@@ -130,6 +138,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(injection_failures.clone()))?;
         registry.register(Box::new(hook_deliveries.clone()))?;
+        registry.register(Box::new(hook_refusals.clone()))?;
         registry.register(Box::new(reports_accepted.clone()))?;
         registry.register(Box::new(reports_refused.clone()))?;
         registry.register(Box::new(detections.clone()))?;
@@ -155,6 +164,7 @@ impl Metrics {
             detections,
             bans_added,
             hook_deliveries,
+            hook_refusals,
             injection_failures,
             report_to_enforcement,
             pending: Mutex::new(HashMap::new()),
@@ -181,9 +191,15 @@ impl Metrics {
         }
     }
 
-    /// Counts an alert hook delivery: `delivered`, `failed` or `dropped` (queue full).
+    /// Counts an alert hook delivery: `delivered`, `failed`, `refused` (forbidden target) or
+    /// `dropped` (queue full).
     pub fn hook_delivery(&self, result: &'static str) {
         self.hook_deliveries.with_label_values(&[result]).inc();
+    }
+
+    /// Counts a hook target refused for `reason` (`hooks::targets::Refusal::as_str`).
+    pub fn hook_refused(&self, reason: &'static str) {
+        self.hook_refusals.with_label_values(&[reason]).inc();
     }
 
     /// Counts a pod admitted without its sensor; `reason` is a fixed word

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod nft;
 pub mod packet;
+pub mod record_file;
 pub mod reload;
 pub mod report;
 pub mod respond;

@@ -534,10 +534,11 @@ pub async fn run(options: Options) -> Result<()> {
         ports.dedup();
         ports
     };
-    let metrics = Arc::new(Metrics::new(
-        &ports_of(Protocol::Tcp),
-        &ports_of(Protocol::Udp),
-    )?);
+    let metrics = Arc::new(if config.metrics_per_port {
+        Metrics::per_port(&ports_of(Protocol::Tcp), &ports_of(Protocol::Udp))?
+    } else {
+        Metrics::new()?
+    });
     if let Some(addr) = metrics_addr {
         metrics::serve(addr, metrics.clone()).await?;
     }

@@ -9,6 +9,10 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -935,10 +939,11 @@ async fn alert_hooks_get_each_ban_and_expiry_and_a_dead_hook_never_delays_enforc
         .await
         .unwrap();
     let mut settings = OperatorSettings::new("lease-alert-hooks");
-    settings.extra_args = vec![format!(
-        "--hook-ca-file={}",
-        plane.dir().join("ca.crt").display()
-    )];
+    settings.extra_args = vec![
+        format!("--hook-ca-file={}", plane.dir().join("ca.crt").display()),
+        // The test's hooks listen on loopback, which hooks may not target by default.
+        "--hook-allow-cidr=127.0.0.1/32".to_owned(),
+    ];
     let operator = Operator::start(plane, settings).await.unwrap();
     let token = plane
         .token_for_pod(namespace, "default", "web-0", PORTSENTRY_AUDIENCE)
@@ -1004,6 +1009,91 @@ async fn alert_hooks_get_each_ban_and_expiry_and_a_dead_hook_never_delays_enforc
             >= 2.0
     );
     silent.abort();
+}
+
+#[tokio::test]
+async fn a_hook_aimed_at_loopback_is_refused_with_an_event_while_an_allowed_hook_is_delivered() {
+    let plane = control_plane().await.unwrap();
+    let namespace = "hostile-hooks";
+    let live = portsentry_tests::HttpServer::start(None, |_| (200, b"{}".to_vec()))
+        .await
+        .unwrap();
+    // A real listener on 127.0.0.2 (loopback, not allowed): it must never see a connection.
+    let forbidden = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let forbidden_url = format!("http://{}/steal", forbidden.local_addr().unwrap());
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = reached.clone();
+    let watcher = tokio::spawn(async move {
+        while forbidden.accept().await.is_ok() {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let response = json!({
+        "banDuration": "1h",
+        "webhooks": [{"url": forbidden_url, "timeout": "2s"}, {"url": live.url("/hook"), "timeout": "2s"}],
+    });
+    namespace_with_policy_responding(plane, namespace, response, &[])
+        .await
+        .unwrap();
+    let mut settings = OperatorSettings::new("lease-hostile-hooks");
+    settings.extra_args = vec!["--hook-allow-cidr=127.0.0.1/32".to_owned()];
+    let operator = Operator::start(plane, settings).await.unwrap();
+    let token = plane
+        .token_for_pod(namespace, "default", "web-0", PORTSENTRY_AUDIENCE)
+        .await
+        .unwrap();
+    let (status, body) = post_report(
+        &operator.report_url,
+        &operator.ca_pem,
+        Some(&token),
+        &report(&["203.0.113.60".into()]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    let wait = Duration::from_secs(30);
+    wait_for(wait, "the allowed hook to get the ban", || {
+        let requests = live.requests();
+        async move {
+            Ok(requests
+                .iter()
+                .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+                .any(|b| b["event"] == "ban" && b["source"] == "203.0.113.60"))
+        }
+    })
+    .await
+    .unwrap();
+    let events =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(plane.client().unwrap(), namespace);
+    wait_for(wait, "a HookRefused Event on policy web", || {
+        let events = events.clone();
+        async move {
+            Ok(events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("HookRefused")
+                        && e.regarding.as_ref().and_then(|r| r.kind.as_deref())
+                            == Some("PortSentryPolicy")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web")
+                        && e.note.as_deref().is_some_and(|n| n.contains("loopback"))
+                }))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        operator
+            .metric(r#"portsentry_operator_hook_refusals_total{reason="loopback"}"#)
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    assert_eq!(reached.load(Ordering::SeqCst), 0);
+    watcher.abort();
 }
 
 #[tokio::test]
