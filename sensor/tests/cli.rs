@@ -38,6 +38,48 @@ fn check_explains_the_fixtures_traps_and_succeeds() {
 }
 
 #[test]
+fn check_names_the_differences_from_1_2_that_apply_with_the_key_restoring_each() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("migrated.conf");
+    std::fs::write(
+        &path,
+        "TCP_PORTS=\"1,11\"\nUDP_PORTS=\"1,11\"\nBLOCK_TCP=\"1\"\nBLOCK_UDP=\"1\"\n\
+         KILL_ROUTE=\"/usr/sbin/nft add element inet filter banned { $TARGET$ }\"\n",
+    )
+    .expect("write");
+    let (code, out, _) = run(&["check", "--config", &path.display().to_string()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("Differs from PortSentry 1.2 (Unverified evidence)")
+            && out.contains("BAN_UNVERIFIED=\"1\" restores 1.2's"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Differs from PortSentry 1.2 (Own addresses)"),
+        "{out}"
+    );
+    assert!(!out.contains("(Timed bans)"), "{out}");
+}
+
+#[test]
+fn check_says_kill_route_only_blocking_is_as_slow_as_1_2_and_points_to_nft_ban() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("kill-route.conf");
+    std::fs::write(
+        &path,
+        "TCP_PORTS=\"1,11\"\nBLOCK_TCP=\"1\"\nKILL_ROUTE=\"/sbin/iptables -I INPUT -s $TARGET$ -j DROP\"\n",
+    )
+    .expect("write");
+    let (code, out, _) = run(&["check", "--config", &path.display().to_string()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("WARNING: Blocks only through KILL_ROUTE/KILL_RUN_CMD")
+            && out.contains("NFT_BAN=\"1\" bans from the sensor itself"),
+        "{out}"
+    );
+}
+
+#[test]
 fn check_passes_the_shipped_example() {
     let (code, out, _) = run(&["check", "--config", EXAMPLE]);
     assert_eq!(code, 0, "{out}");
