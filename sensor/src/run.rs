@@ -139,8 +139,11 @@ impl HitSink for Core {
                 false
             }
             Verdict::AlreadyBanned => {
-                // Logged by the respond task; 1.2 shows such a host the banner too.
-                if self.alarms.try_send(Job::AlreadyBlocked(hit)).is_err() {
+                // Logged by the respond task; 1.2 shows such a host the banner too. These
+                // lines never take more than half the queue, so they cannot crowd out alarms.
+                if self.alarms.capacity() <= ALARM_QUEUE / 2
+                    || self.alarms.try_send(Job::AlreadyBlocked(hit)).is_err()
+                {
                     self.metrics.alarm_dropped();
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                 }
@@ -241,8 +244,8 @@ async fn log_already_blocked(core: &Core, hit: Hit, resolve: bool) {
         .source(hit.source)
         .port(hit.protocol, hit.port);
     if !core.engine().is_banned(hit.source) {
-        // The ban under way when this hit came failed since: the next hit tries again.
-        let why = "its ban failed; the next hit tries again";
+        // The ban under way when this hit came failed (or expired) since.
+        let why = "its ban is no longer in force; the next hit is judged afresh";
         core.alerts.emit(&lines::not_banned(&host, why), fields);
         return;
     }
