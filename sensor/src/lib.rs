@@ -6,6 +6,7 @@ pub mod alert;
 pub mod ban_watch;
 pub mod check;
 pub mod config;
+pub mod differences;
 pub mod engine;
 pub mod error;
 pub mod listen;

@@ -270,7 +270,7 @@ fn an_nmap_udp_scan_alarms_but_unverified_evidence_does_not_block() {
     );
     let attacker = net.v4.1.clone();
     net.wait_log(&format!(
-        "attackalert: UDP scan from host: {attacker}/{attacker} to UDP port: "
+        "attackalert: Connect from host: {attacker}/{attacker} to UDP port: "
     ));
     net.wait_log(&format!("attackalert: Host {attacker}/{attacker} not blocked: no completed handshake proves the source"));
     assert_eq!(
