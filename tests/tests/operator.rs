@@ -679,7 +679,15 @@ async fn an_operator_killed_mid_way_and_restarted_loses_and_duplicates_nothing()
 
 #[tokio::test]
 async fn watches_recover_after_an_apiserver_restart() {
-    let (plane, operator) = operator_for("apiserver-restart", &[]).await;
+    let plane = control_plane().await.unwrap();
+    namespace_with_policy(plane, "apiserver-restart", "1h", &["192.0.2.0/24"])
+        .await
+        .unwrap();
+    // The chart's lease (15 s) outlasts the outage; the tests' 3 s lease would not, and a
+    // replica that cannot renew in time steps down by exiting (another replica leads).
+    let mut settings = OperatorSettings::new("lease-apiserver-restart");
+    settings.lease_duration_secs = 15;
+    let operator = Operator::start(plane, settings).await.unwrap();
     plane
         .restart_apiserver(Duration::from_secs(2))
         .await
