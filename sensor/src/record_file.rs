@@ -15,7 +15,7 @@ use std::{
 
 use nix::{errno::Errno, fcntl::OFlag};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Appends `line` and a newline to the `what` file at `path`, creating it.
 pub fn append_line(path: &Path, what: &'static str, line: &str) -> Result<()> {

@@ -82,10 +82,17 @@ pub const ACTION_TIMEOUT: Duration = Duration::from_secs(30);
 pub trait Enforcer: Send + Sync + std::fmt::Debug {
     /// Short name for logs, e.g. the nftables table.
     fn name(&self) -> String;
+    /// Bans at once on the caller's thread (the ban path calls it right after the decision).
     fn ban(&self, address: IpAddr, timeout: Option<Duration>) -> Result<()>;
     fn unban(&self, address: IpAddr) -> Result<()>;
-    /// Makes the enforced state equal to `active` (restores what someone else removed).
-    fn reconcile(&self, active: &[(IpAddr, Option<Duration>)]) -> Result<()>;
+    /// Makes the enforced state equal to `active` (restores what someone else removed), but
+    /// keeps the unlisted bans `keep` names when asked after reading the enforced state: the
+    /// bans started after `active` was chosen.
+    fn reconcile(
+        &self,
+        active: &[(IpAddr, Option<Duration>)],
+        keep: &dyn Fn(IpAddr) -> bool,
+    ) -> Result<()>;
 }
 
 impl Enforcer for crate::nft::NftBans {
@@ -101,8 +108,13 @@ impl Enforcer for crate::nft::NftBans {
         crate::nft::NftBans::unban(self, address).map_err(|e| Error::Enforcer(e.to_string()))
     }
 
-    fn reconcile(&self, active: &[(IpAddr, Option<Duration>)]) -> Result<()> {
-        crate::nft::NftBans::reconcile(self, active).map_err(|e| Error::Enforcer(e.to_string()))
+    fn reconcile(
+        &self,
+        active: &[(IpAddr, Option<Duration>)],
+        keep: &dyn Fn(IpAddr) -> bool,
+    ) -> Result<()> {
+        self.reconcile_keeping(active, keep)
+            .map_err(|e| Error::Enforcer(e.to_string()))
     }
 }
 
@@ -203,7 +215,7 @@ fn native_first(actions: &[Action]) -> bool {
     false
 }
 
-/// The result of a native ban done before the alarm was logged (see [`Responder::ban_early`]),
+/// The result of a native ban done before the alarm was logged (see [`Responder::ban_now`]),
 /// with the actions it was planned by, so that a reload in between cannot split a response.
 #[derive(Debug, Default)]
 pub struct EarlyBan {
@@ -302,11 +314,13 @@ impl Responder {
         actions
     }
 
-    /// Puts the native ban in the kernel at once, before the alarm is logged, the host name
-    /// resolved or any file written, when the plan for `mode` has one and no
-    /// `KILL_RUN_CMD_FIRST` command must run before it. [`Responder::block_after`] reports
-    /// its result in the plan's order.
-    pub async fn ban_early(
+    /// Puts the native ban in the kernel at once, on the calling thread, before the alarm is
+    /// logged, the host name resolved or any file written, when the plan for `mode` has one
+    /// and no `KILL_RUN_CMD_FIRST` command must run before it: no other task or thread is
+    /// woken in front of it (each wake-up can cost milliseconds on a loaded machine). It
+    /// blocks for one netlink transaction (tens of microseconds). [`Responder::block_after`]
+    /// reports its result in the plan's order.
+    pub fn ban_now(
         &self,
         target: IpAddr,
         mode: impl Into<Detection>,
@@ -314,14 +328,13 @@ impl Responder {
         duration: Option<Duration>,
     ) -> EarlyBan {
         let configured = self.actions();
-        if !native_first(&self.plan(&configured, mode.into(), target, port)) {
-            return EarlyBan {
-                result: None,
-                planned_by: Some(configured),
-            };
-        }
+        let result = native_first(&self.plan(&configured, mode.into(), target, port)).then(|| {
+            self.enforcer
+                .as_ref()
+                .map_or(Ok(()), |e| e.ban(target, duration))
+        });
         EarlyBan {
-            result: Some(self.native_ban(target, duration).await),
+            result,
             planned_by: Some(configured),
         }
     }
@@ -338,7 +351,7 @@ impl Responder {
             .await
     }
 
-    /// [`Responder::block`], with the native ban already done by [`Responder::ban_early`].
+    /// [`Responder::block`], with the native ban already done by [`Responder::ban_now`].
     pub async fn block_after(
         &self,
         host: &HostName,
@@ -481,12 +494,17 @@ impl Responder {
         }
     }
 
-    /// Brings the native enforcer in line with `active`, if there is one.
-    pub async fn reconcile(&self, active: Vec<(IpAddr, Option<Duration>)>) -> Result<()> {
+    /// Brings the native enforcer in line with `active`, if there is one, keeping the bans
+    /// `keep` names (see [`Enforcer::reconcile`]).
+    pub async fn reconcile(
+        &self,
+        active: Vec<(IpAddr, Option<Duration>)>,
+        keep: impl Fn(IpAddr) -> bool + Send + 'static,
+    ) -> Result<()> {
         let Some(enforcer) = self.enforcer.clone() else {
             return Ok(());
         };
-        tokio::task::spawn_blocking(move || enforcer.reconcile(&active))
+        tokio::task::spawn_blocking(move || enforcer.reconcile(&active, &keep))
             .await
             .map_err(|e| Error::Enforcer(e.to_string()))?
     }
@@ -695,7 +713,7 @@ mod tests {
         let responder = responder(&config);
         let host = HostName::unresolved(ip("192.0.2.9"));
         // No enforcer: nothing to ban early, block_after runs the plan as block does.
-        let early = responder.ban_early(host.address, Mode::Tcp, 1, None).await;
+        let early = responder.ban_now(host.address, Mode::Tcp, 1, None);
         assert!(!early.done());
         let outcome = responder
             .block_after(&host, Mode::Tcp, 1, None, early)
@@ -794,7 +812,7 @@ mod tests {
         );
         let responder = responder(&before);
         let host = HostName::unresolved(ip("192.0.2.9"));
-        let early = responder.ban_early(host.address, Mode::Tcp, 1, None).await;
+        let early = responder.ban_now(host.address, Mode::Tcp, 1, None);
         responder.retune(&config(dir.path(), "BLOCK_TCP=\"0\"\n"));
         assert_eq!(
             responder

@@ -1,12 +1,17 @@
 //! Host mode wired together: binds the decoys, captures packets for the raw modes, feeds
-//! hits to the engine, runs responses in order on one task, and keeps state fresh.
+//! hits to the engine, bans at once, runs the rest of the responses in order on one task,
+//! and keeps state fresh.
 //!
 //! ```text
-//! listeners ----------+
-//!                     +--hit--> Core (engine; alarm gate) --alarm--> respond task --> Responder
-//! capture thread -----+                   ^                                             |
+//! listeners ----------+                   native ban, on the hit's own thread
+//!                     +--hit--> Core (engine; alarm gate; ban) --alarm--> respond task --> Responder
+//! capture thread -----+                   ^                                               |
 //!      maintenance (1 s): expire, reconcile enforcer, re-read ignore file, metrics, flood summary
 //! ```
+//!
+//! The decision and the native ban are the first things done with a hit, on the thread
+//! that received it (the listener's runtime worker, the capture thread): no channel, task
+//! or thread hand-off in front of the ban, each of which waits for the scheduler.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -29,7 +34,7 @@ use crate::{
     metrics::{self, Metrics},
     packet::{Hit, RawMode, classify},
     reload,
-    respond::{Detection, Enforcer, Outcome, Responder},
+    respond::{Detection, EarlyBan, Enforcer, Outcome, Responder},
     stealth::{self, Capture, DEFAULT_ADVANCED_PORTS, Watch},
 };
 
@@ -40,7 +45,8 @@ const ALARM_QUEUE: usize = 4096;
 /// host whose ban is under way is logged after that ban's lines, as 1.2 logs it).
 #[derive(Debug)]
 enum Job {
-    Alarm(Alarm),
+    /// An alarm, its native ban done already on the hit's thread.
+    Alarm(Box<Queued>),
     /// A hit from a source banned already: its alarm line, then 1.2's "already blocked".
     AlreadyBlocked(Hit),
 }
@@ -82,12 +88,20 @@ pub fn settings(config: &Config) -> Settings {
     }
 }
 
+/// An alarm for the respond task, with the native ban already done on the hit's thread.
+#[derive(Debug)]
+struct Queued {
+    alarm: Alarm,
+    early: EarlyBan,
+}
+
 /// Shared state the listeners report to.
 #[derive(Debug)]
 struct Core {
     engine: Mutex<Engine>,
     origin: Instant,
     metrics: Arc<Metrics>,
+    responder: Arc<Responder>,
     alarms: mpsc::Sender<Job>,
     alerts: Arc<Alerts>,
     gate: Mutex<AlarmGate>,
@@ -121,9 +135,12 @@ impl reload::Retune for Live {
 
 impl HitSink for Core {
     fn hit(&self, hit: Hit) -> bool {
+        let verdict = self.engine().observe(hit, self.now());
+        if let Verdict::Alarm(alarm) = verdict {
+            return self.alarm(alarm);
+        }
         self.metrics.hit(hit.protocol, hit.port);
         self.metrics.probe(hit.kind);
-        let verdict = self.engine().observe(hit, self.now());
         match verdict {
             Verdict::Protected(protection) => {
                 self.metrics.protected(match protection {
@@ -149,31 +166,55 @@ impl HitSink for Core {
                 }
                 true
             }
-            Verdict::Alarm(alarm) => {
-                self.metrics.alarm(hit.protocol);
-                if let Some(report) = &self.report {
-                    report.offer(&alarm);
-                }
-                let admitted = self
-                    .gate
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .admit(&alarm, self.now());
-                if !admitted {
-                    self.engine().abandon(hit.source);
-                    self.metrics.alarm_suppressed();
-                    self.suppressed.fetch_add(1, Ordering::Relaxed);
-                    return false;
-                }
-                if self.alarms.try_send(Job::Alarm(alarm)).is_err() {
-                    self.engine().abandon(hit.source);
-                    self.metrics.alarm_dropped();
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(source = %hit.source, "alarm queue full: alarm dropped, source not banned");
-                }
-                true
+            Verdict::Alarm(alarm) => self.alarm(alarm),
+        }
+    }
+}
+
+impl Core {
+    /// An alarm: admitted, banned at once on this thread (the engine's lock released), then
+    /// queued for logging and the other actions; the bookkeeping comes after the ban.
+    fn alarm(&self, alarm: Alarm) -> bool {
+        let hit = alarm.hit;
+        let admitted = self
+            .gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(&alarm, self.now());
+        let permit = if admitted {
+            self.alarms.try_reserve().ok()
+        } else {
+            None
+        };
+        let early = match (&permit, alarm.outcome) {
+            (Some(_), Ok(plan)) => {
+                self.responder
+                    .ban_now(hit.source, detection(&hit), hit.port, plan.duration)
+            }
+            _ => EarlyBan::default(),
+        };
+        self.metrics.hit(hit.protocol, hit.port);
+        self.metrics.probe(hit.kind);
+        self.metrics.alarm(hit.protocol);
+        if let Some(report) = &self.report {
+            report.offer(&alarm);
+        }
+        if !admitted {
+            self.engine().abandon(hit.source);
+            self.metrics.alarm_suppressed();
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        match permit {
+            Some(permit) => permit.send(Job::Alarm(Box::new(Queued { alarm, early }))),
+            None => {
+                self.engine().abandon(hit.source);
+                self.metrics.alarm_dropped();
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(source = %hit.source, "alarm queue full: alarm dropped, source not banned");
             }
         }
+        true
     }
 }
 
@@ -256,6 +297,14 @@ async fn log_already_blocked(core: &Core, hit: Hit, resolve: bool) {
     core.alerts.emit(&line, fields);
 }
 
+/// `$MODE$` and the blocked file of a hit: the raw mode that captured it, else the connect mode.
+fn detection(hit: &Hit) -> Detection {
+    match hit.captured {
+        Some(captured) => captured.mode.into(),
+        None => mode_of(hit.protocol).into(),
+    }
+}
+
 /// Logs each alarm and carries out its response, one at a time, in arrival order.
 async fn respond_task(
     mut jobs: mpsc::Receiver<Job>,
@@ -263,29 +312,18 @@ async fn respond_task(
     responder: Arc<Responder>,
     resolve: bool,
 ) {
+    // The native ban went in on the hit's thread (Core::alarm): name resolution, log lines
+    // and history files come after it.
     while let Some(job) = jobs.recv().await {
-        let alarm = match job {
-            Job::Alarm(alarm) => alarm,
+        let Queued { alarm, early } = match job {
+            Job::Alarm(queued) => *queued,
             Job::AlreadyBlocked(hit) => {
                 log_already_blocked(&core, hit, resolve).await;
                 continue;
             }
         };
         let hit = alarm.hit;
-        // `$MODE$` and the blocked file: the raw mode that captured it, else the connect mode.
-        let mode: Detection = match hit.captured {
-            Some(captured) => captured.mode.into(),
-            None => mode_of(hit.protocol).into(),
-        };
-        // The ban first: name resolution, log lines and history files come after it.
-        let early = match &alarm.outcome {
-            Ok(plan) => Some(
-                responder
-                    .ban_early(hit.source, mode, hit.port, plan.duration)
-                    .await,
-            ),
-            Err(_) => None,
-        };
+        let mode = detection(&hit);
         let host = host_name(hit.source, resolve).await;
         log_hit(&core, &host, &hit);
         let plan = match alarm.outcome {
@@ -306,13 +344,7 @@ async fn respond_task(
             }
         };
         let outcome = responder
-            .block_after(
-                &host,
-                mode,
-                hit.port,
-                plan.duration,
-                early.unwrap_or_default(),
-            )
+            .block_after(&host, mode, hit.port, plan.duration, early)
             .await;
         match outcome {
             Outcome::Blocked => {
@@ -369,7 +401,10 @@ async fn maintenance_task(
             core.metrics.ban_expired();
         }
         core.metrics.sample(active.len(), tracked, evictions);
-        match responder.reconcile(active).await {
+        // Bans the hit path started after `active` was read are pending in the engine.
+        let engine = core.clone();
+        let started = move |address| engine.engine().is_banned(address);
+        match responder.reconcile(active, started).await {
             Ok(()) => last_reconcile_error = None,
             Err(error) => {
                 let text = error.to_string();
@@ -609,6 +644,7 @@ pub async fn run(options: Options) -> Result<()> {
         engine: Mutex::new(engine),
         origin: Instant::now(),
         metrics: metrics.clone(),
+        responder: responder.clone(),
         alarms: alarm_tx,
         alerts: alerts.clone(),
         gate: Mutex::new(AlarmGate::default()),

@@ -1413,3 +1413,21 @@ fn reconcile_nets_writes_more_prefixes_than_one_batch_holds() {
     want.sort();
     assert_eq!(got, want);
 }
+
+#[test]
+fn reconcile_keeps_an_unlisted_ban_the_caller_says_it_just_started() {
+    if !prerequisites() {
+        return;
+    }
+    let ns = Netns::new();
+    let bans = ns.open_bans();
+    bans.ban(ip("192.0.2.31"), None).expect("ban");
+    bans.ban(ip("192.0.2.32"), None).expect("ban");
+    let started = ip("192.0.2.31");
+    bans.reconcile_keeping(&[], &|address| address == started)
+        .expect("reconcile");
+    assert_eq!(
+        ns.elements(SET_V4),
+        vec![("192.0.2.31".to_owned(), None, None)]
+    );
+}

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    sync::{Mutex, MutexGuard},
+    sync::{Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
@@ -17,10 +17,10 @@ use super::{
     layout::*,
     prefixes::{Piece, Target, longer, longest_first, nets_of_range, paint, same_pieces, subtract},
     rules::Tripwire,
-    table::{ElemOps, Table},
+    table::{self, ElemOps, Table},
     uapi::*,
 };
-use crate::netlink::codec::NLM_F_CREATE;
+use crate::netlink::{NetlinkSocket, codec::NLM_F_CREATE};
 
 /// The sensor's nftables table: timed IPv4/IPv6 ban sets, drop chains, optional tripwire.
 ///
@@ -81,10 +81,15 @@ use crate::netlink::codec::NLM_F_CREATE;
 ///
 /// All methods take `&self` and are safe to call from several threads; each call is a few
 /// netlink round trips and blocks at most a few seconds if the kernel does not answer.
+/// [`NftBans::ban`] has a netlink socket of its own, opened with the table: a ban is one
+/// transaction that never waits for a reconcile's dumps to finish (they hold the table's
+/// socket for several round trips, longer when a loaded machine preempts them).
 #[derive(Debug)]
 pub struct NftBans {
     table: String,
     inner: Mutex<Table>,
+    /// The ban path's own socket; only [`NftBans::ban`] takes it.
+    ban_socket: Mutex<NetlinkSocket>,
 }
 
 impl NftBans {
@@ -97,8 +102,10 @@ impl NftBans {
             return Err(NftError::InvalidName(table.to_owned()));
         }
         let nl = batch::open()?;
+        let ban_socket = Mutex::new(batch::open()?);
         let bans = NftBans {
             table: table.to_owned(),
+            ban_socket,
             inner: Mutex::new(Table {
                 name: table.to_owned(),
                 nl,
@@ -120,17 +127,24 @@ impl NftBans {
     }
 
     /// Puts `addr` in its family's ban set for `timeout` from now (`None`: no timeout, PortSentry's
-    /// forever). An address already banned gets the new timeout. Recreates the table first if
-    /// someone deleted it.
+    /// forever). An address already banned gets the new timeout. One transaction on the ban
+    /// path's own socket; recreates the table first if someone deleted it.
     pub fn ban(&self, addr: IpAddr, timeout: Option<Duration>) -> Result<(), NftError> {
         let addr = addr.to_canonical();
-        let mut inner = self.lock();
         let ops = ElemOps {
             replace: vec![(addr, timeout)],
             ..ElemOps::default()
         };
-        match inner.apply(&ops, "ban") {
+        let first = {
+            let mut socket = self
+                .ban_socket
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            table::apply(&mut socket, &self.table, &ops, "ban")
+        };
+        match first {
             Err(NftError::Kernel { source, .. }) if errno_of(&source) == Some(ENOENT) => {
+                let mut inner = self.lock();
                 inner.ensure(true)?;
                 inner.apply(&ops, "ban")
             }
@@ -178,11 +192,22 @@ impl NftBans {
     /// The prefix sets are emptied (see [`NftBans::reconcile_nets`] to list prefixes too). An
     /// address listed twice gets the longer timeout.
     pub fn reconcile(&self, active: &[(IpAddr, Option<Duration>)]) -> Result<(), NftError> {
+        self.reconcile_keeping(active, &|_| false)
+    }
+
+    /// [`NftBans::reconcile`], keeping the unlisted addresses `keep` names: it is asked after
+    /// the kernel's elements were read, so a caller whose bans run concurrently (the ban path
+    /// does not wait for a reconcile) names the bans it started after choosing `active`.
+    pub fn reconcile_keeping(
+        &self,
+        active: &[(IpAddr, Option<Duration>)],
+        keep: &dyn Fn(IpAddr) -> bool,
+    ) -> Result<(), NftError> {
         let nets: Vec<(IpNet, Option<Duration>)> = active
             .iter()
             .map(|(addr, timeout)| (IpNet::from(*addr), *timeout))
             .collect();
-        self.reconcile_nets(&nets)
+        self.reconcile_nets_keeping(&nets, keep)
     }
 
     /// Makes the kernel equal to `active`, addresses and networks: a /32 or /128 (an address)
@@ -194,6 +219,14 @@ impl NftBans {
     /// the packet path sees the old or the new set). IPv4-mapped IPv6 prefixes are
     /// banned as the IPv4 prefixes they map.
     pub fn reconcile_nets(&self, active: &[(IpNet, Option<Duration>)]) -> Result<(), NftError> {
+        self.reconcile_nets_keeping(active, &|_| false)
+    }
+
+    fn reconcile_nets_keeping(
+        &self,
+        active: &[(IpNet, Option<Duration>)],
+        keep: &dyn Fn(IpAddr) -> bool,
+    ) -> Result<(), NftError> {
         let mut inner = self.lock();
         inner.ensure(false)?;
         let mut addrs: BTreeMap<IpAddr, Option<Duration>> = BTreeMap::new();
@@ -219,7 +252,7 @@ impl NftBans {
                 inner.write_prefixes(v6, &want, "reconcile prefixes")?;
             }
         }
-        inner.reconcile_addrs(&addrs)
+        inner.reconcile_addrs(&addrs, keep)
     }
 
     /// Bans every address of `net` for `timeout` from now (`None`: no timeout) with one range
@@ -409,8 +442,6 @@ impl NftBans {
     fn lock(&self) -> MutexGuard<'_, Table> {
         // A panic while holding the lock leaves nothing half-done in user space: the kernel
         // state is re-read on every call, so a poisoned lock is safe to reuse.
-        self.inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -214,49 +214,18 @@ impl Table {
             .map_err(|e| NftError::kernel(&self.name, "create table, sets and chains", e))
     }
 
-    /// Applies element changes in batches; each address's changes stay in one batch (atomic).
+    /// Applies element changes in batches on this table's socket; see [`apply`].
     pub fn apply(&mut self, ops: &ElemOps, op: &'static str) -> Result<(), NftError> {
-        // Per address: `pre` makes sure the element exists (add without NLM_F_EXCL is a no-op for
-        // an existing element), so the following delete cannot fail with ENOENT even if the
-        // element expired a moment ago; `post` adds it back with the wanted timeout.
-        let mut steps: Vec<(IpAddr, bool, Option<Elem>)> = Vec::new(); // (addr, pre+del, post)
-        for (a, t) in &ops.add {
-            steps.push((*a, false, Some(Elem::ban(*a, *t))));
-        }
-        for (a, t) in &ops.replace {
-            steps.push((*a, true, Some(Elem::ban(*a, *t))));
-        }
-        for a in &ops.remove {
-            steps.push((*a, true, None));
-        }
-        for chunk in steps.chunks(ADDRS_PER_BATCH) {
-            let mut b = Batch::new(&mut self.nl);
-            for set in [SET_V4, SET_V6] {
-                let mine = || chunk.iter().filter(|s| set_of(s.0) == set);
-                let pre: Vec<Elem> = mine().filter(|s| s.1).map(|s| Elem::key(s.0)).collect();
-                let post: Vec<Elem> = mine().filter_map(|s| s.2.clone()).collect();
-                b.set_elems(NFT_MSG_NEWSETELEM, NLM_F_CREATE, &self.name, set, &pre);
-                b.set_elems(NFT_MSG_DELSETELEM, 0, &self.name, set, &pre);
-                b.set_elems(NFT_MSG_NEWSETELEM, NLM_F_CREATE, &self.name, set, &post);
-            }
-            if let Err(e) = b.commit(&mut self.nl) {
-                if errno_of(&e) == Some(ENFILE) {
-                    let set = chunk.first().map_or(SET_V4, |s| set_of(s.0));
-                    return Err(NftError::SetFull {
-                        table: self.name.clone(),
-                        set,
-                    });
-                }
-                return Err(NftError::kernel(&self.name, op, e));
-            }
-        }
-        Ok(())
+        apply(&mut self.nl, &self.name, ops, op)
     }
 
-    /// The address half of [`NftBans::reconcile_nets`] (the table is ensured).
+    /// The address half of [`NftBans::reconcile_nets`] (the table is ensured). An unwanted
+    /// element is kept when `keep` says so, asked after the elements were read (a ban the
+    /// caller started after choosing `want`).
     pub fn reconcile_addrs(
         &mut self,
         want: &BTreeMap<IpAddr, Option<Duration>>,
+        keep: &dyn Fn(IpAddr) -> bool,
     ) -> Result<(), NftError> {
         let tripwire_timeouts: Vec<Option<Duration>> = [&self.tripwire, &self.probe]
             .into_iter()
@@ -282,7 +251,10 @@ impl Table {
             }
         }
         for (addr, e) in &have {
-            if !want.contains_key(addr) && !e.fresh_from_tripwire(&tripwire_timeouts) {
+            if !want.contains_key(addr)
+                && !e.fresh_from_tripwire(&tripwire_timeouts)
+                && !keep(*addr)
+            {
                 ops.remove.push(*addr);
             }
         }
@@ -405,4 +377,49 @@ impl Table {
         }
         Ok(Some(out))
     }
+}
+
+/// Applies element changes to the ban sets of `table` in batches over `nl` (any socket: the
+/// ban path has one of its own); each address's changes stay in one batch (atomic).
+pub fn apply(
+    nl: &mut NetlinkSocket,
+    table: &str,
+    ops: &ElemOps,
+    op: &'static str,
+) -> Result<(), NftError> {
+    // Per address: `pre` makes sure the element exists (add without NLM_F_EXCL is a no-op for
+    // an existing element), so the following delete cannot fail with ENOENT even if the
+    // element expired a moment ago; `post` adds it back with the wanted timeout.
+    let mut steps: Vec<(IpAddr, bool, Option<Elem>)> = Vec::new(); // (addr, pre+del, post)
+    for (a, t) in &ops.add {
+        steps.push((*a, false, Some(Elem::ban(*a, *t))));
+    }
+    for (a, t) in &ops.replace {
+        steps.push((*a, true, Some(Elem::ban(*a, *t))));
+    }
+    for a in &ops.remove {
+        steps.push((*a, true, None));
+    }
+    for chunk in steps.chunks(ADDRS_PER_BATCH) {
+        let mut b = Batch::new(nl);
+        for set in [SET_V4, SET_V6] {
+            let mine = || chunk.iter().filter(|s| set_of(s.0) == set);
+            let pre: Vec<Elem> = mine().filter(|s| s.1).map(|s| Elem::key(s.0)).collect();
+            let post: Vec<Elem> = mine().filter_map(|s| s.2.clone()).collect();
+            b.set_elems(NFT_MSG_NEWSETELEM, NLM_F_CREATE, table, set, &pre);
+            b.set_elems(NFT_MSG_DELSETELEM, 0, table, set, &pre);
+            b.set_elems(NFT_MSG_NEWSETELEM, NLM_F_CREATE, table, set, &post);
+        }
+        if let Err(e) = b.commit(nl) {
+            if errno_of(&e) == Some(ENFILE) {
+                let set = chunk.first().map_or(SET_V4, |s| set_of(s.0));
+                return Err(NftError::SetFull {
+                    table: table.to_owned(),
+                    set,
+                });
+            }
+            return Err(NftError::kernel(table, op, e));
+        }
+    }
+    Ok(())
 }
