@@ -39,7 +39,11 @@ use tracing::{debug, info, warn};
 use crate::{
     Error, Result,
     http::{self, Answer, Bodies, Limits},
-    inject::{self, Decision, Injection, Settings, Snapshot},
+    inject::{
+        decide::{self, Decision, Injection},
+        governing::Snapshot,
+        sidecar::Settings,
+    },
     metrics::Metrics,
     server::Readiness,
     tls::{CertFiles, shared_ca, tls_config},
@@ -102,7 +106,7 @@ pub fn mutate(
     else {
         return response;
     };
-    match inject::decide(pod, namespace, snapshot, settings) {
+    match decide::decide(pod, namespace, snapshot, settings) {
         Decision::Skip(skip) => {
             debug!(namespace, reason = skip.reason(), "pod not injected");
             response
@@ -620,7 +624,7 @@ mod tests {
             serde_json::from_slice(&review_json("CREATE", "shop", json!([]))).unwrap();
         let request: AdmissionRequest<Pod> = review.try_into().unwrap();
         let pod = request.object.as_ref().unwrap();
-        let Decision::Inject(injection) = inject::decide(pod, "shop", &snapshot(), &settings)
+        let Decision::Inject(injection) = decide::decide(pod, "shop", &snapshot(), &settings)
         else {
             panic!("the pod is selected by the policy `web`");
         };

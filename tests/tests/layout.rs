@@ -1,5 +1,5 @@
-//! The shape of `sensor/src`: no file imports a file that (directly or not) imports it back,
-//! and no file holds more than 800 lines of non-test code.
+//! The shape of `operator/src` and `sensor/src`: no file imports a file that (directly or
+//! not) imports it back, and no file holds more than 800 lines of non-test code.
 //!
 //! A file's imports are every `crate::`, `super::` and `self::` path in its code (use trees
 //! expanded; comments and the trailing `#[cfg(test)]` part left out) resolved to the file
@@ -15,12 +15,19 @@ use std::{
 
 const MAX_CODE_LINES: usize = 800;
 
-fn src() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+/// The crates whose sources are checked.
+const CRATES: [&str; 2] = ["operator", "sensor"];
+
+fn src(krate: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(krate)
+        .join("src")
 }
 
 /// Every `.rs` file under `dir` with its module path (`lib.rs`: [], `a/mod.rs` and `a.rs`:
-/// [a], `a/b.rs`: [a, b]). `main.rs` is another crate (it imports the library by name).
+/// [a], `a/b.rs`: [a, b]). `main.rs` is another crate (it imports the library by name);
+/// `tests.rs` files are test modules (`#[cfg(test)] mod tests;`), not code.
 fn modules(dir: &Path, prefix: &[String], out: &mut BTreeMap<Vec<String>, PathBuf>) {
     for entry in fs::read_dir(dir).expect("read src") {
         let path = entry.expect("entry").path();
@@ -38,6 +45,7 @@ fn modules(dir: &Path, prefix: &[String], out: &mut BTreeMap<Vec<String>, PathBu
             match stem {
                 "lib" | "mod" => {}
                 "main" if prefix.is_empty() => continue,
+                "tests" => continue,
                 _ => module.push(stem.to_owned()),
             }
             out.insert(module, path);
@@ -177,12 +185,37 @@ fn paths(code: &str) -> Vec<String> {
     out
 }
 
+/// What the crate root re-exports (`pub use error::{Error, Result};` in lib.rs): each name
+/// with the module it comes from, so `crate::Result` leads to `error`, not to the root.
+fn reexports(lib: &str) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for line in code(lib).lines() {
+        let Some(tree) = line.trim().strip_prefix("pub use ") else {
+            continue;
+        };
+        for path in expand(&compact(tree.trim_end_matches(';'))) {
+            if let Some((module, name)) = path.rsplit_once("::") {
+                let module = module.split("::").map(str::to_owned).collect();
+                out.insert(name.to_owned(), module);
+            }
+        }
+    }
+    out
+}
+
 /// The file a path seen in module `here` leads to: its deepest module that has a file.
 fn resolve(
     path: &str,
     here: &[String],
     files: &BTreeMap<Vec<String>, PathBuf>,
+    reexported: &BTreeMap<String, Vec<String>>,
 ) -> Option<Vec<String>> {
+    if let Some(name) = path.strip_prefix("crate::")
+        && let Some(module) = reexported.get(name.split("::").next().unwrap_or_default())
+        && files.contains_key(module)
+    {
+        return Some(module.clone());
+    }
     let mut segments = path.split("::");
     // `self` of a.rs or a/mod.rs is [a]; `super` of both is [].
     let mut module: Vec<String> = match segments.next()? {
@@ -210,9 +243,11 @@ fn resolve(
     Some(module)
 }
 
-fn graph() -> BTreeMap<Vec<String>, BTreeSet<Vec<String>>> {
+fn graph(krate: &str) -> BTreeMap<Vec<String>, BTreeSet<Vec<String>>> {
     let mut files = BTreeMap::new();
-    modules(&src(), &[], &mut files);
+    modules(&src(krate), &[], &mut files);
+    let lib = fs::read_to_string(src(krate).join("lib.rs")).expect("read lib.rs");
+    let reexported = reexports(&lib);
     let mut graph = BTreeMap::new();
     for (module, path) in &files {
         let text = fs::read_to_string(path).expect("read");
@@ -231,7 +266,7 @@ fn graph() -> BTreeMap<Vec<String>, BTreeSet<Vec<String>>> {
             }
         }
         for path in paths(&code) {
-            if let Some(target) = resolve(&path, module, &files) {
+            if let Some(target) = resolve(&path, module, &files, &reexported) {
                 edges.insert(target);
             }
         }
@@ -275,33 +310,42 @@ fn cycle_through(
 
 #[test]
 fn no_source_file_imports_a_file_that_imports_it_back() {
-    let graph = graph();
-    assert!(graph.len() > 20, "found only {} files", graph.len());
-    for (module, imports) in &graph {
-        let imports: Vec<String> = imports.iter().map(|m| name(m)).collect();
-        eprintln!("{}: {}", name(module), imports.join(" "));
+    for krate in CRATES {
+        let graph = graph(krate);
+        assert!(graph.len() > 20, "{krate}: found only {} files", graph.len());
+        for (module, imports) in &graph {
+            let imports: Vec<String> = imports.iter().map(|m| name(m)).collect();
+            eprintln!("{krate} {}: {}", name(module), imports.join(" "));
+        }
+        let cycles: Vec<String> = graph
+            .keys()
+            .filter_map(|module| cycle_through(module, &graph))
+            .map(|chain| chain.join(" -> "))
+            .collect();
+        assert!(
+            cycles.is_empty(),
+            "{krate}: import circles:\n{}",
+            cycles.join("\n")
+        );
     }
-    let cycles: Vec<String> = graph
-        .keys()
-        .filter_map(|module| cycle_through(module, &graph))
-        .map(|chain| chain.join(" -> "))
-        .collect();
-    assert!(cycles.is_empty(), "import circles:\n{}", cycles.join("\n"));
 }
 
 #[test]
 fn no_source_file_holds_more_than_800_lines_of_non_test_code() {
-    let mut files = BTreeMap::new();
-    modules(&src(), &[], &mut files);
-    let long: Vec<String> = files
-        .values()
-        .chain([&src().join("main.rs")])
-        .filter_map(|path| {
-            let lines = code_lines(&fs::read_to_string(path).expect("read"));
-            (lines > MAX_CODE_LINES).then(|| format!("{}: {lines}", path.display()))
-        })
-        .collect();
-    assert!(long.is_empty(), "over {MAX_CODE_LINES} lines: {long:?}");
+    for krate in CRATES {
+        let mut files = BTreeMap::new();
+        modules(&src(krate), &[], &mut files);
+        let main = src(krate).join("main.rs");
+        let long: Vec<String> = files
+            .values()
+            .chain([&main])
+            .filter_map(|path| {
+                let lines = code_lines(&fs::read_to_string(path).expect("read"));
+                (lines > MAX_CODE_LINES).then(|| format!("{}: {lines}", path.display()))
+            })
+            .collect();
+        assert!(long.is_empty(), "over {MAX_CODE_LINES} lines: {long:?}");
+    }
 }
 
 #[test]
