@@ -90,26 +90,35 @@ where
             .reflect(writer);
         let fan_out = subscribers.clone();
         let (listed, ready) = tokio::sync::watch::channel(false);
+        let reader = store.clone();
         let run = async move {
             futures::pin_mut!(events);
             while let Some(event) = events.next().await {
-                let event = match event {
-                    Ok(event) => event,
+                let events: Vec<watcher::Event<K>> = match event {
                     Err(error) => {
                         warn!(%error, kind = %K::kind(&()), "shared watch; retrying");
                         continue;
                     }
+                    // A (re)list reaches the store only at its end, when the reflector swaps
+                    // it in; forwarded object by object before that, a consumer woken by an
+                    // object would read a store without it. So the whole list goes out
+                    // once the store holds it, read back from the store.
+                    Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                    Ok(watcher::Event::InitDone) => {
+                        listed.send_replace(true);
+                        relist(&reader).collect()
+                    }
+                    Ok(event) => vec![event],
                 };
-                if matches!(event, watcher::Event::InitDone) {
-                    // The reflector has applied the list: the store holds it now.
-                    listed.send_replace(true);
-                }
                 let mut subscribers = fan_out.lock().await;
                 let mut open = Vec::with_capacity(subscribers.len());
-                for subscriber in subscribers.drain(..) {
-                    if subscriber.send(event.clone()).await.is_ok() {
-                        open.push(subscriber);
+                'subscribers: for subscriber in subscribers.drain(..) {
+                    for event in &events {
+                        if subscriber.send(event.clone()).await.is_err() {
+                            continue 'subscribers;
+                        }
                     }
+                    open.push(subscriber);
                 }
                 *subscribers = open;
             }
@@ -147,21 +156,30 @@ where
         let _ = self.ready().await;
         let (sender, receiver) = mpsc::channel(BUFFER);
         let mut subscribers = self.subscribers.lock().await;
-        let now = self.store.state();
+        let now = relist(&self.store).collect::<Vec<_>>();
         subscribers.push(sender);
         drop(subscribers);
-        let relist = std::iter::once(watcher::Event::Init)
-            .chain(
-                now.into_iter()
-                    .map(|object| watcher::Event::InitApply(K::clone(&object))),
-            )
-            .chain(std::iter::once(watcher::Event::InitDone));
-        stream::iter(relist)
+        stream::iter(now)
             .chain(stream::unfold(receiver, |mut receiver| async move {
                 receiver.recv().await.map(|event| (event, receiver))
             }))
             .map(Ok)
     }
+}
+
+/// The store's content as a watch's relist: `Init`, each object, `InitDone`.
+fn relist<K>(store: &Store<K>) -> impl Iterator<Item = watcher::Event<K>> + use<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    std::iter::once(watcher::Event::Init)
+        .chain(
+            store
+                .state()
+                .into_iter()
+                .map(|object| watcher::Event::InitApply(K::clone(&object))),
+        )
+        .chain(std::iter::once(watcher::Event::InitDone))
 }
 
 /// Drops what no consumer of a watched object reads: its managed fields.

@@ -312,7 +312,11 @@ fn cycle_through(
 fn no_source_file_imports_a_file_that_imports_it_back() {
     for krate in CRATES {
         let graph = graph(krate);
-        assert!(graph.len() > 20, "{krate}: found only {} files", graph.len());
+        assert!(
+            graph.len() > 20,
+            "{krate}: found only {} files",
+            graph.len()
+        );
         for (module, imports) in &graph {
             let imports: Vec<String> = imports.iter().map(|m| name(m)).collect();
             eprintln!("{krate} {}: {}", name(module), imports.join(" "));

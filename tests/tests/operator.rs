@@ -714,14 +714,16 @@ async fn watches_recover_after_an_apiserver_restart() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // Only the watch of bans (resumed after the restart) can bring the new ban to the controller.
-    wait_enforced(
+    if let Err(error) = wait_enforced(
         &client,
         "apiserver-restart",
         "203.0.113.77".parse().unwrap(),
         true,
     )
     .await
-    .unwrap();
+    {
+        panic!("{error}; the operator's log:\n{}", operator.log());
+    }
 }
 
 #[tokio::test]
