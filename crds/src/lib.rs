@@ -12,8 +12,8 @@ pub mod report;
 
 pub use address::{ADDRESS_OR_CIDR_RULE, AddressError, SourcePrefix};
 pub use ban::{
-    BanStatus, Evidence, MAX_EVIDENCE, PolicyKind, PolicyRef, PortSentryBan, PortSentryBanSpec,
-    ProbeKind, Protocol,
+    BanStatus, CONFINED_LABEL, Evidence, MAX_EVIDENCE, PROTECTED_SOURCE_REASON, PolicyKind,
+    PolicyRef, PortSentryBan, PortSentryBanSpec, ProbeKind, Protocol, cluster_wide,
 };
 pub use duration::{DURATION_PATTERN, Duration, DurationError};
 pub use policy::{

@@ -25,6 +25,14 @@ pub enum Protection {
     Node,
     ApiServer,
     Operator,
+    /// A pod of kube-system, of the operator's namespace or of a chart-listed namespace.
+    ProtectedNamespace,
+    /// A Service ClusterIP.
+    Service,
+    /// The cluster DNS (its Service).
+    ClusterDns,
+    /// A prefix of the chart's `protectedCIDRs`.
+    ProtectedCidr,
 }
 
 impl Protection {
@@ -40,6 +48,10 @@ impl Protection {
             Protection::Node => "node",
             Protection::ApiServer => "apiserver",
             Protection::Operator => "operator",
+            Protection::ProtectedNamespace => "protected_namespace",
+            Protection::Service => "service",
+            Protection::ClusterDns => "cluster_dns",
+            Protection::ProtectedCidr => "protected_cidr",
         }
     }
 }
@@ -117,16 +129,38 @@ pub fn protected(
         .or_else(|| holds(operator_addrs, Protection::Operator))
 }
 
-/// Addresses that are never banned besides a policy's own ignore list.
+/// Addresses that are never banned besides a policy's own ignore list: the cluster's
+/// infrastructure, as discovered by `enforce::guards` and configured by the chart.
 #[derive(Clone, Debug, Default)]
 pub struct Guards {
     pub node_addrs: Vec<IpAddr>,
     pub apiserver_addrs: Vec<IpAddr>,
     pub operator_addrs: Vec<IpAddr>,
+    /// Addresses of pods of the protected namespaces.
+    pub infra_pod_addrs: Vec<IpAddr>,
+    /// ClusterIPs of every Service.
+    pub service_addrs: Vec<IpAddr>,
+    /// ClusterIPs of the cluster DNS Service.
+    pub dns_addrs: Vec<IpAddr>,
+    /// The chart's `protectedCIDRs`.
+    pub protected_nets: Vec<IpNet>,
+    /// kube-system, the operator's namespace and the chart's `protectedNamespaces`: their
+    /// pods are never banned nor quarantined.
+    pub protected_namespaces: std::collections::BTreeSet<String>,
 }
 
 impl Guards {
+    /// Why `source` may never be banned, if it may not (see [`protected`]); then the
+    /// cluster's infrastructure: pods of protected namespaces, the DNS, Services, and the
+    /// chart's protected prefixes.
     pub fn protected(&self, source: &SourcePrefix, ignore: &[SourcePrefix]) -> Option<Protection> {
+        let net = source.network();
+        let holds = |addrs: &[IpAddr], why| {
+            addrs
+                .iter()
+                .any(|a| overlaps(net, IpNet::from(*a)))
+                .then_some(why)
+        };
         protected(
             source,
             ignore,
@@ -134,6 +168,20 @@ impl Guards {
             &self.apiserver_addrs,
             &self.operator_addrs,
         )
+        .or_else(|| holds(&self.infra_pod_addrs, Protection::ProtectedNamespace))
+        .or_else(|| holds(&self.dns_addrs, Protection::ClusterDns))
+        .or_else(|| holds(&self.service_addrs, Protection::Service))
+        .or_else(|| {
+            self.protected_nets
+                .iter()
+                .any(|p| overlaps(net, *p))
+                .then_some(Protection::ProtectedCidr)
+        })
+    }
+
+    /// True when pods of `namespace` are never banned nor quarantined.
+    pub fn protects_namespace(&self, namespace: &str) -> bool {
+        namespace == "kube-system" || self.protected_namespaces.contains(namespace)
     }
 }
 
@@ -449,6 +497,41 @@ mod tests {
         assert_eq!(check("::ffff:127.0.0.1"), Some(Protection::Loopback));
         assert_eq!(check("::ffff:10.0.0.10"), Some(Protection::Node));
         assert_eq!(check("::ffff:203.0.113.7"), None);
+    }
+
+    fn infrastructure() -> Guards {
+        Guards {
+            infra_pod_addrs: addrs(&["10.244.0.7"]),
+            service_addrs: addrs(&["10.96.0.10", "10.96.4.4"]),
+            dns_addrs: addrs(&["10.96.0.10"]),
+            protected_nets: vec!["198.51.100.0/24".parse().unwrap()],
+            protected_namespaces: ["operators".to_owned()].into(),
+            ..Guards::default()
+        }
+    }
+
+    #[test]
+    fn pods_of_protected_namespaces_services_dns_and_protected_cidrs_are_never_banned() {
+        let guards = infrastructure();
+        let check = |s: &str| guards.protected(&prefix(s), &[]);
+        assert_eq!(check("10.244.0.7"), Some(Protection::ProtectedNamespace));
+        assert_eq!(check("10.96.0.10"), Some(Protection::ClusterDns));
+        assert_eq!(check("10.96.4.4"), Some(Protection::Service));
+        assert_eq!(check("198.51.100.9"), Some(Protection::ProtectedCidr));
+        assert_eq!(check("10.96.0.0/16"), Some(Protection::ClusterDns));
+        assert_eq!(
+            check("::ffff:10.244.0.7"),
+            Some(Protection::ProtectedNamespace)
+        );
+        assert_eq!(check("10.244.0.8"), None);
+    }
+
+    #[test]
+    fn kube_system_and_listed_namespaces_are_protected() {
+        let guards = infrastructure();
+        assert!(guards.protects_namespace("kube-system"));
+        assert!(guards.protects_namespace("operators"));
+        assert!(!guards.protects_namespace("shop"));
     }
 
     fn probe(kind: ProbeKind, verified: bool, port: u16, at_ms: u64) -> Probe {

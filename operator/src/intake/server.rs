@@ -411,6 +411,48 @@ impl Intake {
         });
     }
 
+    /// A Warning Event `BanRefused` on the policy naming each protected source of a report
+    /// and why it is never banned (one Event per report, bounded).
+    fn refused_bans_event(
+        &self,
+        admitted: &intake::Admitted,
+        outcomes: &[DetectionOutcome],
+        policy: &k8s_openapi::api::core::v1::ObjectReference,
+    ) {
+        let refused: Vec<String> = admitted
+            .report
+            .detections
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(d, o)| match o {
+                DetectionOutcome::Protected(why) => Some(format!("{} ({why})", d.source)),
+                _ => None,
+            })
+            .collect();
+        if refused.is_empty() {
+            return;
+        }
+        let note = format!(
+            "{} source(s) reported by {} are protected and never banned: {}",
+            refused.len(),
+            admitted.reporter.key(),
+            refused.join(", ")
+        );
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "BanRefused".into(),
+            note: Some(crate::names::bounded(&note, 1024)),
+            action: "Report".into(),
+            secondary: None,
+        };
+        let (recorder, policy) = (self.recorder.clone(), policy.clone());
+        tokio::spawn(async move {
+            if let Err(error) = recorder.publish(&event, &policy).await {
+                debug!(%error, "could not publish the refusal event");
+            }
+        });
+    }
+
     /// The sensor a token belongs to: remembered, or reviewed if `peer` may cause another
     /// review (a known sensor is never held up by a flood of bad tokens from elsewhere).
     async fn authenticate(
@@ -570,6 +612,7 @@ impl Intake {
             self.metrics.ban_written(&policy_key, &write.name, received);
         }
         self.metrics.detections(&outcomes);
+        self.refused_bans_event(admitted, &outcomes, &object_ref);
         if let Some(hooks) = self
             .hooks
             .as_ref()
