@@ -261,6 +261,19 @@ async fn start(
         Api::<PortSentryBan>::all(client.clone()),
         shared::without_managed_fields,
     );
+    let expected = {
+        let sidecar = args.webhook.settings()?;
+        let nodes = cluster::nodes::NodeSensorSettings::from_json(
+            args.nodes
+                .node_sensor_settings
+                .as_deref()
+                .unwrap_or_default(),
+        )?;
+        intake::authentic::Expected {
+            operator_namespace: args.namespace.clone(),
+            ..intake::authentic::Expected::new(&sidecar, &nodes.image)
+        }
+    };
     let intake = Intake::new(
         client.clone(),
         metrics.clone(),
@@ -275,6 +288,7 @@ async fn start(
                 ..Limits::default()
             },
             operator_namespace: args.namespace.clone(),
+            expected,
             reporter: reporter.clone(),
             hooks: Some(hooks.clone()),
         },

@@ -63,6 +63,8 @@ pub enum Authentication {
     Invalid,
     /// Authenticated, but not as a pod or node sensor.
     NotASensor,
+    /// A pod's token, but the pod does not run the sensor as the operator injected it.
+    Forged(String),
     /// Authenticated as this sensor.
     Sensor(Reporter),
 }
@@ -73,7 +75,11 @@ pub enum Refusal {
     MissingToken,
     InvalidToken,
     NotASensor,
-    RateLimited { retry_after: Duration },
+    /// The token's pod does not run the sensor as injected (why, in words).
+    NotInjected(String),
+    RateLimited {
+        retry_after: Duration,
+    },
     BodyTooLarge,
     TooManyDetections(usize),
     Malformed(String),
@@ -87,7 +93,10 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Refusal::MissingToken | Refusal::InvalidToken => 401,
-            Refusal::NotASensor | Refusal::PolicyNotFound | Refusal::NotGoverned => 403,
+            Refusal::NotASensor
+            | Refusal::NotInjected(_)
+            | Refusal::PolicyNotFound
+            | Refusal::NotGoverned => 403,
             Refusal::BodyTooLarge | Refusal::TooManyDetections(_) => 413,
             Refusal::Malformed(_) | Refusal::Invalid(_) => 422,
             Refusal::RateLimited { .. } => 429,
@@ -100,6 +109,7 @@ impl Refusal {
             Refusal::MissingToken => "missing_token",
             Refusal::InvalidToken => "invalid_token",
             Refusal::NotASensor => "not_a_sensor",
+            Refusal::NotInjected(_) => "not_injected_sensor",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::BodyTooLarge => "body_too_large",
             Refusal::TooManyDetections(_) => "too_many_detections",
@@ -121,6 +131,10 @@ impl fmt::Display for Refusal {
             Refusal::NotASensor => {
                 write!(f, "the token belongs to neither a pod nor a node sensor")
             }
+            Refusal::NotInjected(why) => write!(
+                f,
+                "the token's pod does not run the sensor as the operator injected it: {why}"
+            ),
             Refusal::RateLimited { retry_after } => {
                 write!(
                     f,
@@ -147,6 +161,7 @@ pub fn authenticate(authentication: Authentication) -> Result<Reporter, Refusal>
         Authentication::Missing => Err(Refusal::MissingToken),
         Authentication::Invalid => Err(Refusal::InvalidToken),
         Authentication::NotASensor => Err(Refusal::NotASensor),
+        Authentication::Forged(why) => Err(Refusal::NotInjected(why)),
         Authentication::Sensor(reporter) => Ok(reporter),
     }
 }

@@ -49,7 +49,7 @@ use crate::{
     intake::checks::{
         self as intake, Authentication, BanWrite, Governing, RateLimiter, Refusal, Reporter,
     },
-    intake::review,
+    intake::{authentic::Expected, review},
     labels,
     metrics::Metrics,
     server::Readiness,
@@ -102,6 +102,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Node sensors' pods and cluster policies' bans live there.
     pub operator_namespace: String,
+    /// What the sensors the operator injects look like: only they may report.
+    pub expected: Expected,
     /// Who publishes the intake's Events.
     pub reporter: EventReporter,
     pub hooks: Option<Hooks>,
@@ -245,6 +247,7 @@ pub struct Intake {
     reviews: Mutex<ReviewCache>,
     bans: Store<PortSentryBan>,
     operator_namespace: String,
+    expected: Expected,
     leader: watch::Receiver<bool>,
     recorder: Recorder,
     hooks: Option<Hooks>,
@@ -290,6 +293,7 @@ impl Intake {
             reviews: Mutex::new(ReviewCache::default()),
             bans,
             operator_namespace: settings.operator_namespace,
+            expected: settings.expected,
             leader,
             writing: tokio::sync::Mutex::new(()),
         })
@@ -518,7 +522,7 @@ impl Intake {
             &pod_token,
             pod.as_ref(),
             &namespace_labels,
-            &self.operator_namespace,
+            &self.expected,
             node_labels.as_ref(),
         ))
     }
