@@ -17,9 +17,9 @@ pub use ban::{
 };
 pub use duration::{DURATION_PATTERN, Duration, DurationError};
 pub use policy::{
-    Action, AdvancedDecoys, Backend, ClusterPortSentryPolicy, ClusterPortSentryPolicySpec, Decoys,
-    Detection, Enforcement, Escalation, PolicyRules, PolicyStatus, PortSentryPolicy,
-    PortSentryPolicySpec, Response, WebhookTarget,
+    Action, AdvancedDecoys, Backend, ClusterPortSentryPolicy, ClusterPortSentryPolicySpec,
+    Corroboration, Decoys, Detection, Enforcement, Escalation, PolicyRules, PolicyStatus,
+    PortSentryPolicy, PortSentryPolicySpec, Response, WebhookTarget,
 };
 pub use ports::{
     PORT_RANGE_PATTERN, PORT_RANGE_RULE, PortError, PortRange, expand, parse_port_list,

@@ -390,6 +390,32 @@ pub fn admit<'a>(
 pub struct BanWrite {
     pub name: String,
     pub spec: PortSentryBanSpec,
+    /// The one namespace a cluster policy's ban acts in until its evidence is corroborated.
+    pub confined_to: Option<String>,
+}
+
+/// Where a ban written for `governing` acts while its evidence is `spec.evidence`: `None`
+/// everywhere its policy reaches; `Some(namespace)` only there. A namespaced policy's bans
+/// act in its namespace by construction (`None`). A cluster policy's ban on evidence its
+/// [`portsentry_crds::Corroboration`] does not accept acts only in the reporting pod's
+/// namespace (a node sensor's, in the operator's).
+pub fn confinement(
+    governing: Governing<'_>,
+    spec: &PortSentryBanSpec,
+    reporter: &Reporter,
+    operator_namespace: &str,
+) -> Option<String> {
+    let Governing::Cluster(policy) = governing else {
+        return None;
+    };
+    let reporters = spec.evidence.iter().map(|e| e.reporter.as_str());
+    if policy.spec.corroboration.holds(reporters) {
+        return None;
+    }
+    Some(match reporter {
+        Reporter::Pod { namespace, .. } => namespace.clone(),
+        Reporter::Node { .. } => operator_namespace.to_owned(),
+    })
 }
 
 /// Judges each detection of an admitted report under the policy named `policy_name` with
@@ -445,6 +471,7 @@ pub fn judge_report(
                     None => writes.push(BanWrite {
                         name: name.clone(),
                         spec,
+                        confined_to: None,
                     }),
                 }
                 outcomes.push(DetectionOutcome::Banned(name));
@@ -513,6 +540,7 @@ mod tests {
                 }),
                 pod_selector: None,
                 node_selector: Some(labels(&[("edge", "true")])),
+                corroboration: Default::default(),
                 rules: PolicyRules::default(),
             },
             status: None,
@@ -969,6 +997,73 @@ mod tests {
         assert_eq!(
             outcomes,
             vec![DetectionOutcome::Banned("web-v4-203-0-113-7".into())]
+        );
+    }
+
+    fn cluster_write(reporters: &[&str]) -> PortSentryBanSpec {
+        let mut spec: PortSentryBanSpec = serde_json::from_value(json!({
+            "source": "203.0.113.7",
+            "policy": {"kind": "ClusterPortSentryPolicy", "name": "edge"},
+        }))
+        .unwrap();
+        spec.evidence = reporters
+            .iter()
+            .map(|r| portsentry_crds::Evidence {
+                port: 7,
+                protocol: portsentry_crds::Protocol::Tcp,
+                kind: portsentry_crds::ProbeKind::Connect,
+                verified: true,
+                reporter: (*r).into(),
+                observed_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()),
+            })
+            .collect();
+        spec
+    }
+
+    #[test]
+    fn a_cluster_ban_on_one_namespaces_sidecars_is_confined_to_that_namespace() {
+        let policy = cluster_policy();
+        let spec = cluster_write(&["shop/web-0", "shop/web-1"]);
+        assert_eq!(
+            confinement(
+                Governing::Cluster(&policy),
+                &spec,
+                &pod("shop", "web"),
+                "portsentry-system"
+            ),
+            Some("shop".into())
+        );
+    }
+
+    #[test]
+    fn a_cluster_ban_corroborated_by_two_namespaces_or_a_node_sensor_acts_everywhere() {
+        let policy = cluster_policy();
+        for reporters in [&["shop/web-0", "dev/api-0"][..], &["node/n1"][..]] {
+            let spec = cluster_write(reporters);
+            assert_eq!(
+                confinement(
+                    Governing::Cluster(&policy),
+                    &spec,
+                    &pod("shop", "web"),
+                    "portsentry-system"
+                ),
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn a_namespaced_policys_ban_is_never_confined_further() {
+        let policy = web_policy();
+        let spec = cluster_write(&["shop/web-0"]);
+        assert_eq!(
+            confinement(
+                Governing::Namespaced(&policy),
+                &spec,
+                &pod("shop", "web"),
+                "portsentry-system"
+            ),
+            None
         );
     }
 

@@ -126,6 +126,14 @@ pub fn reporter(
             _ => Authentication::NotASensor,
         };
     }
+    if token.namespace == "node" {
+        // Evidence names a sidecar "namespace/pod" and a node sensor "node/name".
+        return Authentication::Forged(
+            "pods of a namespace named `node` cannot report: their evidence would read as a \
+             node sensor's"
+                .into(),
+        );
+    }
     if let Err(forgery) = authentic::check_sidecar(pod, expected) {
         return Authentication::Forged(forgery.to_string());
     }
@@ -318,6 +326,17 @@ mod tests {
         t.namespace = "portsentry-system".into();
         let mut p = pod("portsentry-system", "uid-web-0", &[NODE_SENSOR_LABEL]);
         p.metadata.owner_references = None;
+        assert!(matches!(
+            reporter(&t, Some(&p), &BTreeMap::new(), &fixtures::expected(), None),
+            Authentication::Forged(_)
+        ));
+    }
+
+    #[test]
+    fn a_sidecar_of_a_namespace_named_node_cannot_pass_for_a_node_sensor() {
+        let mut t = token();
+        t.namespace = "node".into();
+        let p = pod("node", "uid-web-0", &[("app", "web")]);
         assert!(matches!(
             reporter(&t, Some(&p), &BTreeMap::new(), &fixtures::expected(), None),
             Authentication::Forged(_)

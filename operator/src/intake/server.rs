@@ -175,22 +175,27 @@ pub fn ban_namespace(governing: Governing<'_>, operator_namespace: &str) -> Stri
     .unwrap_or_else(|| operator_namespace.to_owned())
 }
 
-/// The PortSentryBan object a write applies, labelled with its policy.
+/// The PortSentryBan object a write applies, labelled with its policy (and, when confined,
+/// with the one namespace it acts in: applying without it removes the label).
 pub fn ban_object(write: &BanWrite, namespace: &str) -> PortSentryBan {
     let mut ban = PortSentryBan::new(&write.name, write.spec.clone());
+    let mut labels = BTreeMap::from([
+        (
+            labels::MANAGED_BY_LABEL.to_owned(),
+            labels::MANAGER.to_owned(),
+        ),
+        (
+            labels::POLICY_LABEL.to_owned(),
+            crate::names::label_value(&write.spec.policy.name),
+        ),
+    ]);
+    if let Some(to) = &write.confined_to {
+        labels.insert(labels::CONFINED_LABEL.to_owned(), to.clone());
+    }
     ban.metadata = ObjectMeta {
         name: Some(write.name.clone()),
         namespace: Some(namespace.to_owned()),
-        labels: Some(BTreeMap::from([
-            (
-                labels::MANAGED_BY_LABEL.to_owned(),
-                labels::MANAGER.to_owned(),
-            ),
-            (
-                labels::POLICY_LABEL.to_owned(),
-                crate::names::label_value(&write.spec.policy.name),
-            ),
-        ])),
+        labels: Some(labels),
         ..ObjectMeta::default()
     };
     ban
@@ -600,7 +605,7 @@ impl Intake {
             .read()
             .map(|g| g.clone())
             .unwrap_or_else(|p| p.into_inner().clone());
-        let (outcomes, writes) = intake::judge_report(
+        let (outcomes, mut writes) = intake::judge_report(
             admitted,
             &policy_name,
             rules,
@@ -609,6 +614,14 @@ impl Intake {
             active,
             now,
         )?;
+        for write in &mut writes {
+            write.confined_to = intake::confinement(
+                governing,
+                &write.spec,
+                &admitted.reporter,
+                &self.operator_namespace,
+            );
+        }
         let params = PatchParams::apply(labels::MANAGER).force();
         for write in &writes {
             let ban = ban_object(write, &namespace);
@@ -798,6 +811,7 @@ mod tests {
             &BanWrite {
                 name: "web-v4-203-0-113-7".into(),
                 spec,
+                confined_to: None,
             },
             "shop",
         );
