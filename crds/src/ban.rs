@@ -37,6 +37,14 @@ pub fn cluster_wide(ban: &PortSentryBan) -> bool {
 /// Most evidence entries a ban keeps (the newest win).
 pub const MAX_EVIDENCE: usize = 32;
 
+/// CEL rule on a ban's spec: its source is no wider than /8 (IPv4) or /32 (IPv6). (The API
+/// server's `isCIDR` refuses IPv4-mapped IPv6 prefixes, so `::ffff:0.0.0.0/96` never gets here.)
+pub const WIDEST_BAN_RULE: &str = "!isCIDR(self.source) || cidr(self.source).prefixLength() \
+    >= (cidr(self.source).ip().family() == 4 ? 8 : 32)";
+/// What the API server answers when [`WIDEST_BAN_RULE`] fails.
+pub const WIDEST_BAN_MESSAGE: &str = "spec.source is too wide: a ban's prefix may be at most /8 for IPv4 \
+    and /32 for IPv6; ban narrower prefixes";
+
 /// A source banned for scanning decoy ports.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -54,10 +62,16 @@ pub const MAX_EVIDENCE: usize = 32;
     printcolumn = r#"{"name":"Source","type":"string","jsonPath":".spec.source"}"#,
     printcolumn = r#"{"name":"Policy","type":"string","jsonPath":".spec.policy.name"}"#,
     printcolumn = r#"{"name":"Offences","type":"integer","jsonPath":".spec.offences"}"#,
-    printcolumn = r#"{"name":"Expires","type":"date","jsonPath":".spec.expiresAt"}"#,
-    printcolumn = r#"{"name":"Enforced","type":"string","jsonPath":".status.conditions[?(@.type==\"Enforced\")].status"}"#
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".spec.expiresAt"}"#,
+    printcolumn = r#"{"name":"Enforced","type":"string","jsonPath":".status.conditions[?(@.type==\"Enforced\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Enforced\")].reason"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": WIDEST_BAN_RULE,
+    "message": WIDEST_BAN_MESSAGE,
+    "fieldPath": ".source"
+}]))]
 pub struct PortSentryBanSpec {
     /// The banned address (203.0.113.7) or prefix (198.51.100.0/24, 2001:db8::/48).
     pub source: SourcePrefix,

@@ -369,8 +369,12 @@ pub struct WebhookTarget {
         "message": "must be an absolute http:// or https:// URL"
     }]))]
     pub url: String,
-    /// Give up on one delivery attempt after this long.
+    /// Give up on one delivery attempt after this long; at most 30s.
     #[serde(default = "default_webhook_timeout")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self) <= duration('30s')",
+        "message": "must be at most 30s: a hook that slow holds a delivery slot"
+    }]))]
     pub timeout: Duration,
 }
 

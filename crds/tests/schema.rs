@@ -132,6 +132,26 @@ fn ban_printer_columns_show_source_policy_offences_and_expiry() {
 }
 
 #[test]
+fn ban_printer_columns_show_the_expiry_instant_and_why_a_ban_is_not_enforced() {
+    let columns = version("portsentrybans")["additionalPrinterColumns"].clone();
+    let column = |name: &str| {
+        columns
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no column {name}"))
+    };
+    // A `date` column prints an age: "<invalid>" for an expiry still ahead.
+    assert_eq!(column("Expires")["type"], "string");
+    assert_eq!(
+        column("Reason")["jsonPath"],
+        ".status.conditions[?(@.type==\"Enforced\")].reason"
+    );
+}
+
+#[test]
 fn policy_printer_columns_show_sensors_bans_and_enforcement() {
     for plural in ["portsentrypolicies", "clusterportsentrypolicies"] {
         let names: Vec<_> = version(plural)["additionalPrinterColumns"]

@@ -18,7 +18,7 @@ use portsentry_crds::PortSentryBan;
 use portsentry_operator::{
     Error, Result, cluster,
     enforce::{self, quarantine},
-    hooks::Hooks,
+    hooks::{HookSettings, Hooks},
     http,
     inject::webhook,
     intake::{
@@ -102,6 +102,14 @@ struct Args {
     /// PEM CA bundle trusted for https:// alert hooks besides the system's roots.
     #[arg(long)]
     hook_ca_file: Option<PathBuf>,
+    /// Alert hook targets allowed although loopback, link-local, the metadata address or a
+    /// cluster range (repeatable CIDR).
+    #[arg(long = "hook-allow-cidr")]
+    hook_allow_cidrs: Vec<ipnet::IpNet>,
+    /// Pod or Service ranges of the cluster that hooks may not target, besides those read
+    /// from ServiceCIDRs and nodes' podCIDRs (repeatable CIDR).
+    #[arg(long = "hook-deny-cidr")]
+    hook_deny_cidrs: Vec<ipnet::IpNet>,
     /// Seconds a Lease holds without renewal.
     #[arg(long, default_value = "15")]
     lease_duration_secs: u64,
@@ -254,7 +262,15 @@ async fn start(
             })
         })
         .transpose()?;
-    let (hooks, delivery) = Hooks::start(metrics.clone(), hook_ca.as_deref())?;
+    let (hooks, delivery) = Hooks::start(
+        metrics.clone(),
+        HookSettings {
+            extra_ca_pem: hook_ca,
+            allow: args.hook_allow_cidrs.clone(),
+            cluster_ranges: args.hook_deny_cidrs.clone(),
+            client: Some(client.clone()),
+        },
+    )?;
     tasks.spawn_infallible("alert hook delivery", delivery);
     // One watch of PortSentryBans for the intake (every replica) and the leader's controllers.
     let (bans, ban_watch) = Shared::watch(
@@ -292,7 +308,7 @@ async fn start(
             reporter: reporter.clone(),
             hooks: Some(hooks.clone()),
         },
-        bans.store(),
+        &bans,
     );
     tasks.spawn_infallible("ban watch", ban_watch);
     let serve_intake = intake::server::run(args.report_addr, tls.config, intake, readiness);

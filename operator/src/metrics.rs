@@ -33,6 +33,7 @@ pub struct Metrics {
     bans_refused: IntCounterVec,
     bans_added: IntCounter,
     hook_deliveries: IntCounterVec,
+    hook_refusals: IntCounterVec,
     injection_failures: IntCounterVec,
     report_to_enforcement: Histogram,
     /// Bans written on a report, awaiting their NetworkPolicy write: (policy, ban) → received.
@@ -73,7 +74,7 @@ impl Metrics {
         let bans_active =
             IntGauge::new("bans_active", "PortSentryBans in force, over all policies.")?;
         let bans_expired =
-            IntCounter::new("bans_expired_total", "PortSentryBans removed at expiry.")?;
+            IntCounter::new("bans_expired_total", "PortSentryBans lifted at expiry.")?;
         let policies_not_enforced = IntGauge::new(
             "policies_not_enforced",
             "Policies whose bans cannot be enforced safely (Enforced=False).",
@@ -130,6 +131,13 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let hook_refusals = IntCounterVec::new(
+            Opts::new(
+                "hook_refusals_total",
+                "Alert hook deliveries refused because the target resolves to a forbidden address, by reason (loopback, metadata, link_local, unspecified, multicast, cluster_range, unresolved).",
+            ),
+            &["reason"],
+        )?;
         let injection_failures = IntCounterVec::new(
             Opts::new(
                 "injection_failures_total",
@@ -139,6 +147,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(injection_failures.clone()))?;
         registry.register(Box::new(hook_deliveries.clone()))?;
+        registry.register(Box::new(hook_refusals.clone()))?;
         registry.register(Box::new(reports_accepted.clone()))?;
         registry.register(Box::new(reports_refused.clone()))?;
         registry.register(Box::new(detections.clone()))?;
@@ -166,6 +175,7 @@ impl Metrics {
             bans_refused,
             bans_added,
             hook_deliveries,
+            hook_refusals,
             injection_failures,
             report_to_enforcement,
             pending: Mutex::new(HashMap::new()),
@@ -196,9 +206,15 @@ impl Metrics {
         }
     }
 
-    /// Counts an alert hook delivery: `delivered`, `failed` or `dropped` (queue full).
+    /// Counts an alert hook delivery: `delivered`, `failed`, `refused` (forbidden target) or
+    /// `dropped` (queue full).
     pub fn hook_delivery(&self, result: &'static str) {
         self.hook_deliveries.with_label_values(&[result]).inc();
+    }
+
+    /// Counts a hook target refused for `reason` (`hooks::targets::Refusal::as_str`).
+    pub fn hook_refused(&self, reason: &'static str) {
+        self.hook_refusals.with_label_values(&[reason]).inc();
     }
 
     /// Counts a pod admitted without its sensor; `reason` is a fixed word

@@ -42,9 +42,10 @@ type Subscribers<K> = Arc<Mutex<Vec<mpsc::Sender<watcher::Event<K>>>>>;
 pub struct Shared<K: Resource<DynamicType = ()> + 'static> {
     store: Store<K>,
     subscribers: Subscribers<K>,
-    /// One subscriber at a time waits for the first list (the store's readiness future wakes
-    /// only its latest waiter).
-    ready: Arc<Mutex<()>>,
+    /// True once the first list is in the store. Every waiter waits on this, never on
+    /// `Store::wait_until_ready`: kube-runtime's readiness future wakes only the waiter that
+    /// polled it last, so two consumers waiting at once could leave one asleep for good.
+    ready: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<K: Resource<DynamicType = ()>> Clone for Shared<K> {
@@ -88,6 +89,7 @@ where
             .modify(trim)
             .reflect(writer);
         let fan_out = subscribers.clone();
+        let (listed, ready) = tokio::sync::watch::channel(false);
         let run = async move {
             futures::pin_mut!(events);
             while let Some(event) = events.next().await {
@@ -98,6 +100,10 @@ where
                         continue;
                     }
                 };
+                if matches!(event, watcher::Event::InitDone) {
+                    // The reflector has applied the list: the store holds it now.
+                    listed.send_replace(true);
+                }
                 let mut subscribers = fan_out.lock().await;
                 let mut open = Vec::with_capacity(subscribers.len());
                 for subscriber in subscribers.drain(..) {
@@ -111,7 +117,7 @@ where
         let shared = Self {
             store,
             subscribers,
-            ready: Arc::default(),
+            ready,
         };
         (shared, run)
     }
@@ -121,16 +127,24 @@ where
         self.store.clone()
     }
 
+    /// Waits until the store holds the first list; Err if the watch future was dropped
+    /// first (then nothing more ever arrives). Any number of callers may wait at once.
+    pub async fn ready(&self) -> Result<(), WatchEnded> {
+        self.ready
+            .clone()
+            .wait_for(|listed| *listed)
+            .await
+            .map(|_| ())
+            .map_err(|_| WatchEnded(K::kind(&()).into_owned()))
+    }
+
     /// Waits for the first list, then streams every object in the store as a relist and every
     /// event after it, as a watch of its own would.
     pub async fn subscribe(
         &self,
     ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static {
-        {
-            let _one_waiter = self.ready.lock().await;
-            // Err only if the watch future was dropped: then nothing more ever arrives.
-            let _ = self.store.wait_until_ready().await;
-        }
+        // Err only if the watch future was dropped: then the stream below just ends.
+        let _ = self.ready().await;
         let (sender, receiver) = mpsc::channel(BUFFER);
         let mut subscribers = self.subscribers.lock().await;
         let now = self.store.state();
@@ -237,6 +251,11 @@ where
         })
     })
 }
+
+/// The shared watch of a kind ended before its first list.
+#[derive(Debug, thiserror::Error)]
+#[error("the shared {0} watch ended before its first list")]
+pub struct WatchEnded(pub String);
 
 /// The watches the leader's controllers share with each other (and bans with the intake).
 #[derive(Clone, Debug)]

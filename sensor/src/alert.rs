@@ -189,13 +189,19 @@ impl fmt::Display for HostName {
 pub mod lines {
     use super::*;
 
-    /// `-tcp` alarm: `attackalert: Connect from host: h/a to TCP port: p`; `-udp` alarm:
-    /// `attackalert: UDP scan from host: h/a to UDP port: p` (1.2's words for each mode).
+    /// Connect-mode alarm, as 1.2's `-tcp` and `-udp` write it:
+    /// `attackalert: Connect from host: h/a to TCP port: p` (or `to UDP port: p`).
     pub fn alarm(host: &HostName, protocol: Protocol, port: u16) -> String {
-        match protocol {
-            Protocol::Tcp => format!("attackalert: Connect from host: {host} to TCP port: {port}"),
-            Protocol::Udp => format!("attackalert: UDP scan from host: {host} to UDP port: {port}"),
-        }
+        format!(
+            "attackalert: Connect from host: {host} to {} port: {port}",
+            protocol.as_str()
+        )
+    }
+
+    /// Raw-mode UDP alarm, as 1.2's `-sudp` and `-audp` write it:
+    /// `attackalert: UDP scan from host: h/a to UDP port: p`.
+    pub fn udp_probe_alarm(host: &HostName, port: u16) -> String {
+        format!("attackalert: UDP scan from host: {host} to UDP port: {port}")
     }
 
     /// Stealth/advanced TCP alarm: `attackalert: TCP FIN scan from host: h/a to TCP port: p`
@@ -233,8 +239,15 @@ pub mod lines {
         )
     }
 
+    /// A connect mode's hit from a host it has blocked, after the alarm line (1.2's `-tcp`, `-udp`).
     pub fn already_blocked(address: IpAddr) -> String {
         format!("attackalert: Host: {address} is already blocked. Ignoring")
+    }
+
+    /// A raw mode's hit from a host it has blocked, after the alarm line: 1.2's stealth and
+    /// advanced modes name the host as `h/a` and write no period.
+    pub fn probe_already_blocked(host: &HostName) -> String {
+        format!("attackalert: Host: {host} is already blocked Ignoring")
     }
 
     pub fn route(address: IpAddr, command: &str) -> String {
@@ -325,14 +338,30 @@ mod tests {
     }
 
     #[test]
-    fn a_udp_alarm_reads_as_portsentry_writes_it() {
+    fn a_connect_mode_udp_alarm_reads_as_1_2s_udp_mode_writes_it() {
         let host = HostName {
             name: "scanner.example".into(),
             address: ip("2001:db8::7"),
         };
         assert_eq!(
             alarm(&host, Protocol::Udp, 161),
-            "attackalert: UDP scan from host: scanner.example/2001:db8::7 to UDP port: 161"
+            "attackalert: Connect from host: scanner.example/2001:db8::7 to UDP port: 161"
+        );
+    }
+
+    #[test]
+    fn a_raw_mode_udp_alarm_reads_as_1_2s_sudp_and_audp_write_it() {
+        assert_eq!(
+            udp_probe_alarm(&HostName::unresolved(ip("10.251.0.2")), 11),
+            "attackalert: UDP scan from host: 10.251.0.2/10.251.0.2 to UDP port: 11"
+        );
+    }
+
+    #[test]
+    fn a_raw_modes_already_blocked_line_reads_as_1_2_writes_it() {
+        assert_eq!(
+            probe_already_blocked(&HostName::unresolved(ip("10.251.0.2"))),
+            "attackalert: Host: 10.251.0.2/10.251.0.2 is already blocked Ignoring"
         );
     }
 

@@ -95,19 +95,6 @@ pub fn never_banned(extra: impl IntoIterator<Item = IpNet>) -> Vec<IpNet> {
         .collect()
 }
 
-/// An IPv4-mapped IPv6 prefix as the IPv4 prefix it maps (how the kernel sees the source).
-fn canonical(net: IpNet) -> IpNet {
-    match net {
-        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
-            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
-                .map(IpNet::V4)
-                .unwrap_or(net),
-            None => net,
-        },
-        other => other,
-    }
-}
-
 /// The kernel set contents for the active bans of `policy` among `bans` at `now`, leaving
 /// out whatever overlaps `never`: a ban inside a protected network, and a prefix ban that
 /// contains a protected address (refused as a whole, never installed minus the hole).
@@ -135,7 +122,8 @@ pub fn desired<'a>(
                 _ => continue,
             },
         };
-        let net = canonical(ban.spec.source.network());
+        // IPv4-mapped sources arrive as IPv4 (normalised where SourcePrefix is parsed).
+        let net = ban.spec.source.network();
         let overlaps = |n: &IpNet| n.contains(&net.network()) || net.contains(&n.network());
         if never.iter().any(overlaps) {
             *skipped.entry(Skip::Protected).or_default() += 1;

@@ -137,6 +137,7 @@ pub fn explain(config: &Config, ignore: &IgnoreStatus) -> Vec<Finding> {
         blocking(config, mode, &mut out);
     }
     bans(config, &mut out);
+    shell_only_blocking(config, &mut out);
     for entry in config.entries.values() {
         if let Some(cut) = &entry.cut_by_1_2 {
             out.push(warning(format!(
@@ -171,13 +172,31 @@ pub fn explain(config: &Config, ignore: &IgnoreStatus) -> Vec<Finding> {
     }
     if let Some(banner) = &config.port_banner {
         out.push(info(format!(
-            "PORT_BANNER: TCP scanners that trip the alarm are sent \"{banner}\" before the connection closes"
+            "PORT_BANNER: TCP scanners that trip the alarm are sent \"{banner}\" before the connection closes, and an alarming UDP datagram is answered with it from the decoy's port"
         )));
     }
     if config.resolve_host {
         out.push(info("RESOLVE_HOST=1: alarm lines name the host by reverse DNS (the ban never waits more than 2s for it)".into()));
     }
+    out.extend(crate::differences::applying(config).map(|d| info(d.finding())));
     out
+}
+
+/// A config that blocks only through shell commands: the fork and exec of each is what a
+/// scanner outruns, with this sensor as with 1.2 (tests/bench/kill-route-scan measures it).
+fn shell_only_blocking(config: &Config, out: &mut Vec<Finding>) {
+    let runs_shell = [Mode::Tcp, Mode::Udp]
+        .iter()
+        .any(|mode| match config.block(*mode) {
+            BlockLevel::LogOnly => false,
+            BlockLevel::RunCmdOnly => config.kill_run_cmd.is_some(),
+            BlockLevel::All => config.kill_route.is_some() || config.kill_run_cmd.is_some(),
+        });
+    if runs_shell && !config.nft_ban {
+        out.push(warning(
+            "Blocks only through KILL_ROUTE/KILL_RUN_CMD: every ban waits for /bin/sh to fork and run your command, and that is the bottleneck: a connect scan (nmap -sT -p 1-1000) still saw a median of 173 ports answer before the drop took effect, as under PortSentry 1.2 (170). NFT_BAN=\"1\" bans from the sensor itself, without a shell (12 ports; docs/benchmarks.md); KILL_ROUTE can stay for whatever else it does".into(),
+        ));
+    }
 }
 
 fn decoys(config: &Config, mode: Mode, key: &str, out: &mut Vec<Finding>) {
@@ -590,6 +609,64 @@ mod tests {
         );
         assert!(config.nft_ban && config.kill_route.is_none());
         assert!(matches!(config.ban_duration, BanDuration::For(_)));
+    }
+
+    #[test]
+    fn blocking_only_through_kill_route_names_the_fork_as_the_bottleneck_and_nft_ban_as_the_cure() {
+        assert!(warns(
+            &config(
+                "BLOCK_TCP=\"1\"\nKILL_ROUTE=\"/sbin/iptables -I INPUT -s $TARGET$ -j DROP\"\n"
+            ),
+            "Blocks only through KILL_ROUTE/KILL_RUN_CMD: every ban waits for /bin/sh to fork"
+        ));
+    }
+
+    #[test]
+    fn block_2_with_kill_run_cmd_alone_is_shell_only_blocking() {
+        assert!(warns(
+            &config("BLOCK_TCP=\"2\"\nBLOCK_UDP=\"0\"\nKILL_RUN_CMD=\"/c $TARGET$\"\n"),
+            "NFT_BAN=\"1\" bans from the sensor itself"
+        ));
+    }
+
+    #[test]
+    fn kill_route_beside_nft_ban_is_not_shell_only_blocking() {
+        assert!(!warns(
+            &config("BLOCK_TCP=\"1\"\nKILL_ROUTE=\"/r\"\nNFT_BAN=\"1\"\n"),
+            "Blocks only through KILL_ROUTE"
+        ));
+    }
+
+    #[test]
+    fn check_names_each_difference_from_1_2_that_applies_with_its_key() {
+        let findings = texts(&config(FIXTURE), Level::Info);
+        for needle in [
+            "Differs from PortSentry 1.2 (History when nothing was blocked)",
+            "Differs from PortSentry 1.2 (Inner quotes)",
+            "Differs from PortSentry 1.2 (Own addresses)",
+        ] {
+            assert!(
+                findings.iter().any(|f| f.starts_with(needle)),
+                "{needle}: {findings:#?}"
+            );
+        }
+        assert!(
+            !findings
+                .iter()
+                .any(|f| f.starts_with("Differs from PortSentry 1.2 (Timed bans)")),
+            "{findings:#?}"
+        );
+    }
+
+    #[test]
+    fn check_names_the_key_that_restores_1_2s_blocking_on_unverified_evidence() {
+        let findings = texts(&config("BLOCK_UDP=\"1\"\nKILL_ROUTE=\"/r\"\n"), Level::Info);
+        assert!(
+            findings.iter().any(|f| f
+                .starts_with("Differs from PortSentry 1.2 (Unverified evidence)")
+                && f.ends_with("BAN_UNVERIFIED=\"1\" restores 1.2's")),
+            "{findings:#?}"
+        );
     }
 
     #[test]

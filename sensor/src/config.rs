@@ -17,6 +17,8 @@
 //! - `SCAN_DISTINCT_PORTS` (`0`/`1`): count distinct decoy ports instead of hits.
 //! - `STATE_MAX_SOURCES` (default 65536): most sources tracked; the oldest are evicted.
 //! - `HOSTS_DENY_FILE` (default `/etc/hosts.deny`): where `KILL_HOSTS_DENY` lines go.
+//! - `METRICS_PER_PORT` (`0` default / `1`): `hits_total` per decoy port; off, the metrics
+//!   name no decoy port (anyone who reaches the metrics port would learn them).
 //!
 //! A relative file path (`IGNORE_FILE`, `HISTORY_FILE`, ...) is taken next to the config file.
 
@@ -67,6 +69,7 @@ pub const EXTENSION_KEYS: &[&str] = &[
     "SCAN_DISTINCT_PORTS",
     "STATE_MAX_SOURCES",
     "HOSTS_DENY_FILE",
+    "METRICS_PER_PORT",
 ];
 
 /// Largest `SCAN_TRIGGER` accepted: the engine keeps that many hits per source.
@@ -159,6 +162,8 @@ pub struct Config {
     pub scan_distinct_ports: bool,
     pub state_max_sources: usize,
     pub hosts_deny_file: PathBuf,
+    /// `hits_total` has a `port` label (opt-in: it reveals the decoy ports).
+    pub metrics_per_port: bool,
 }
 
 impl Config {
@@ -246,6 +251,7 @@ impl Config {
             hosts_deny_file: values
                 .path("HOSTS_DENY_FILE")?
                 .unwrap_or_else(|| PathBuf::from("/etc/hosts.deny")),
+            metrics_per_port: values.flag("METRICS_PER_PORT")?.unwrap_or(false),
             entries: entries.clone(),
         };
         if config.nft_tripwire && !config.nft_ban {
@@ -762,6 +768,16 @@ mod tests {
         assert!(
             error_of("BAN_DURATION=\"1h\"\nBAN_MAX_DURATION=\"10m\"\n")
                 .contains("shorter than BAN_DURATION")
+        );
+    }
+
+    #[test]
+    fn per_port_metrics_are_off_unless_asked_for() {
+        assert!(!parse("TCP_PORTS=\"1\"\n").expect("loads").metrics_per_port);
+        assert!(
+            parse("METRICS_PER_PORT=\"1\"\n")
+                .expect("loads")
+                .metrics_per_port
         );
     }
 

@@ -52,6 +52,14 @@ pub enum Error {
         source: io::Error,
     },
     #[error(
+        "refusing to write {what} file {path}: {reason} (the sensor writes it as root: point the setting at a regular file in a directory only root can write)"
+    )]
+    UnsafeRecord {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error(
         "no decoy could be bound: {0} (free the ports or choose others in TCP_PORTS/UDP_PORTS)"
     )]
     NothingBound(String),

@@ -121,8 +121,8 @@ pub trait HitSink: Send + Sync + 'static {
     fn hit(&self, hit: Hit) -> bool;
 }
 
-/// Accepts connections on a TCP decoy forever: each is a hit; the banner goes out when
-/// the hit alarms, then the connection is closed.
+/// Accepts connections on a TCP decoy forever: each is a hit; the banner goes out (as is,
+/// no newline added, as 1.2 writes it) when the hit alarms, then the connection is closed.
 pub async fn serve_tcp(
     listener: std::net::TcpListener,
     port: u16,
@@ -149,10 +149,10 @@ pub async fn serve_tcp(
         let banner = banner.clone().filter(|_| alarmed);
         tokio::spawn(async move {
             if let Some(banner) = banner {
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-                    stream.write_all(banner.as_bytes()).await?;
-                    stream.write_all(b"\n").await
-                })
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    stream.write_all(banner.as_bytes()),
+                )
                 .await;
             }
             let _ = stream.shutdown().await;
@@ -160,10 +160,54 @@ pub async fn serve_tcp(
     }
 }
 
-/// Receives datagrams on a UDP decoy forever: each is a hit.
+/// Most UDP banners sent a second, all decoys together (and the burst allowed).
+pub const UDP_BANNERS_PER_SECOND: u32 = 10;
+
+/// `PORT_BANNER` for the UDP decoys, with the budget they share: a datagram's source can be
+/// forged, so an answer to every one would make the decoys a reflector; 1.2 answers all.
+#[derive(Clone, Debug)]
+pub struct UdpBanner {
+    text: Arc<str>,
+    budget: Arc<std::sync::Mutex<Budget>>,
+}
+
+#[derive(Debug)]
+struct Budget {
+    tokens: u32,
+    refilled: std::time::Instant,
+}
+
+impl UdpBanner {
+    pub fn new(text: Arc<str>) -> Self {
+        Self {
+            text,
+            budget: Arc::new(std::sync::Mutex::new(Budget {
+                tokens: UDP_BANNERS_PER_SECOND,
+                refilled: std::time::Instant::now(),
+            })),
+        }
+    }
+
+    /// The banner's bytes when the budget allows one more now.
+    fn take(&self) -> Option<&[u8]> {
+        let mut budget = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = budget.refilled.elapsed();
+        if elapsed >= std::time::Duration::from_secs(1) {
+            budget.tokens = UDP_BANNERS_PER_SECOND;
+            budget.refilled = std::time::Instant::now();
+        }
+        budget.tokens = budget.tokens.checked_sub(1)?;
+        Some(self.text.as_bytes())
+    }
+}
+
+/// Receives datagrams on a UDP decoy forever: each is a hit. When the hit alarms (or comes
+/// from a host banned already), the banner goes back to the source from the decoy's port
+/// before the alarm is logged, as 1.2's `-udp` sends it (no newline added).
 pub async fn serve_udp(
     socket: std::net::UdpSocket,
     port: u16,
+    banner: Option<UdpBanner>,
     sink: Arc<dyn HitSink>,
 ) -> io::Result<()> {
     let socket = UdpSocket::from_std(socket)?;
@@ -171,13 +215,20 @@ pub async fn serve_udp(
     loop {
         match socket.recv_from(&mut buffer).await {
             Ok((_, peer)) => {
-                sink.hit(Hit {
+                let alarmed = sink.hit(Hit {
                     source: peer.ip().to_canonical(),
                     port,
                     protocol: Protocol::Udp,
                     kind: ProbeKind::Datagram,
                     captured: None,
                 });
+                if let Some(text) = banner
+                    .as_ref()
+                    .filter(|_| alarmed)
+                    .and_then(UdpBanner::take)
+                {
+                    let _ = socket.try_send_to(text, peer);
+                }
             }
             Err(error) => {
                 tracing::debug!(port, %error, "receive failed on UDP decoy");
@@ -319,7 +370,7 @@ mod tests {
             .expect("connect");
         let mut text = String::new();
         stream.read_to_string(&mut text).await.expect("read");
-        assert_eq!(text, "GO AWAY\n");
+        assert_eq!(text, "GO AWAY");
         let hits = sink.hits.lock().expect("lock").clone();
         assert_eq!(hits.len(), 1);
         assert_eq!(
@@ -348,7 +399,7 @@ mod tests {
         let port = free_port(Protocol::Udp);
         let socket = bind_udp(Family::V4, port).expect("bind");
         let sink = Arc::new(Recorder::default());
-        tokio::spawn(serve_udp(socket, port, sink.clone()));
+        tokio::spawn(serve_udp(socket, port, None, sink.clone()));
         let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
         for _ in 0..50 {
             client.send_to(b"x", ("127.0.0.1", port)).expect("send");
@@ -362,6 +413,60 @@ mod tests {
             (hits[0].port, hits[0].protocol, hits[0].verified()),
             (port, Protocol::Udp, false)
         );
+    }
+
+    /// Sends a datagram to a UDP decoy; returns what came back and whether from the decoy's port.
+    async fn datagram_answer(banner: Option<UdpBanner>, alarm: bool) -> Option<(Vec<u8>, bool)> {
+        let port = free_port(Protocol::Udp);
+        let socket = bind_udp(Family::V4, port).expect("bind");
+        let sink = Arc::new(Recorder {
+            alarm,
+            ..Recorder::default()
+        });
+        tokio::spawn(serve_udp(socket, port, banner, sink.clone()));
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("client");
+        client
+            .send_to(b"x", ("127.0.0.1", port))
+            .await
+            .expect("send");
+        let mut buffer = [0u8; 256];
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            client.recv_from(&mut buffer),
+        )
+        .await;
+        assert!(
+            !sink.hits.lock().expect("lock").is_empty(),
+            "no hit recorded"
+        );
+        match answer {
+            Ok(Ok((n, from))) => Some((buffer[..n].to_vec(), from.port() == port)),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_alarming_datagram_gets_the_banner_from_the_decoys_port() {
+        let port_banner = UdpBanner::new("GO AWAY".into());
+        assert_eq!(
+            datagram_answer(Some(port_banner), true).await,
+            Some((b"GO AWAY".to_vec(), true))
+        );
+    }
+
+    #[tokio::test]
+    async fn no_udp_banner_is_sent_below_the_trigger() {
+        let port_banner = UdpBanner::new("GO AWAY".into());
+        assert_eq!(datagram_answer(Some(port_banner), false).await, None);
+    }
+
+    #[test]
+    fn udp_banners_stop_at_the_budget_of_a_second() {
+        let banner = UdpBanner::new("GO AWAY".into());
+        let sent = (0..100).filter(|_| banner.take().is_some()).count();
+        assert_eq!(sent, UDP_BANNERS_PER_SECOND as usize);
     }
 
     #[test]

@@ -165,6 +165,7 @@ pub struct Listeners {
     tasks: BTreeMap<Key, Vec<JoinHandle<()>>>,
     sink: Arc<dyn HitSink>,
     banner: Option<Arc<str>>,
+    udp_banner: Option<listen::UdpBanner>,
 }
 
 impl std::fmt::Debug for Listeners {
@@ -180,6 +181,7 @@ impl Listeners {
         Self {
             tasks: BTreeMap::new(),
             sink,
+            udp_banner: banner.clone().map(listen::UdpBanner::new),
             banner,
         }
     }
@@ -198,8 +200,9 @@ impl Listeners {
                 ((Protocol::Tcp, port), task)
             }
             Decoy::Udp(port, _, socket) => {
+                let banner = self.udp_banner.clone();
                 let task = tokio::spawn(async move {
-                    if let Err(error) = listen::serve_udp(socket, port, sink).await {
+                    if let Err(error) = listen::serve_udp(socket, port, banner, sink).await {
                         tracing::error!(port, %error, "UDP decoy stopped");
                     }
                 });

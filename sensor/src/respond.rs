@@ -18,7 +18,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write,
     net::IpAddr,
     path::PathBuf,
     process::Stdio,
@@ -34,6 +33,7 @@ use crate::{
     error::{Error, Result},
     metrics::Metrics,
     packet::RawMode,
+    record_file,
 };
 
 /// The PortSentry mode that detected a hit: a connect mode (`-tcp`, `-udp`) or a raw-socket
@@ -360,7 +360,7 @@ impl Responder {
             let (name, result) = match &action {
                 Action::HostsDeny(text) => (
                     "hosts_deny",
-                    append(&configured.hosts_deny_file, "hosts.deny", text),
+                    record_file::append_line(&configured.hosts_deny_file, "hosts.deny", text),
                 ),
                 Action::Route(cmd) => ("route", run_shell(cmd).await),
                 Action::Command(cmd) => ("command", run_shell(cmd).await),
@@ -429,10 +429,10 @@ impl Responder {
     ) -> Result<()> {
         let line = record_line(&jiff::Zoned::now(), host, port, mode.mode().protocol());
         if let Some(path) = history_file {
-            append(path, "history", &line)?;
+            record_file::append_line(path, "history", &line)?;
         }
         if let Some(path) = self.blocked_files.get(&mode) {
-            append(path, "blocked", &line)?;
+            record_file::append_line(path, "blocked", &line)?;
         }
         let mut blocked = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
         blocked.insert(host.address, (mode, line));
@@ -469,7 +469,7 @@ impl Responder {
                 .filter(|(m, _)| m == mode)
                 .map(|(_, line)| format!("{line}\n"))
                 .collect();
-            if let Err(source) = std::fs::write(path, text) {
+            if let Err(source) = record_file::replace(path, "blocked", &text) {
                 self.alerts.emit(
                     &format!(
                         "adminalert: ERROR: cannot rewrite blocked file {}: {source}",
@@ -499,28 +499,10 @@ fn add_blocked_file(
     mode: Detection,
 ) -> Result<()> {
     if let Some(path) = config.blocked_file_of(mode.as_str()) {
-        std::fs::write(&path, "").map_err(|source| Error::WriteRecord {
-            what: "blocked",
-            path: path.clone(),
-            source,
-        })?;
+        record_file::replace(&path, "blocked", "")?;
         files.insert(mode, path);
     }
     Ok(())
-}
-
-fn append(path: &PathBuf, what: &'static str, line: &str) -> Result<()> {
-    let error = |source| Error::WriteRecord {
-        what,
-        path: path.clone(),
-        source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(error)?;
-    writeln!(file, "{line}").map_err(error)
 }
 
 /// Runs `/bin/sh -c command` (as 1.2's `system()`), failing on a non-zero exit or timeout.
@@ -665,7 +647,7 @@ mod tests {
             config,
             None,
             Arc::new(Alerts::stderr()),
-            Arc::new(Metrics::new(&[], &[]).expect("metrics")),
+            Arc::new(Metrics::new().expect("metrics")),
         )
         .expect("responder")
     }

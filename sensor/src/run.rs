@@ -27,7 +27,7 @@ use crate::{
     error::{Error, Result},
     listen::{self, Decoy, HitSink},
     metrics::{self, Metrics},
-    packet::{RawMode, classify},
+    packet::{Hit, RawMode, classify},
     reload,
     respond::{Detection, Enforcer, Outcome, Responder},
     stealth::{self, Capture, DEFAULT_ADVANCED_PORTS, Watch},
@@ -35,6 +35,15 @@ use crate::{
 
 /// Alarms waiting for their responses; beyond this, new alarms are logged but not acted on.
 const ALARM_QUEUE: usize = 4096;
+
+/// What the respond task logs and answers, one at a time in arrival order (so a hit from a
+/// host whose ban is under way is logged after that ban's lines, as 1.2 logs it).
+#[derive(Debug)]
+enum Job {
+    Alarm(Alarm),
+    /// A hit from a source banned already: its alarm line, then 1.2's "already blocked".
+    AlreadyBlocked(Hit),
+}
 
 /// How the sensor is to run.
 #[derive(Debug)]
@@ -79,7 +88,7 @@ struct Core {
     engine: Mutex<Engine>,
     origin: Instant,
     metrics: Arc<Metrics>,
-    alarms: mpsc::Sender<Alarm>,
+    alarms: mpsc::Sender<Job>,
     alerts: Arc<Alerts>,
     gate: Mutex<AlarmGate>,
     suppressed: AtomicU64,
@@ -111,7 +120,7 @@ impl reload::Retune for Live {
 }
 
 impl HitSink for Core {
-    fn hit(&self, hit: crate::packet::Hit) -> bool {
+    fn hit(&self, hit: Hit) -> bool {
         self.metrics.hit(hit.protocol, hit.port);
         self.metrics.probe(hit.kind);
         let verdict = self.engine().observe(hit, self.now());
@@ -130,13 +139,15 @@ impl HitSink for Core {
                 false
             }
             Verdict::AlreadyBanned => {
-                self.alerts.emit(
-                    &lines::already_blocked(hit.source),
-                    Fields::new("already_blocked")
-                        .source(hit.source)
-                        .port(hit.protocol, hit.port),
-                );
-                false
+                // Logged by the respond task; 1.2 shows such a host the banner too. These
+                // lines never take more than half the queue, so they cannot crowd out alarms.
+                if self.alarms.capacity() <= ALARM_QUEUE / 2
+                    || self.alarms.try_send(Job::AlreadyBlocked(hit)).is_err()
+                {
+                    self.metrics.alarm_dropped();
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                true
             }
             Verdict::Alarm(alarm) => {
                 self.metrics.alarm(hit.protocol);
@@ -154,7 +165,7 @@ impl HitSink for Core {
                     self.suppressed.fetch_add(1, Ordering::Relaxed);
                     return false;
                 }
-                if self.alarms.try_send(alarm).is_err() {
+                if self.alarms.try_send(Job::Alarm(alarm)).is_err() {
                     self.engine().abandon(hit.source);
                     self.metrics.alarm_dropped();
                     self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -196,14 +207,70 @@ fn mode_of(protocol: Protocol) -> Mode {
     }
 }
 
+/// Logs a hit's alarm line in the words of the mode that saw it (1.2's `Connect from host`
+/// in the connect modes, the probe's label in the raw modes), and 1.2's IP-options line.
+fn log_hit(core: &Core, host: &HostName, hit: &Hit) {
+    let line = match (hit.protocol, hit.captured) {
+        (Protocol::Tcp, Some(captured)) => lines::probe_alarm(
+            &classify::captured_label(hit.kind, &captured),
+            host,
+            hit.port,
+        ),
+        (Protocol::Udp, Some(_)) => lines::udp_probe_alarm(host, hit.port),
+        (_, None) => lines::alarm(host, hit.protocol, hit.port),
+    };
+    core.alerts.emit(
+        &line,
+        Fields::new("alarm")
+            .source(hit.source)
+            .port(hit.protocol, hit.port),
+    );
+    if hit.captured.is_some_and(|c| c.ip_options) {
+        core.alerts.emit(
+            &lines::ip_options(host, hit.protocol, hit.port),
+            Fields::new("ip_options")
+                .source(hit.source)
+                .port(hit.protocol, hit.port),
+        );
+    }
+}
+
+/// A further hit from a banned host, as 1.2 logs it: the alarm line, then
+/// `Host: a is already blocked. Ignoring` (raw modes: `Host: h/a is already blocked Ignoring`).
+async fn log_already_blocked(core: &Core, hit: Hit, resolve: bool) {
+    let host = host_name(hit.source, resolve).await;
+    log_hit(core, &host, &hit);
+    let fields = Fields::new("already_blocked")
+        .source(hit.source)
+        .port(hit.protocol, hit.port);
+    if !core.engine().is_banned(hit.source) {
+        // The ban under way when this hit came failed (or expired) since.
+        let why = "its ban is no longer in force; the next hit is judged afresh";
+        core.alerts.emit(&lines::not_banned(&host, why), fields);
+        return;
+    }
+    let line = match hit.captured {
+        Some(_) => lines::probe_already_blocked(&host),
+        None => lines::already_blocked(hit.source),
+    };
+    core.alerts.emit(&line, fields);
+}
+
 /// Logs each alarm and carries out its response, one at a time, in arrival order.
 async fn respond_task(
-    mut alarms: mpsc::Receiver<Alarm>,
+    mut jobs: mpsc::Receiver<Job>,
     core: Arc<Core>,
     responder: Arc<Responder>,
     resolve: bool,
 ) {
-    while let Some(alarm) = alarms.recv().await {
+    while let Some(job) = jobs.recv().await {
+        let alarm = match job {
+            Job::Alarm(alarm) => alarm,
+            Job::AlreadyBlocked(hit) => {
+                log_already_blocked(&core, hit, resolve).await;
+                continue;
+            }
+        };
         let hit = alarm.hit;
         // `$MODE$` and the blocked file: the raw mode that captured it, else the connect mode.
         let mode: Detection = match hit.captured {
@@ -220,28 +287,7 @@ async fn respond_task(
             Err(_) => None,
         };
         let host = host_name(hit.source, resolve).await;
-        let line = match (hit.protocol, hit.captured) {
-            (Protocol::Tcp, Some(captured)) => lines::probe_alarm(
-                &classify::captured_label(hit.kind, &captured),
-                &host,
-                hit.port,
-            ),
-            _ => lines::alarm(&host, hit.protocol, hit.port),
-        };
-        core.alerts.emit(
-            &line,
-            Fields::new("alarm")
-                .source(hit.source)
-                .port(hit.protocol, hit.port),
-        );
-        if hit.captured.is_some_and(|c| c.ip_options) {
-            core.alerts.emit(
-                &lines::ip_options(&host, hit.protocol, hit.port),
-                Fields::new("ip_options")
-                    .source(hit.source)
-                    .port(hit.protocol, hit.port),
-            );
-        }
+        log_hit(&core, &host, &hit);
         let plan = match alarm.outcome {
             Ok(plan) => plan,
             Err(NoBan::LogOnly) => continue,
@@ -534,10 +580,11 @@ pub async fn run(options: Options) -> Result<()> {
         ports.dedup();
         ports
     };
-    let metrics = Arc::new(Metrics::new(
-        &ports_of(Protocol::Tcp),
-        &ports_of(Protocol::Udp),
-    )?);
+    let metrics = Arc::new(if config.metrics_per_port {
+        Metrics::per_port(&ports_of(Protocol::Tcp), &ports_of(Protocol::Udp))?
+    } else {
+        Metrics::new()?
+    });
     if let Some(addr) = metrics_addr {
         metrics::serve(addr, metrics.clone()).await?;
     }

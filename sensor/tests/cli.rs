@@ -22,6 +22,15 @@ fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `check` of a config file with `text`: exit code and output.
+fn check_text(text: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("portsentry.conf");
+    std::fs::write(&path, text).expect("write");
+    let (code, out, _) = run(&["check", "--config", &path.display().to_string()]);
+    (code, out)
+}
+
 #[test]
 fn check_explains_the_fixtures_traps_and_succeeds() {
     let (code, out, _) = run(&["check", "--config", FIXTURE]);
@@ -33,6 +42,38 @@ fn check_explains_the_fixtures_traps_and_succeeds() {
     assert!(out.contains("KILL_ROUTE is set but NEVER runs"), "{out}");
     assert!(
         out.contains("PortSentry 1.2 would cut it at the second quote"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_names_the_differences_from_1_2_that_apply_with_the_key_restoring_each() {
+    let (code, out) = check_text(
+        "TCP_PORTS=\"1,11\"\nUDP_PORTS=\"1,11\"\nBLOCK_TCP=\"1\"\nBLOCK_UDP=\"1\"\n\
+         KILL_ROUTE=\"/usr/sbin/nft add element inet filter banned { $TARGET$ }\"\n",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("Differs from PortSentry 1.2 (Unverified evidence)")
+            && out.contains("BAN_UNVERIFIED=\"1\" restores 1.2's"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Differs from PortSentry 1.2 (Own addresses)"),
+        "{out}"
+    );
+    assert!(!out.contains("(Timed bans)"), "{out}");
+}
+
+#[test]
+fn check_says_kill_route_only_blocking_is_as_slow_as_1_2_and_points_to_nft_ban() {
+    let (code, out) = check_text(
+        "TCP_PORTS=\"1,11\"\nBLOCK_TCP=\"1\"\nKILL_ROUTE=\"/sbin/iptables -I INPUT -s $TARGET$ -j DROP\"\n",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("WARNING: Blocks only through KILL_ROUTE/KILL_RUN_CMD")
+            && out.contains("NFT_BAN=\"1\" bans from the sensor itself"),
         "{out}"
     );
 }

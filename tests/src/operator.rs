@@ -66,6 +66,8 @@ pub struct OperatorSettings {
     /// Replica name (Lease holder identity).
     pub identity: String,
     pub lease_name: String,
+    /// Seconds the Lease holds without renewal (short, so takeover tests are quick).
+    pub lease_duration_secs: u64,
     pub extra_args: Vec<String>,
     /// Wait in `start` until this replica leads (false: return once it serves).
     pub wait_leading: bool,
@@ -82,6 +84,7 @@ impl OperatorSettings {
             namespace: "portsentry-system".into(),
             identity: "operator-0".into(),
             lease_name: lease_name.to_owned(),
+            lease_duration_secs: 3,
             extra_args: Vec::new(),
             wait_leading: true,
             intake_ca_secret: None,
@@ -138,7 +141,7 @@ impl Operator {
             format!("--namespace={}", settings.namespace),
             format!("--instance={}", settings.identity),
             format!("--lease-name={}", settings.lease_name),
-            "--lease-duration-secs=3".to_owned(),
+            format!("--lease-duration-secs={}", settings.lease_duration_secs),
             "--guard-refresh-secs=5".to_owned(),
         ];
         let report_url = format!("https://{host}:{report_port}/v1/reports");

@@ -400,3 +400,23 @@ rule!(ban_offences_zero_is_refused, Kind::Ban,
 rule!(ban_without_policy_name_is_refused, Kind::Ban,
     bad: ["/policy/name" => ""], good: ["/policy/name" => "nodes", "/policy/kind" => "ClusterPortSentryPolicy"],
     field: "spec.policy.name", says: "should be at least 1 chars long");
+
+const WIDE_BAN_MESSAGE: &str = "a ban's prefix may be at most /8 for IPv4";
+rule!(ipv4_ban_wider_than_slash_8_is_refused, Kind::Ban,
+    bad: ["/source" => "0.0.0.0/0"], good: ["/source" => "10.0.0.0/8"],
+    field: "spec.source", says: WIDE_BAN_MESSAGE);
+rule!(ipv6_ban_wider_than_slash_32_is_refused, Kind::Ban,
+    bad: ["/source" => "2001:d00::/24"], good: ["/source" => "2001:db8::/32"],
+    field: "spec.source", says: WIDE_BAN_MESSAGE);
+// The API server's CEL refuses IPv4-mapped IPv6 addresses outright; the operator and the
+// sensors read any that get stored otherwise as IPv4 (SourcePrefix's unit tests).
+rule!(ipv4_mapped_ban_source_is_refused_as_not_an_address, Kind::Ban,
+    bad: ["/source" => "::ffff:0.0.0.0/96"], good: ["/source" => "203.0.113.0/24"],
+    field: "spec.source", says: ADDRESS_MESSAGE);
+rule!(narrow_ipv4_mapped_ban_source_is_refused_as_not_an_address, Kind::Ban,
+    bad: ["/source" => "::ffff:203.0.113.0/120"], good: ["/source" => "203.0.113.0/24"],
+    field: "spec.source", says: ADDRESS_MESSAGE);
+rule!(webhook_timeout_above_30s_is_refused, Kind::Policy,
+    bad: ["/response/webhooks" => [{"url": "https://alerts.example.com/ps", "timeout": "31s"}]],
+    good: ["/response/webhooks" => [{"url": "https://alerts.example.com/ps", "timeout": "30s"}]],
+    field: "spec.response.webhooks[0].timeout", says: "must be at most 30s");

@@ -370,6 +370,8 @@ async fn helm_template_output_is_accepted_by_a_server_side_dry_run() {
         "deployment.apps/dry-portsentry-operator",
         "poddisruptionbudget.policy/dry-portsentry-operator",
         "mutatingwebhookconfiguration.admissionregistration.k8s.io/dry-portsentry-operator",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/dry-portsentry-operator",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/dry-portsentry-operator",
         "configmap/dry-portsentry-dashboard",
         "configmap/dry-extra",
     ] {
@@ -1361,8 +1363,20 @@ async fn the_real_operator_binary_accepts_the_charts_arguments_and_environment()
     let mut helm = plane.helm().unwrap();
     helm.args(["template", "env"])
         .arg(chart())
-        .args(["-n", "portsentry-env"]);
+        .args(["-n", "portsentry-env"])
+        .args([
+            "--set",
+            "operator.hooks.allowCidrs={127.0.0.1/32,fd00::/64}",
+        ])
+        .args(["--set", "operator.hooks.clusterCidrs={10.244.0.0/16}"]);
     let rendered = String::from_utf8(run(helm).stdout).unwrap();
+    for flag in [
+        "--hook-allow-cidr=127.0.0.1/32",
+        "--hook-allow-cidr=fd00::/64",
+        "--hook-deny-cidr=10.244.0.0/16",
+    ] {
+        assert!(rendered.contains(flag), "{flag} missing");
+    }
     let deployment = portsentry_tests::parse_documents(&rendered)
         .unwrap()
         .into_iter()
@@ -1417,4 +1431,244 @@ async fn the_real_operator_binary_accepts_the_charts_arguments_and_environment()
         exited.is_none_or(|status| status.code() != Some(2)) && !errors.contains("Usage:"),
         "the operator refused the chart's command line: {exited:?}\n{errors}"
     );
+}
+
+/// The chart's operator ServiceAccount (release `ps`).
+const OPERATOR_ACCOUNT: &str = "ps-portsentry-operator";
+
+fn render_admission_policy(plane: &ControlPlane, sets: &[&str]) -> String {
+    let mut helm = plane.helm().unwrap();
+    helm.args(["template", "ps"])
+        .arg(chart())
+        .args(["-n", RELEASE_NAMESPACE, "--show-only"])
+        .arg("templates/admission-policy.yaml");
+    for set in sets {
+        helm.args(["--set", set]);
+    }
+    let output = helm.output().unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn helm_template_renders_the_admission_policy_bound_to_the_operators_service_account() {
+    let rendered = render_admission_policy(plane().await, &[]);
+    for expected in [
+        "kind: ValidatingAdmissionPolicy\n",
+        "kind: ValidatingAdmissionPolicyBinding\n",
+        "apiVersion: admissionregistration.k8s.io/v1\n",
+        "validationActions: [Deny]",
+        &format!("\"system:serviceaccount:{RELEASE_NAMESPACE}:{OPERATOR_ACCOUNT}\""),
+        // The labels the operator writes, spelled as labels.rs spells them.
+        &format!("'{}'", labels::QUARANTINE_LABEL),
+        &format!("'{}'", labels::MANAGED_BY_LABEL),
+        &format!("'{}'", labels::MANAGER),
+    ] {
+        assert!(
+            rendered.contains(expected),
+            "{expected} missing:\n{rendered}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_admission_policy_can_be_turned_off_for_clusters_without_it() {
+    let rendered =
+        render_admission_policy(plane().await, &["operator.admissionPolicy.enabled=false"]);
+    assert!(
+        !rendered.contains("ValidatingAdmissionPolicy"),
+        "{rendered}"
+    );
+}
+
+/// A client with the operator's own ServiceAccount token (TokenRequest), once the API server
+/// enforces the chart's admission policy (it picks new policies up within a moment).
+async fn as_the_operator() -> Client {
+    static ENFORCED: OnceCell<()> = OnceCell::const_new();
+    installed().await;
+    let plane = plane().await;
+    let client = plane
+        .client_for_service_account(RELEASE_NAMESPACE, OPERATOR_ACCOUNT)
+        .await
+        .unwrap();
+    ENFORCED
+        .get_or_init(|| async {
+            let admin = plane.client().unwrap();
+            let probe = plain_pod(&admin).await;
+            wait_until(
+                WAIT,
+                "the API server to enforce the admission policy",
+                || {
+                    let client = client.clone();
+                    let name = probe.clone();
+                    async move { change_image(&client, &name).await.is_err() }
+                },
+            )
+            .await
+            .unwrap();
+        })
+        .await;
+    client
+}
+
+/// A pod of `SHOP` no policy selects (so nothing is injected), by name.
+async fn plain_pod(client: &Client) -> String {
+    let pod = create_pod(
+        client,
+        SHOP,
+        &PodOptions {
+            labels: &[("app", "vap")],
+            ..PodOptions::default()
+        },
+    )
+    .await;
+    pod.metadata.name.unwrap()
+}
+
+async fn change_image(client: &Client, pod: &str) -> Result<Pod, kube::Error> {
+    let patch =
+        json!({"spec": {"containers": [{"name": "app", "image": "registry.k8s.io/pause:3.9"}]}});
+    Api::<Pod>::namespaced(client.clone(), SHOP)
+        .patch(pod, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+}
+
+async fn set_quarantine(client: &Client, pod: &str, value: Value) -> Result<Pod, kube::Error> {
+    let patch = json!({"metadata": {"labels": {labels::QUARANTINE_LABEL: value}}});
+    Api::<Pod>::namespaced(client.clone(), SHOP)
+        .patch(pod, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+}
+
+fn refusal(result: Result<impl std::fmt::Debug, kube::Error>) -> String {
+    match result {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 403, "{status:?}");
+            status.message
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_operators_token_cannot_change_a_pods_image() {
+    let operator = as_the_operator().await;
+    let admin = plane().await.client().unwrap();
+    let pod = plain_pod(&admin).await;
+    let message = refusal(change_image(&operator, &pod).await);
+    assert!(
+        message.contains("may change only the label portsentry.io/quarantined"),
+        "{message}"
+    );
+    let stored = Api::<Pod>::namespaced(admin, SHOP).get(&pod).await.unwrap();
+    assert_eq!(
+        stored.spec.unwrap().containers[0].image.as_deref(),
+        Some("registry.k8s.io/pause:3.10")
+    );
+}
+
+#[tokio::test]
+async fn the_operators_token_cannot_change_another_label_of_a_pod() {
+    let operator = as_the_operator().await;
+    let pod = plain_pod(&plane().await.client().unwrap()).await;
+    let patch = json!({"metadata": {"labels": {"app": "other"}}});
+    let result = Api::<Pod>::namespaced(operator, SHOP)
+        .patch(&pod, &PatchParams::default(), &Patch::Merge(patch))
+        .await;
+    assert!(refusal(result).contains("portsentry.io/quarantined"));
+}
+
+#[tokio::test]
+async fn the_operators_token_may_add_and_remove_the_quarantine_label() {
+    let operator = as_the_operator().await;
+    let pod = plain_pod(&plane().await.client().unwrap()).await;
+    let added = set_quarantine(&operator, &pod, json!("true"))
+        .await
+        .unwrap();
+    assert_eq!(
+        added.metadata.labels.unwrap()[labels::QUARANTINE_LABEL],
+        "true"
+    );
+    let removed = set_quarantine(&operator, &pod, Value::Null).await.unwrap();
+    assert!(
+        !removed
+            .metadata
+            .labels
+            .unwrap()
+            .contains_key(labels::QUARANTINE_LABEL)
+    );
+}
+
+fn config_map(name: &str, managed: bool) -> k8s_openapi::api::core::v1::ConfigMap {
+    let labels = managed.then(|| map(&[(labels::MANAGED_BY_LABEL, labels::MANAGER)]));
+    k8s_openapi::api::core::v1::ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels,
+            ..ObjectMeta::default()
+        },
+        data: Some(map(&[("key", "before")])),
+        ..Default::default()
+    }
+}
+
+async fn edit_config_map(
+    client: &Client,
+    name: &str,
+) -> Result<k8s_openapi::api::core::v1::ConfigMap, kube::Error> {
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), SHOP)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"key": "after"}})),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn the_operators_token_cannot_edit_a_config_map_without_its_managed_by_label() {
+    let operator = as_the_operator().await;
+    let admin = plane().await.client().unwrap();
+    let configs = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(admin, SHOP);
+    configs
+        .create(&PostParams::default(), &config_map("tenant-config", false))
+        .await
+        .unwrap();
+    let message = refusal(edit_config_map(&operator, "tenant-config").await);
+    assert!(
+        message.contains("only ConfigMaps and NetworkPolicies labelled app.kubernetes.io/managed-by=portsentry-operator"),
+        "{message}"
+    );
+    let stored = configs.get("tenant-config").await.unwrap();
+    assert_eq!(stored.data.unwrap()["key"], "before");
+}
+
+#[tokio::test]
+async fn the_operators_token_may_edit_a_config_map_with_its_managed_by_label() {
+    let operator = as_the_operator().await;
+    let admin = plane().await.client().unwrap();
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(admin, SHOP)
+        .create(&PostParams::default(), &config_map("operator-config", true))
+        .await
+        .unwrap();
+    let edited = edit_config_map(&operator, "operator-config").await.unwrap();
+    assert_eq!(edited.data.unwrap()["key"], "after");
+}
+
+#[tokio::test]
+async fn the_operators_token_cannot_take_over_a_config_map_by_adding_its_label() {
+    let operator = as_the_operator().await;
+    let admin = plane().await.client().unwrap();
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(admin, SHOP)
+        .create(&PostParams::default(), &config_map("taken-config", false))
+        .await
+        .unwrap();
+    let patch = json!({"metadata": {"labels": {labels::MANAGED_BY_LABEL: labels::MANAGER}}});
+    let result = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(operator, SHOP)
+        .patch(
+            "taken-config",
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await;
+    assert!(refusal(result).contains("managed-by=portsentry-operator"));
 }

@@ -954,6 +954,67 @@ async fn a_scan_of_one_node_is_dropped_by_every_node_sensor_until_the_ban_is_del
     )
     .await;
 
+    // A ban past its expiry is kept for escalation (Enforced=False, Expired) but never
+    // dropped by a node.
+    let now = jiff::Timestamp::now();
+    let expires = jiff::Timestamp::from_second(now.as_second() + 6).unwrap();
+    let expiring = json!({
+        "apiVersion": "portsentry.io/v1alpha1", "kind": "PortSentryBan",
+        "metadata": {"name": "expiring", "namespace": NAMESPACE},
+        "spec": {"source": ATTACKER, "policy": {"kind": "ClusterPortSentryPolicy", "name": POLICY},
+                 "lastSeen": jiff::Timestamp::from_second(now.as_second()).unwrap().to_string(),
+                 "expiresAt": expires.to_string()},
+    });
+    let ban_api = Api::<PortSentryBan>::namespaced(client.clone(), NAMESPACE);
+    ban_api
+        .patch(
+            "expiring",
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(expiring),
+        )
+        .await
+        .unwrap();
+    wait_connects(
+        &nodes,
+        1,
+        SERVICE_PORT,
+        false,
+        "node 2 to drop an expiring ban",
+    )
+    .await;
+    wait_connects(
+        &nodes,
+        1,
+        SERVICE_PORT,
+        true,
+        "node 2 to let the attacker in at expiry",
+    )
+    .await;
+    assert!(jiff::Timestamp::now() >= expires, "let in before expiry");
+    let kept = ban_api.clone();
+    wait_for(
+        Duration::from_secs(10),
+        "the expired ban kept and marked Expired",
+        move || {
+            let api = kept.clone();
+            async move {
+                let ban = api.get("expiring").await?;
+                Ok(ban.status.is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Enforced" && c.reason == "Expired")
+                }))
+            }
+            .boxed()
+        },
+    )
+    .await
+    .unwrap();
+    ban_api
+        .delete("expiring", &DeleteParams::default())
+        .await
+        .unwrap();
+
     // Without a nodeSelector, the node sensors go.
     apply_policy(&client, POLICY, None).await.unwrap();
     let (ds_api, cm_api, name) = (daemon_sets.clone(), config_maps.clone(), object.clone());

@@ -9,6 +9,10 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -28,7 +32,7 @@ use portsentry_crds::{PortSentryBan, PortSentryPolicy};
 use portsentry_tests::{
     ControlPlane, DEFAULT_SENSOR_IMAGE, FIELD_MANAGER, Operator, OperatorSettings, Options,
     PORTSENTRY_AUDIENCE, PodNet, injected_pod, install_crds, post_report, prerequisites, shared,
-    wait_for,
+    wait_for, wait_result,
 };
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -254,7 +258,31 @@ async fn an_nmap_scan_of_a_pods_sensor_becomes_a_ban_enforced_until_it_expires()
     let late = lifted.duration_since(expires);
     assert!(!late.is_negative(), "lifted {late:?} before expiry");
     assert!(late.as_secs_f64() < 5.0, "lifted {late:?} after expiry");
-    assert!(bans.get_opt(&ban.name_any()).await.unwrap().is_none());
+    // Kept for escalation (the default window is 7 days), and saying so.
+    wait_marked_expired(&bans, &ban.name_any()).await.unwrap();
+}
+
+/// Waits until ban `name` says `Enforced=False`, reason `Expired` (kept, not enforced).
+async fn wait_marked_expired(bans: &Api<PortSentryBan>, name: &str) -> Result<PortSentryBan> {
+    let (bans, name) = (bans.clone(), name.to_owned());
+    wait_result(
+        Duration::from_secs(10),
+        &format!("ban {name} kept and marked Expired"),
+        move || {
+            let (bans, name) = (bans.clone(), name.clone());
+            async move {
+                let ban = bans.get_opt(&name).await?;
+                Ok(ban.filter(|ban| {
+                    ban.status.as_ref().is_some_and(|s| {
+                        s.conditions.iter().any(|c| {
+                            c.type_ == "Enforced" && c.status == "False" && c.reason == "Expired"
+                        })
+                    })
+                }))
+            }
+        },
+    )
+    .await
 }
 
 /// An operator on loopback for the refusal tests, and a namespace with its policy.
@@ -654,7 +682,15 @@ async fn an_operator_killed_mid_way_and_restarted_loses_and_duplicates_nothing()
 
 #[tokio::test]
 async fn watches_recover_after_an_apiserver_restart() {
-    let (plane, operator) = operator_for("apiserver-restart", &[]).await;
+    let plane = control_plane().await.unwrap();
+    namespace_with_policy(plane, "apiserver-restart", "1h", &["192.0.2.0/24"])
+        .await
+        .unwrap();
+    // The chart's lease (15 s) outlasts the outage; the tests' 3 s lease would not, and a
+    // replica that cannot renew in time steps down by exiting (another replica leads).
+    let mut settings = OperatorSettings::new("lease-apiserver-restart");
+    settings.lease_duration_secs = 15;
+    let operator = Operator::start(plane, settings).await.unwrap();
     plane
         .restart_apiserver(Duration::from_secs(2))
         .await
@@ -914,10 +950,11 @@ async fn alert_hooks_get_each_ban_and_expiry_and_a_dead_hook_never_delays_enforc
         .await
         .unwrap();
     let mut settings = OperatorSettings::new("lease-alert-hooks");
-    settings.extra_args = vec![format!(
-        "--hook-ca-file={}",
-        plane.dir().join("ca.crt").display()
-    )];
+    settings.extra_args = vec![
+        format!("--hook-ca-file={}", plane.dir().join("ca.crt").display()),
+        // The test's hooks listen on loopback, which hooks may not target by default.
+        "--hook-allow-cidr=127.0.0.1/32".to_owned(),
+    ];
     let operator = Operator::start(plane, settings).await.unwrap();
     let token = plane
         .token_for_pod(namespace, "default", "web-0", PORTSENTRY_AUDIENCE)
@@ -983,6 +1020,91 @@ async fn alert_hooks_get_each_ban_and_expiry_and_a_dead_hook_never_delays_enforc
             >= 2.0
     );
     silent.abort();
+}
+
+#[tokio::test]
+async fn a_hook_aimed_at_loopback_is_refused_with_an_event_while_an_allowed_hook_is_delivered() {
+    let plane = control_plane().await.unwrap();
+    let namespace = "hostile-hooks";
+    let live = portsentry_tests::HttpServer::start(None, |_| (200, b"{}".to_vec()))
+        .await
+        .unwrap();
+    // A real listener on 127.0.0.2 (loopback, not allowed): it must never see a connection.
+    let forbidden = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let forbidden_url = format!("http://{}/steal", forbidden.local_addr().unwrap());
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = reached.clone();
+    let watcher = tokio::spawn(async move {
+        while forbidden.accept().await.is_ok() {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let response = json!({
+        "banDuration": "1h",
+        "webhooks": [{"url": forbidden_url, "timeout": "2s"}, {"url": live.url("/hook"), "timeout": "2s"}],
+    });
+    namespace_with_policy_responding(plane, namespace, response, &[])
+        .await
+        .unwrap();
+    let mut settings = OperatorSettings::new("lease-hostile-hooks");
+    settings.extra_args = vec!["--hook-allow-cidr=127.0.0.1/32".to_owned()];
+    let operator = Operator::start(plane, settings).await.unwrap();
+    let token = plane
+        .token_for_pod(namespace, "default", "web-0", PORTSENTRY_AUDIENCE)
+        .await
+        .unwrap();
+    let (status, body) = post_report(
+        &operator.report_url,
+        &operator.ca_pem,
+        Some(&token),
+        &report(&["203.0.113.60".into()]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    let wait = Duration::from_secs(30);
+    wait_for(wait, "the allowed hook to get the ban", || {
+        let requests = live.requests();
+        async move {
+            Ok(requests
+                .iter()
+                .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+                .any(|b| b["event"] == "ban" && b["source"] == "203.0.113.60"))
+        }
+    })
+    .await
+    .unwrap();
+    let events =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(plane.client().unwrap(), namespace);
+    wait_for(wait, "a HookRefused Event on policy web", || {
+        let events = events.clone();
+        async move {
+            Ok(events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("HookRefused")
+                        && e.regarding.as_ref().and_then(|r| r.kind.as_deref())
+                            == Some("PortSentryPolicy")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web")
+                        && e.note.as_deref().is_some_and(|n| n.contains("loopback"))
+                }))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        operator
+            .metric(r#"portsentry_operator_hook_refusals_total{reason="loopback"}"#)
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    assert_eq!(reached.load(Ordering::SeqCst), 0);
+    watcher.abort();
 }
 
 #[tokio::test]
@@ -1210,4 +1332,151 @@ async fn a_sigtermed_leader_releases_its_lease_and_the_other_replica_leads_withi
     let status = first.wait_exit(Duration::from_secs(5)).await.unwrap();
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     assert!(second.leading().await.unwrap());
+}
+
+const REPEAT_OFFENDER: &str = "198.51.100.77";
+
+/// A namespace whose policy bans for `ban`, escalates within `window` up to `max`, and an
+/// operator for it; returns the operator, the ban API and a token of the policy's pod.
+async fn escalating(
+    namespace: &str,
+    ban: &str,
+    max: &str,
+    window: &str,
+) -> (Operator, Api<PortSentryBan>, String) {
+    let plane = control_plane().await.unwrap();
+    let response = json!({
+        "banDuration": ban, "maxBanDuration": max,
+        "escalation": {"enabled": true, "window": window},
+    });
+    namespace_with_policy_responding(plane, namespace, response, &[])
+        .await
+        .unwrap();
+    let operator = Operator::start(plane, OperatorSettings::new(&format!("lease-{namespace}")))
+        .await
+        .unwrap();
+    let token = plane
+        .token_for_pod(namespace, "default", "web-0", PORTSENTRY_AUDIENCE)
+        .await
+        .unwrap();
+    let bans = Api::<PortSentryBan>::namespaced(plane.client().unwrap(), namespace);
+    (operator, bans, token)
+}
+
+/// Reports the repeat offender, waits until the NetworkPolicy excepts it, returns its ban.
+async fn offend(operator: &Operator, token: &str, namespace: &str) -> PortSentryBan {
+    let client = control_plane().await.unwrap().client().unwrap();
+    let (status, body) = post_report(
+        &operator.report_url,
+        &operator.ca_pem,
+        Some(token),
+        &report(&[REPEAT_OFFENDER.to_owned()]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let source: IpAddr = REPEAT_OFFENDER.parse().unwrap();
+    wait_enforced(&client, namespace, source, true)
+        .await
+        .unwrap();
+    Api::<PortSentryBan>::namespaced(client, namespace)
+        .get(&web_ban_name(REPEAT_OFFENDER))
+        .await
+        .unwrap()
+}
+
+/// Seconds from the ban's lastSeen to its expiresAt.
+fn ban_seconds(ban: &PortSentryBan) -> i64 {
+    let seen = ban.spec.last_seen.as_ref().unwrap().0;
+    let expires = ban.spec.expires_at.as_ref().unwrap().0;
+    expires.duration_since(seen).as_secs()
+}
+
+/// Waits until the NetworkPolicy lets the repeat offender in again, then until its ban says
+/// it expired (kept for escalation).
+async fn serve_out(namespace: &str, bans: &Api<PortSentryBan>) -> PortSentryBan {
+    let client = control_plane().await.unwrap().client().unwrap();
+    let source: IpAddr = REPEAT_OFFENDER.parse().unwrap();
+    wait_enforced(&client, namespace, source, false)
+        .await
+        .unwrap();
+    wait_marked_expired(bans, &web_ban_name(REPEAT_OFFENDER))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_repeat_offence_within_the_window_after_expiry_doubles_the_ban() {
+    let namespace = "escalation";
+    let (operator, bans, token) = escalating(namespace, "4s", "1h", "1h").await;
+    let first = offend(&operator, &token, namespace).await;
+    assert_eq!((first.spec.offences, ban_seconds(&first)), (1, 4));
+    let kept = serve_out(namespace, &bans).await;
+    assert_eq!(kept.spec.offences, 1);
+    let listed = control_plane()
+        .await
+        .unwrap()
+        .kubectl()
+        .unwrap()
+        .args(["get", "psban", "-n", namespace])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    eprintln!("kubectl get psban after expiry:\n{listed}");
+    let row = listed
+        .lines()
+        .find(|l| l.contains(REPEAT_OFFENDER))
+        .unwrap_or_else(|| panic!("the expired ban is not listed:\n{listed}"));
+    assert!(row.contains("False") && row.contains("Expired"), "{row}");
+
+    let second = offend(&operator, &token, namespace).await;
+    assert_eq!((second.spec.offences, ban_seconds(&second)), (2, 8));
+    assert_eq!(second.spec.first_seen, first.spec.first_seen);
+    let kept = serve_out(namespace, &bans).await;
+    assert_eq!(kept.spec.offences, 2);
+}
+
+#[tokio::test]
+async fn a_repeat_offence_is_never_banned_longer_than_max_ban_duration() {
+    let namespace = "escalation-cap";
+    let (operator, bans, token) = escalating(namespace, "4s", "6s", "1h").await;
+    let first = offend(&operator, &token, namespace).await;
+    assert_eq!((first.spec.offences, ban_seconds(&first)), (1, 4));
+    serve_out(namespace, &bans).await;
+    let second = offend(&operator, &token, namespace).await;
+    assert_eq!((second.spec.offences, ban_seconds(&second)), (2, 6));
+}
+
+#[tokio::test]
+async fn an_offence_after_the_window_is_forgotten_and_counts_as_a_first_one() {
+    let namespace = "escalation-window";
+    let (operator, bans, token) = escalating(namespace, "3s", "1h", "10s").await;
+    let first = offend(&operator, &token, namespace).await;
+    assert_eq!((first.spec.offences, ban_seconds(&first)), (1, 3));
+    serve_out(namespace, &bans).await;
+    // Deleted just after lastSeen + window.
+    let name = web_ban_name(REPEAT_OFFENDER);
+    let gone = {
+        let (bans, name) = (bans.clone(), name.clone());
+        move || {
+            let (bans, name) = (bans.clone(), name.clone());
+            async move { Ok(bans.get_opt(&name).await?.is_none()) }.boxed()
+        }
+    };
+    wait_for(
+        Duration::from_secs(20),
+        "the ban deleted after its window",
+        gone,
+    )
+    .await
+    .unwrap();
+    let forgotten_at = jiff::Timestamp::now();
+    let window_end = first.spec.last_seen.as_ref().unwrap().0 + jiff::SignedDuration::from_secs(10);
+    assert!(
+        forgotten_at >= window_end,
+        "deleted at {forgotten_at}, before the window ended at {window_end}"
+    );
+    let again = offend(&operator, &token, namespace).await;
+    assert_eq!((again.spec.offences, ban_seconds(&again)), (1, 3));
+    assert_ne!(again.spec.first_seen, first.spec.first_seen);
 }

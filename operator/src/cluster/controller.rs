@@ -9,7 +9,7 @@
 //!  Pod (injected ones, ──────┤   nodes::build_*,      │  namespace with a pod injected for the
 //!  trimmed: arrive, leave,   │   inject::cluster_     │  policy; delete the ones no pod needs
 //!  sensor readiness flips)   │                        │
-//!  PortSentryBan ────────────┘   sensor_config_maps,  ├─ delete expired bans of the policy
+//!  PortSentryBan ────────────┘   sensor_config_maps,  ├─ delete forgotten bans of the policy
 //!  (operator namespace)          plan (pure)          ├─ status: Ready, Enforced, BanCapReached,
 //!                                                     │  sensorsInjected/Ready, activeBans
 //!                                                     └─ requeue at the next ban expiry
@@ -79,9 +79,9 @@ pub struct Context {
     /// Every pod (the shared watch's store, trimmed by [`crate::shared::pod_view`]); the
     /// ones the webhook injected carry the policy's annotation.
     pub pods: Store<Pod>,
-    /// One reconcile at a time waits for the pod store's first list (see the policy
-    /// controller's `bans_ready`): an empty store would read as "no pod needs a ConfigMap".
-    pub pods_ready: tokio::sync::Mutex<()>,
+    /// The shared pod watch, to wait for `pods`' first list: an empty store would read as
+    /// "no pod needs a ConfigMap".
+    pub pod_watch: crate::shared::Shared<Pod>,
 }
 
 impl std::fmt::Debug for Context {
@@ -174,7 +174,7 @@ pub async fn run(
         nodes,
         policies,
         pods,
-        pods_ready: tokio::sync::Mutex::new(()),
+        pod_watch: shared.pods.clone(),
     });
     controller
         .reconcile_all_on(ca_changes)
@@ -319,8 +319,11 @@ async fn reconcile_policy(
     // Apply and report.
     let removed = delete_expired(&ban_api, &plan.expired).await;
     if removed > 0 {
-        context.metrics.bans_expired(removed);
-        info!(removed, "expired cluster bans removed");
+        info!(removed, "expired cluster bans no longer remembered removed");
+    }
+    if !plan.lifted.is_empty() {
+        context.metrics.bans_expired(plan.lifted.len());
+        info!(lifted = plan.lifted.len(), "cluster bans expired");
     }
     Api::<ClusterPortSentryPolicy>::all(client.clone())
         .patch_status(&name, &field_manager(), &Patch::Apply(&plan.status))
@@ -353,14 +356,11 @@ async fn apply_sidecar_config_maps(
     policy: &ClusterPortSentryPolicy,
     context: &Context,
 ) -> Result<status::SensorCount> {
-    {
-        let _one_waiter = context.pods_ready.lock().await;
-        context
-            .pods
-            .wait_until_ready()
-            .await
-            .map_err(|_| Error::WatchStopped("Pod"))?;
-    }
+    context
+        .pod_watch
+        .ready()
+        .await
+        .map_err(|_| Error::WatchStopped("Pod"))?;
     let uid = policy
         .uid()
         .ok_or(Error::MissingObjectKey("metadata.uid"))?;

@@ -11,7 +11,7 @@ use portsentry_crds::{
 };
 
 use crate::{
-    enforce::bans::{self, Guards},
+    enforce::{bans::Guards, memory},
     labels::CONFINED_LABEL,
     policy::{
         plan::RESYNC,
@@ -41,8 +41,11 @@ pub struct Observed<'a> {
 /// What a reconcile of one cluster policy writes (besides the node-sensor objects).
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// Bans past expiry: delete them (only if unchanged since read).
+    /// Bans past expiry that are no longer remembered for escalation: delete them (only if
+    /// unchanged since read). See [`memory::sort_out`].
     pub expired: Vec<PortSentryBan>,
+    /// Bans that lifted since the last reconcile (past expiry, not yet marked `Expired`).
+    pub lifted: Vec<PortSentryBan>,
     pub active_bans: usize,
     pub enforced: bool,
     /// Server-side apply body of the policy's status.
@@ -116,11 +119,12 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
     let name = policy.name_any();
     let now = observed.now;
     let rules = &policy.spec.rules;
-    let (active, expired): (Vec<&PortSentryBan>, Vec<&PortSentryBan>) = observed
-        .bans
-        .iter()
-        .filter(|ban| of_policy(ban, &name))
-        .partition(|ban| bans::is_active(&ban.spec, now));
+    let sorted = memory::sort_out(
+        observed.bans.iter().filter(|ban| of_policy(ban, &name)),
+        &rules.response,
+        now,
+    );
+    let active = &sorted.active;
     let enforced = enforces_on_nodes(policy, observed.node_sensors_enabled);
     let (desired, ready) = observed
         .daemon_set
@@ -210,13 +214,21 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
         now,
         confined_ban_condition,
     ));
-    let requeue_after = active
+    let expired_conditions =
+        status::expired_condition_changes(sorted.remembered.iter().copied(), now);
+    let ban_conditions = [ban_conditions, expired_conditions].concat();
+    let lifted = sorted
+        .remembered
         .iter()
-        .filter_map(|ban| bans::requeue_after(now, &ban.spec))
-        .min()
-        .map_or(RESYNC, |d| d.min(RESYNC));
+        .map(|(ban, _)| *ban)
+        .chain(sorted.forgotten.iter().copied())
+        .filter(|ban| !status::marked_expired(ban))
+        .cloned()
+        .collect();
+    let requeue_after = sorted.requeue_after(now).map_or(RESYNC, |d| d.min(RESYNC));
     Plan {
-        expired: expired.into_iter().cloned().collect(),
+        expired: sorted.forgotten.iter().copied().cloned().collect(),
+        lifted,
         active_bans: active.len(),
         enforced,
         status,
@@ -255,7 +267,7 @@ mod confinement_tests {
         );
         let protected = confined_ban_condition(
             &[],
-            BanEnforcement::Protected(bans::Protection::Service),
+            BanEnforcement::Protected(crate::enforce::bans::Protection::Service),
             Timestamp::UNIX_EPOCH,
         );
         assert_eq!(protected.reason, portsentry_crds::PROTECTED_SOURCE_REASON);
@@ -270,6 +282,7 @@ mod tests {
     use portsentry_crds::{ClusterPortSentryPolicySpec, PolicyRules};
 
     use super::*;
+    use crate::enforce::bans;
 
     const T0: i64 = 1_780_000_000;
 
@@ -412,6 +425,23 @@ mod tests {
         assert_eq!(plan.expired.len(), 1);
         assert_eq!(plan.status.status.active_bans, 1);
         assert_eq!(plan.requeue_after, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn expired_bans_within_the_escalation_window_are_kept_marked_expired_and_not_counted() {
+        let policy = policy(vec![Backend::NodeNftables], true);
+        let mut expired = ban("edge", "203.0.113.8", Some(T0 - 1));
+        expired.spec.last_seen = Some(Time(at(T0 - 61)));
+        let plan = run(&policy, &[expired], None);
+        assert!(plan.expired.is_empty());
+        assert_eq!(plan.lifted.len(), 1);
+        assert_eq!(plan.active_bans, 0);
+        let reasons: Vec<&str> = plan
+            .ban_conditions
+            .iter()
+            .map(|(_, c)| c.reason.as_str())
+            .collect();
+        assert_eq!(reasons, vec![status::EXPIRED]);
     }
 
     #[test]

@@ -290,6 +290,18 @@ pub fn is_active(spec: &PortSentryBanSpec, now: Timestamp) -> bool {
     spec.expires_at.as_ref().is_none_or(|t| t.0 > now)
 }
 
+/// Until when an offence recorded in `spec` counts towards escalation: its lastSeen (else
+/// firstSeen) plus the escalation window. `None` when escalation is off or the ban records
+/// no time (a hand-made ban): then nothing is remembered.
+pub fn remembered_until(response: &Response, spec: &PortSentryBanSpec) -> Option<Timestamp> {
+    if !response.escalation.enabled {
+        return None;
+    }
+    let seen = spec.last_seen.as_ref().or(spec.first_seen.as_ref())?.0;
+    let window = jiff::SignedDuration::try_from(response.escalation.window.as_std()).ok()?;
+    Some(seen.checked_add(window).unwrap_or(Timestamp::MAX))
+}
+
 /// The spec after `offence`, given the ban that exists for the same source, if any.
 ///
 /// - A ban still in force is refreshed (lastSeen, evidence) but neither counted again nor
@@ -310,18 +322,7 @@ pub fn next_spec(
             ..ban.clone()
         });
     }
-    let window = response.escalation.window.as_std();
-    let repeat = existing.filter(|ban| {
-        response.escalation.enabled
-            && ban
-                .last_seen
-                .as_ref()
-                .or(ban.first_seen.as_ref())
-                .is_some_and(|seen| {
-                    let since = now.duration_since(seen.0);
-                    !since.is_negative() && since.unsigned_abs() <= window
-                })
-    });
+    let repeat = existing.filter(|ban| remembered_until(response, ban).is_some_and(|t| now <= t));
     let (offences, first_seen, earlier) = match repeat {
         Some(ban) => (
             ban.offences.saturating_add(1),
@@ -723,6 +724,27 @@ mod tests {
         assert_eq!(later.offences, 1);
         assert_eq!(later.first_seen, Some(Time(at(T0 + 7200))));
         assert_eq!(later.expires_at, Some(Time(at(T0 + 7200 + 60))));
+    }
+
+    #[test]
+    fn an_offence_is_remembered_until_its_last_sighting_plus_the_window() {
+        let r = response(60, 1000, 3600);
+        let first = next_spec(&r, None, &offence(&[connect(1)], at(T0))).unwrap();
+        assert_eq!(remembered_until(&r, &first), Some(at(T0 + 3600)));
+        let last_moment = next_spec(&r, Some(&first), &offence(&[connect(1)], at(T0 + 3600)));
+        assert_eq!(last_moment.unwrap().offences, 2);
+        let mut off = r;
+        off.escalation.enabled = false;
+        assert_eq!(remembered_until(&off, &first), None);
+    }
+
+    #[test]
+    fn repeats_double_the_ban_only_up_to_max_ban_duration() {
+        let r = response(60, 100, 3600);
+        let first = next_spec(&r, None, &offence(&[connect(1)], at(T0))).unwrap();
+        let second = next_spec(&r, Some(&first), &offence(&[connect(1)], at(T0 + 70))).unwrap();
+        assert_eq!(second.offences, 2);
+        assert_eq!(second.expires_at, Some(Time(at(T0 + 70 + 100))));
     }
 
     #[test]

@@ -215,6 +215,21 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv4_mapped_ban_is_excepted_from_ipv4_traffic() {
+        let ban: portsentry_crds::PortSentryBanSpec = serde_json::from_value(serde_json::json!({
+            "source": "::ffff:203.0.113.0/120",
+            "policy": {"kind": "PortSentryPolicy", "name": "web"}
+        }))
+        .unwrap();
+        let objects = build_web(&BannedPrefixes::aggregate([&ban.source]), 1000);
+        let json = serde_json::to_value(&objects[0]).unwrap();
+        assert_eq!(
+            json["spec"]["ingress"][0]["from"][0],
+            serde_json::json!({"ipBlock": {"cidr": "0.0.0.0/0", "except": ["203.0.113.0/24"]}})
+        );
+    }
+
+    #[test]
     fn objects_are_named_labelled_and_owned_by_the_policy() {
         let objects = build_web(&banned(&["203.0.113.7"]), 1000);
         let meta = &objects[0].metadata;

@@ -53,6 +53,7 @@ use crate::{
     labels,
     metrics::Metrics,
     server::Readiness,
+    shared::Shared,
 };
 
 /// The path sensors post their reports to.
@@ -251,6 +252,8 @@ pub struct Intake {
     review_limiter: Mutex<RateLimiter>,
     reviews: Mutex<ReviewCache>,
     bans: Store<PortSentryBan>,
+    /// The shared ban watch: says when `bans` holds its first list.
+    ban_watch: Shared<PortSentryBan>,
     operator_namespace: String,
     expected: Expected,
     leader: watch::Receiver<bool>,
@@ -269,7 +272,7 @@ impl std::fmt::Debug for Intake {
 }
 
 impl Intake {
-    /// The intake; `bans` (the shared ban watch's store) is its ban cache for the
+    /// The intake; the store of `bans` (the shared ban watch) is its ban cache for the
     /// per-policy cap.
     pub fn new(
         client: Client,
@@ -277,7 +280,7 @@ impl Intake {
         guards: Arc<RwLock<Guards>>,
         leader: watch::Receiver<bool>,
         settings: Settings,
-        bans: Store<PortSentryBan>,
+        bans: &Shared<PortSentryBan>,
     ) -> Arc<Self> {
         Arc::new(Self {
             recorder: Recorder::new(client.clone(), settings.reporter),
@@ -296,7 +299,8 @@ impl Intake {
                 settings.limits.max_reporters,
             )),
             reviews: Mutex::new(ReviewCache::default()),
-            bans,
+            bans: bans.store(),
+            ban_watch: bans.clone(),
             operator_namespace: settings.operator_namespace,
             expected: settings.expected,
             leader,
@@ -306,7 +310,7 @@ impl Intake {
 
     /// Waits until the ban cache (the per-policy cap) has had its first full list.
     pub async fn ready(&self) {
-        let _ = self.bans.wait_until_ready().await;
+        let _ = self.ban_watch.ready().await;
     }
 
     /// Answers one request from `peer`, its body read with `bodies`.

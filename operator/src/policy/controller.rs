@@ -2,7 +2,7 @@
 //! selected pods, asks the pure core (`plan`) what to do, then applies it and writes status.
 //!
 //! ```text
-//!  PortSentryBan ──────┐                      ┌─ delete expired bans
+//!  PortSentryBan ──────┐                      ┌─ delete forgotten bans
 //!  NetworkPolicy ──────┤                      ├─ apply / delete generated NetworkPolicies (SSA)
 //!  Pod ────────────────┤                      ├─ policy status: Ready, Enforced, BanCapReached,
 //!  Pod (injected: its ─┼─▶ reconcile(policy) ─┤  sensorsInjected/Ready
@@ -72,13 +72,13 @@ pub struct Context {
     pub policies: Store<PortSentryPolicy>,
     /// Every PortSentryBan, kept by a watch: no list call per reconcile.
     pub bans: Store<PortSentryBan>,
-    /// Lets one reconcile at a time wait for the ban store's first list: the store's
-    /// readiness future wakes only its latest waiter, so concurrent waiters would hang.
-    pub bans_ready: tokio::sync::Mutex<()>,
+    /// The shared ban watch, to wait for `bans`' first list (any number of waiters).
+    pub ban_watch: crate::shared::Shared<PortSentryBan>,
     /// Every NetworkPolicy, kept by the watch that re-evaluates policies when one changes:
     /// the never-widen check reads it without a list call per reconcile.
     pub network_policies: Store<NetworkPolicy>,
-    /// As `bans_ready`, for the NetworkPolicy store: before its first list it would read as
+    /// Lets one reconcile at a time wait for the NetworkPolicy store's first list (its
+    /// readiness future wakes only its latest waiter): before it, the store would read as
     /// "no NetworkPolicy selects these pods", the one reading that could widen access.
     pub network_policies_ready: tokio::sync::Mutex<()>,
     /// Alert hooks of expiries (bans' hooks are sent by the intake).
@@ -183,7 +183,7 @@ pub async fn run(
         guards,
         policies: store,
         bans,
-        bans_ready: tokio::sync::Mutex::new(()),
+        ban_watch: shared.bans.clone(),
         network_policies,
         network_policies_ready: tokio::sync::Mutex::new(()),
         hooks,
@@ -328,14 +328,11 @@ async fn reconcile_policy(
     let netpol_api = Api::<NetworkPolicy>::namespaced(client.clone(), &namespace);
 
     // Observe. An empty ban store before its first list would read as "no bans".
-    {
-        let _one_waiter = context.bans_ready.lock().await;
-        context
-            .bans
-            .wait_until_ready()
-            .await
-            .map_err(|_| Error::WatchStopped("PortSentryBan"))?;
-    }
+    context
+        .ban_watch
+        .ready()
+        .await
+        .map_err(|_| Error::WatchStopped("PortSentryBan"))?;
     let selector = Selector::try_from(policy.spec.pod_selector.clone())
         .map_err(|e| Error::InvalidSelector(e.to_string()))?;
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace)
@@ -385,12 +382,15 @@ async fn reconcile_policy(
     })?;
 
     // Apply.
-    let removed_bans = delete_expired(&ban_api, &plan.expired).await;
-    let removed = removed_bans.len();
+    let removed = delete_expired(&ban_api, &plan.expired).await.len();
+    if removed > 0 {
+        info!(removed, "expired bans no longer remembered removed");
+    }
+    let lifted = plan.lifted.len();
     if let Some(hooks) = &context.hooks
         && !policy.spec.rules.response.webhooks.is_empty()
     {
-        for ban in &removed_bans {
+        for ban in &plan.lifted {
             let body = crate::hooks::payload(
                 crate::hooks::Kind::Expiry,
                 &namespace,
@@ -400,10 +400,10 @@ async fn reconcile_policy(
             hooks.notify(&policy.spec.rules.response.webhooks, &body);
         }
     }
-    if removed > 0 {
-        context.metrics.bans_expired(removed);
-        info!(removed, "expired bans removed");
-        let note = format!("{removed} bans expired and were removed");
+    if lifted > 0 {
+        context.metrics.bans_expired(lifted);
+        info!(lifted, "bans expired");
+        let note = format!("{lifted} bans expired and were lifted");
         publish(context, policy, EventType::Normal, "BansExpired", note).await;
     }
     let started = Instant::now();

@@ -13,6 +13,7 @@ use portsentry_crds::{Backend, PolicyKind, PolicyStatus, PortSentryBan, PortSent
 use crate::{
     Error, Result,
     enforce::bans::{self, Guards},
+    enforce::memory,
     enforce::netpol,
     enforce::prefixes::BannedPrefixes,
     policy::status::{self, Enforcement, StatusApply},
@@ -43,8 +44,12 @@ pub struct Observed<'a> {
 /// What a reconcile writes.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// Bans past expiry: delete them (only if unchanged since read).
+    /// Bans past expiry that are no longer remembered for escalation: delete them (only if
+    /// unchanged since read). See [`memory::sort_out`].
     pub expired: Vec<Arc<PortSentryBan>>,
+    /// Bans that lifted since the last reconcile (past expiry, not yet marked `Expired`):
+    /// notify their expiry once.
+    pub lifted: Vec<Arc<PortSentryBan>>,
     /// Generated NetworkPolicies that are missing or differ: apply them.
     pub apply: Vec<NetworkPolicy>,
     /// Generated NetworkPolicies no longer wanted: delete them.
@@ -89,16 +94,20 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
     let now = observed.now;
     let rules = &policy.spec.rules;
 
-    let (active, expired): (Vec<Arc<PortSentryBan>>, Vec<Arc<PortSentryBan>>) = observed
-        .bans
-        .iter()
-        .filter(|ban| {
-            ban.namespace().as_deref() == Some(namespace.as_str())
-                && ban.spec.policy.kind == PolicyKind::PortSentryPolicy
-                && ban.spec.policy.name == name
-        })
-        .cloned()
-        .partition(|ban| bans::is_active(&ban.spec, now));
+    let sorted = memory::sort_out(
+        observed
+            .bans
+            .iter()
+            .filter(|ban| {
+                ban.namespace().as_deref() == Some(namespace.as_str())
+                    && ban.spec.policy.kind == PolicyKind::PortSentryPolicy
+                    && ban.spec.policy.name == name
+            })
+            .cloned(),
+        &rules.response,
+        now,
+    );
+    let active = &sorted.active;
     let protection: Vec<Option<bans::Protection>> = active
         .iter()
         .map(|ban| {
@@ -209,14 +218,27 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
         now,
         status::ban_condition,
     );
-    let requeue_after = active
+    let expired_conditions = status::expired_condition_changes(
+        sorted
+            .remembered
+            .iter()
+            .map(|(ban, until)| (&**ban, *until)),
+        now,
+    );
+    let ban_conditions = [ban_conditions, expired_conditions].concat();
+    let lifted = sorted
+        .remembered
         .iter()
-        .filter_map(|ban| bans::requeue_after(now, &ban.spec))
-        .min()
-        .map_or(RESYNC, |d| d.min(RESYNC));
+        .map(|(ban, _)| ban)
+        .chain(&sorted.forgotten)
+        .filter(|ban| !status::marked_expired(ban))
+        .cloned()
+        .collect();
+    let requeue_after = sorted.requeue_after(now).map_or(RESYNC, |d| d.min(RESYNC));
 
     Ok(Plan {
-        expired,
+        expired: sorted.forgotten.clone(),
+        lifted,
         apply,
         delete,
         objects: desired.len(),
@@ -372,15 +394,98 @@ mod tests {
         assert_eq!(plan.ban_conditions.len(), 2);
     }
 
+    /// A ban last seen at `seen` (the default policy remembers offences for 7 days).
+    fn seen_ban(source: &str, seen: i64, expires: i64) -> Arc<PortSentryBan> {
+        let mut ban = (*ban("web", source, Some(expires))).clone();
+        ban.spec.last_seen = Some(Time(at(seen)));
+        Arc::new(ban)
+    }
+
+    const WEEK: i64 = 7 * 24 * 3600;
+
+    /// `ban` as the operator left it after marking it expired at `now`.
+    fn marked_expired(ban: &PortSentryBan, now: i64) -> Arc<PortSentryBan> {
+        let world = World::new(vec![Arc::new(ban.clone())]);
+        let (_, condition) = world.plan(now).ban_conditions.remove(0);
+        let mut ban = ban.clone();
+        ban.status = Some(portsentry_crds::BanStatus {
+            conditions: vec![condition],
+        });
+        Arc::new(ban)
+    }
+
     #[test]
-    fn expired_bans_are_deleted_and_left_out() {
+    fn expired_bans_past_the_escalation_window_are_deleted_and_left_out() {
         let world = World::new(vec![
-            ban("web", "203.0.113.7", Some(T0 - 1)),
+            seen_ban("203.0.113.7", T0 - WEEK - 61, T0 - WEEK - 1),
             ban("web", "203.0.113.9", Some(T0 + 60)),
         ]);
         let plan = world.plan(T0);
         assert_eq!(plan.expired.len(), 1);
         assert_eq!(excepts(&plan), vec!["203.0.113.9/32"]);
+    }
+
+    #[test]
+    fn expired_bans_that_record_no_sighting_are_deleted_at_expiry() {
+        let world = World::new(vec![ban("web", "203.0.113.7", Some(T0 - 1))]);
+        assert_eq!(world.plan(T0).expired.len(), 1);
+    }
+
+    #[test]
+    fn expired_bans_within_the_escalation_window_are_kept_but_never_enforced() {
+        let world = World::new(vec![
+            seen_ban("203.0.113.7", T0 - 61, T0 - 1),
+            ban("web", "203.0.113.9", Some(T0 + 60)),
+        ]);
+        let plan = world.plan(T0);
+        assert!(plan.expired.is_empty());
+        assert_eq!(excepts(&plan), vec!["203.0.113.9/32"]);
+        assert_eq!(plan.active_bans, 1);
+    }
+
+    #[test]
+    fn a_kept_expired_ban_says_enforced_false_expired_and_until_when() {
+        let world = World::new(vec![seen_ban("203.0.113.7", T0 - 61, T0 - 1)]);
+        let plan = world.plan(T0);
+        let (name, condition) = &plan.ban_conditions[0];
+        assert_eq!(name, "web-v4-203-0-113-7");
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("False", status::EXPIRED)
+        );
+        assert!(condition.message.contains(&at(T0 - 61 + WEEK).to_string()));
+    }
+
+    #[test]
+    fn a_ban_is_notified_as_lifted_once_when_it_expires() {
+        let expired = seen_ban("203.0.113.7", T0 - 61, T0 - 1);
+        let first = World::new(vec![expired.clone()]).plan(T0);
+        assert_eq!(first.lifted.len(), 1);
+        let marked = marked_expired(&expired, T0);
+        let later = World::new(vec![marked]).plan(T0 + 10);
+        assert!(later.lifted.is_empty() && later.ban_conditions.is_empty());
+    }
+
+    #[test]
+    fn a_ban_deleted_at_expiry_is_notified_as_lifted() {
+        let world = World::new(vec![ban("web", "203.0.113.7", Some(T0 - 1))]);
+        assert_eq!(world.plan(T0).lifted.len(), 1);
+    }
+
+    #[test]
+    fn a_kept_expired_ban_is_deleted_without_a_second_notice_when_the_window_passes() {
+        let expired = seen_ban("203.0.113.7", T0 - 61, T0 - 1);
+        let marked = marked_expired(&expired, T0);
+        let plan = World::new(vec![marked]).plan(T0 - 61 + WEEK + 1);
+        assert_eq!(plan.expired.len(), 1);
+        assert!(plan.lifted.is_empty());
+    }
+
+    #[test]
+    fn requeue_is_just_after_a_kept_expired_bans_window_ends() {
+        let world = World::new(vec![seen_ban("203.0.113.7", T0 - 61, T0 - 1)]);
+        let plan = world.plan(T0 - 61 + WEEK - 30);
+        assert_eq!(plan.requeue_after, Duration::from_secs(31));
     }
 
     #[test]

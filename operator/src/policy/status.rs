@@ -282,7 +282,15 @@ pub enum BanEnforcement {
     Protected(Protection),
     /// Its policy cannot enforce (see the policy's `Enforced` condition).
     PolicyNotEnforced,
+    /// Past its expiry; kept, never enforced, until the given instant so that a repeat
+    /// offence escalates.
+    Expired {
+        remembered_until: Timestamp,
+    },
 }
+
+/// Reason of `Enforced=False` on a ban past its expiry that is kept for escalation.
+pub const EXPIRED: &str = "Expired";
 
 /// The `Enforced` condition of a ban.
 pub fn ban_condition(previous: &[Condition], state: BanEnforcement, now: Timestamp) -> Condition {
@@ -301,6 +309,14 @@ pub fn ban_condition(previous: &[Condition], state: BanEnforcement, now: Timesta
             false,
             "PolicyNotEnforced",
             "the policy cannot enforce bans; see its Enforced condition".to_owned(),
+        ),
+        BanEnforcement::Expired { remembered_until } => (
+            false,
+            EXPIRED,
+            format!(
+                "lifted at expiresAt; kept until {remembered_until} (lastSeen + \
+                 escalation.window), then deleted: a new offence before then escalates"
+            ),
         ),
     };
     condition(previous, ENFORCED, status, reason, message, None, now)
@@ -330,13 +346,45 @@ pub fn ban_condition_changes<'a>(
             None if enforced => BanEnforcement::Enforced,
             None => BanEnforcement::PolicyNotEnforced,
         };
-        let previous = ban
-            .status
-            .as_ref()
-            .map(|s| s.conditions.as_slice())
-            .unwrap_or_default();
-        let desired = condition(previous, state, now);
-        differs(previous, &desired).then(|| (ban.name_any(), desired))
+        change(ban, state, now, condition)
+    })
+    .collect()
+}
+
+/// `condition`'s verdict on `ban` in `state`, named, if it differs from what the ban has.
+fn change(
+    ban: &PortSentryBan,
+    state: BanEnforcement,
+    now: Timestamp,
+    condition: fn(&[Condition], BanEnforcement, Timestamp) -> Condition,
+) -> Option<(String, Condition)> {
+    let previous = ban
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let desired = condition(previous, state, now);
+    differs(previous, &desired).then(|| (ban.name_any(), desired))
+}
+
+/// True when `ban`'s `Enforced` condition already says it expired.
+pub fn marked_expired(ban: &PortSentryBan) -> bool {
+    ban.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == ENFORCED && c.reason == EXPIRED)
+    })
+}
+
+/// The `Enforced=False` `Expired` conditions to write on expired bans kept until the given
+/// instants, where they differ from what the bans have.
+pub fn expired_condition_changes<'a>(
+    bans: impl Iterator<Item = (&'a PortSentryBan, Timestamp)>,
+    now: Timestamp,
+) -> Vec<(String, Condition)> {
+    bans.filter_map(|(ban, remembered_until)| {
+        let state = BanEnforcement::Expired { remembered_until };
+        change(ban, state, now, ban_condition)
     })
     .collect()
 }

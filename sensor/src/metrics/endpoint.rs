@@ -178,7 +178,7 @@ mod tests {
     use super::*;
 
     async fn endpoint(limits: Limits) -> (SocketAddr, Arc<Metrics>) {
-        let metrics = Arc::new(Metrics::new(&[1], &[]).expect("metrics"));
+        let metrics = Arc::new(Metrics::per_port(&[1], &[]).expect("metrics"));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(accept_loop(listener, metrics.clone(), limits));

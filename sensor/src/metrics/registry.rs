@@ -1,5 +1,7 @@
 //! The sensor's Prometheus metrics and its readiness flag, rendered as the text exposition.
 //! Labels are bounded: ports come from the configured decoy list, actions from a fixed set.
+//! By default no series names a decoy port (`hits_total{protocol}`): whoever reaches the
+//! metrics port would learn which ports are traps. `METRICS_PER_PORT="1"` adds the `port` label.
 
 use std::{
     collections::HashMap,
@@ -50,7 +52,8 @@ pub struct Metrics {
     /// The `hits_total` series of each listed port, fetched once: the capture path counts
     /// every packet, and a label lookup per packet would cost more than the packet.
     hit_series: HashMap<(Protocol, u16), IntCounter>,
-    /// `hits_total{port="other"}` of TCP and UDP (advanced-mode ports are not listed).
+    /// `hits_total{port="other"}` of TCP and UDP (advanced-mode ports are not listed), or
+    /// without per-port series, `hits_total{protocol}` that every hit counts in.
     other_hits: [IntCounter; 2],
     probe_series: Vec<(portsentry_crds::ProbeKind, IntCounter)>,
     captured_series: Vec<(&'static str, IntCounter)>,
@@ -58,12 +61,27 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric; hit series of the decoy ports start at zero.
-    pub fn new(tcp_ports: &[u16], udp_ports: &[u16]) -> Result<Self> {
+    /// Registers every metric, hits counted per protocol only (no decoy port is named).
+    pub fn new() -> Result<Self> {
+        Self::build(None)
+    }
+
+    /// Registers every metric with `hits_total` per decoy port (`METRICS_PER_PORT="1"`); the
+    /// series of `tcp_ports` and `udp_ports` start at zero.
+    pub fn per_port(tcp_ports: &[u16], udp_ports: &[u16]) -> Result<Self> {
+        Self::build(Some((tcp_ports, udp_ports)))
+    }
+
+    fn build(ports: Option<(&[u16], &[u16])>) -> Result<Self> {
         let registry = Registry::new_custom(Some("portsentry_sensor".into()), None)?;
+        let labels: &[&str] = if ports.is_some() {
+            &["protocol", "port"]
+        } else {
+            &["protocol"]
+        };
         let hits = IntCounterVec::new(
             Opts::new("hits_total", "Probes seen on decoy ports"),
-            &["protocol", "port"],
+            labels,
         )?;
         let alarms = IntCounterVec::new(
             Opts::new("alarms_total", "Sources that crossed the scan trigger"),
@@ -138,6 +156,7 @@ impl Metrics {
         registry.register(Box::new(evictions.clone()))?;
         registry.register(Box::new(action_failures.clone()))?;
         let mut hit_series = HashMap::new();
+        let (tcp_ports, udp_ports) = ports.unwrap_or_default();
         for (protocol, ports) in [(Protocol::Tcp, tcp_ports), (Protocol::Udp, udp_ports)] {
             alarms.with_label_values(&[protocol.as_str()]);
             for port in ports {
@@ -148,7 +167,10 @@ impl Metrics {
             }
         }
         let other_hits = [Protocol::Tcp, Protocol::Udp].map(|protocol| {
-            let series = hits.with_label_values(&[protocol.as_str(), "other"]);
+            let series = match ports {
+                Some(_) => hits.with_label_values(&[protocol.as_str(), "other"]),
+                None => hits.with_label_values(&[protocol.as_str()]),
+            };
             series.reset();
             series
         });
@@ -278,8 +300,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hit_series_exist_for_every_decoy_port_from_the_start() {
-        let metrics = Metrics::new(&[1, 111], &[161]).expect("metrics");
+    fn by_default_no_series_names_a_decoy_port() {
+        let metrics = Metrics::new().expect("metrics");
+        metrics.hit(Protocol::Tcp, 31337);
+        metrics.hit(Protocol::Tcp, 111);
+        metrics.hit(Protocol::Udp, 161);
+        let text = metrics.render();
+        assert!(
+            text.contains("portsentry_sensor_hits_total{protocol=\"TCP\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portsentry_sensor_hits_total{protocol=\"UDP\"} 1"),
+            "{text}"
+        );
+        for port in ["31337", "111", "161"] {
+            assert!(!text.contains(port), "{port} revealed in\n{text}");
+        }
+        assert!(!text.contains("port=\""), "{text}");
+    }
+
+    #[test]
+    fn per_port_series_exist_for_every_decoy_port_from_the_start_when_asked_for() {
+        let metrics = Metrics::per_port(&[1, 111], &[161]).expect("metrics");
         let text = metrics.render();
         assert!(
             text.contains("portsentry_sensor_hits_total{port=\"111\",protocol=\"TCP\"} 0"),
@@ -293,7 +336,7 @@ mod tests {
 
     #[test]
     fn every_required_metric_is_exposed() {
-        let metrics = Metrics::new(&[1], &[1]).expect("metrics");
+        let metrics = Metrics::per_port(&[1], &[1]).expect("metrics");
         metrics.hit(Protocol::Tcp, 1);
         metrics.alarm(Protocol::Tcp);
         metrics.ban_added();
@@ -317,7 +360,7 @@ mod tests {
 
     #[test]
     fn hits_on_unlisted_ports_share_one_series() {
-        let metrics = Metrics::new(&[1], &[]).expect("metrics");
+        let metrics = Metrics::per_port(&[1], &[]).expect("metrics");
         metrics.hit(Protocol::Tcp, 1);
         metrics.hit(Protocol::Tcp, 2);
         metrics.hit(Protocol::Tcp, 3);
@@ -330,7 +373,7 @@ mod tests {
 
     #[test]
     fn capture_losses_and_suppressed_alarms_are_exposed() {
-        let metrics = Metrics::new(&[], &[]).expect("metrics");
+        let metrics = Metrics::new().expect("metrics");
         metrics.capture_drops(7);
         metrics.alarm_suppressed();
         metrics.alarm_dropped();
@@ -349,7 +392,7 @@ mod tests {
 
     #[test]
     fn evictions_follow_the_engines_running_total() {
-        let metrics = Metrics::new(&[], &[]).expect("metrics");
+        let metrics = Metrics::new().expect("metrics");
         metrics.sample(0, 0, 5);
         metrics.sample(0, 0, 8);
         assert!(

@@ -202,17 +202,12 @@ impl Drop for Net {
 impl Net {
     /// Runs `f` on a thread inside the victim namespace (sockets made there stay there).
     pub fn in_victim<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.victim);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .unwrap_or_else(|e| panic!("setns {path}: {e}"));
-                f()
-            })
-            .join()
-            .expect("thread inside the victim namespace panicked")
-        })
+        in_namespace(&self.victim, f)
+    }
+
+    /// Runs `f` on a thread inside the attacker namespace.
+    pub fn in_attacker<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        in_namespace(&self.attacker, f)
     }
 
     /// A command in the victim namespace.
@@ -226,6 +221,21 @@ impl Net {
     pub fn sensor_pid(&self, index: usize) -> u32 {
         self.sensors[index].id()
     }
+}
+
+/// Runs `f` on a thread inside the network namespace `name` (sockets made there stay there).
+pub fn in_namespace<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("a thread inside namespace {name} panicked"))
+    })
 }
 
 /// A `Vm...:  N kB` field of /proc/<pid>/status, in KiB.
