@@ -63,6 +63,12 @@ struct Args {
         value_delimiter = ','
     )]
     protected_cidrs: Vec<ipnet::IpNet>,
+    /// IPv6 sources are banned as their network of this length once enough of it is banned.
+    #[arg(long, env = "PORTSENTRY_IPV6_GROUP_PREFIX", default_value = "64")]
+    ipv6_group_prefix: u8,
+    /// Addresses of one such network banned before the next bans the network.
+    #[arg(long, env = "PORTSENTRY_IPV6_GROUP_AFTER", default_value = "4")]
+    ipv6_group_after: usize,
     /// How often node, API server, Service and protected pods' addresses are re-read.
     #[arg(long, default_value = "30", value_name = "SECONDS")]
     guard_refresh_secs: u64,
@@ -305,6 +311,10 @@ async fn start(
             },
             operator_namespace: args.namespace.clone(),
             expected,
+            grouping: enforce::bans::Ipv6Grouping {
+                prefix_len: args.ipv6_group_prefix,
+                after: args.ipv6_group_after,
+            },
             reporter: reporter.clone(),
             hooks: Some(hooks.clone()),
         },

@@ -185,6 +185,61 @@ impl Guards {
     }
 }
 
+/// When IPv6 sources are banned as their network: once `after` addresses of one
+/// `/prefix_len` are banned by one policy, the next becomes a ban of the whole network (a
+/// scanner rotating through its /64 would otherwise exhaust `maxActiveBans`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Grouping {
+    pub prefix_len: u8,
+    pub after: usize,
+}
+
+impl Default for Ipv6Grouping {
+    fn default() -> Self {
+        Self {
+            prefix_len: 64,
+            after: 4,
+        }
+    }
+}
+
+/// The network to ban instead of `source`, if any: an IPv6 address (not IPv4-mapped) whose
+/// `/prefix_len` already holds `after` banned addresses of `banned` (distinct, itself not
+/// counted), or is itself banned as a whole.
+pub fn ipv6_group(
+    source: &SourcePrefix,
+    banned: &[SourcePrefix],
+    grouping: Ipv6Grouping,
+) -> Option<SourcePrefix> {
+    let IpNet::V6(host) = source.network() else {
+        return None;
+    };
+    if host.prefix_len() != 128 || host.addr().to_ipv4_mapped().is_some() {
+        return None;
+    }
+    let group = Ipv6Net::new(host.addr(), grouping.prefix_len.min(128))
+        .ok()?
+        .trunc();
+    if group.prefix_len() == 128 {
+        return None;
+    }
+    let mut members = std::collections::BTreeSet::new();
+    for ban in banned {
+        match ban.network() {
+            IpNet::V6(net) if net == group => return Some(SourcePrefix(IpNet::V6(group))),
+            IpNet::V6(net)
+                if net.prefix_len() == 128
+                    && group.contains(&net.addr())
+                    && net.addr() != host.addr() =>
+            {
+                members.insert(net.addr());
+            }
+            _ => {}
+        }
+    }
+    (members.len() >= grouping.after.max(1)).then_some(SourcePrefix(IpNet::V6(group)))
+}
+
 /// Why a detection is recorded as an alert and not a ban.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AlertReason {
@@ -509,6 +564,80 @@ mod tests {
             protected_namespaces: ["operators".to_owned()].into(),
             ..Guards::default()
         }
+    }
+
+    fn rotation(count: u16) -> Vec<SourcePrefix> {
+        (1..=count)
+            .map(|i| prefix(&format!("2001:db8:1:2::{i:x}")))
+            .collect()
+    }
+
+    #[test]
+    fn an_ipv6_address_is_banned_alone_until_enough_of_its_64_are_banned() {
+        let grouping = Ipv6Grouping::default();
+        let next = prefix("2001:db8:1:2::99");
+        assert_eq!(ipv6_group(&next, &rotation(3), grouping), None);
+        assert_eq!(
+            ipv6_group(&next, &rotation(4), grouping),
+            Some(prefix("2001:db8:1:2::/64"))
+        );
+    }
+
+    #[test]
+    fn once_the_64_is_banned_its_addresses_fold_into_it() {
+        let banned = [prefix("2001:db8:1:2::/64")];
+        assert_eq!(
+            ipv6_group(
+                &prefix("2001:db8:1:2::abcd"),
+                &banned,
+                Ipv6Grouping::default()
+            ),
+            Some(prefix("2001:db8:1:2::/64"))
+        );
+    }
+
+    #[test]
+    fn addresses_of_other_networks_and_the_source_itself_do_not_count() {
+        let mut banned: Vec<SourcePrefix> = (1..=4u16)
+            .map(|i| prefix(&format!("2001:db8:9:9::{i:x}")))
+            .collect();
+        banned.push(prefix("2001:db8:1:2::99"));
+        assert_eq!(
+            ipv6_group(
+                &prefix("2001:db8:1:2::99"),
+                &banned,
+                Ipv6Grouping::default()
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn ipv4_and_ipv4_mapped_sources_are_never_grouped() {
+        let grouping = Ipv6Grouping {
+            prefix_len: 64,
+            after: 1,
+        };
+        let v4 = [prefix("203.0.113.1"), prefix("203.0.113.2")];
+        assert_eq!(ipv6_group(&prefix("203.0.113.3"), &v4, grouping), None);
+        let mapped = [prefix("::ffff:203.0.113.1")];
+        assert_eq!(
+            ipv6_group(&prefix("::ffff:203.0.113.3"), &mapped, grouping),
+            None
+        );
+    }
+
+    #[test]
+    fn the_group_length_is_configurable() {
+        let grouping = Ipv6Grouping {
+            prefix_len: 56,
+            after: 2,
+        };
+        let banned = [prefix("2001:db8:1:2::1"), prefix("2001:db8:1:3::1")];
+        assert_eq!(
+            ipv6_group(&prefix("2001:db8:1:4::1"), &banned, grouping),
+            Some(prefix("2001:db8:1::/56"))
+        );
     }
 
     #[test]

@@ -418,6 +418,25 @@ pub fn confinement(
     })
 }
 
+/// The policy's bans in force when a report is judged, and how IPv6 sources group.
+#[derive(Clone, Debug, Default)]
+pub struct Active {
+    /// Bans in force.
+    pub count: usize,
+    /// Their sources (for IPv6 grouping).
+    pub sources: Vec<SourcePrefix>,
+    pub grouping: bans::Ipv6Grouping,
+}
+
+impl From<usize> for Active {
+    fn from(count: usize) -> Self {
+        Self {
+            count,
+            ..Self::default()
+        }
+    }
+}
+
 /// Judges each detection of an admitted report under the policy named `policy_name` with
 /// `rules`: the answer for each detection, in order, and the bans to write. `existing`
 /// finds this policy's ban by name; `active_bans` counts its bans in force. Detections of
@@ -428,14 +447,24 @@ pub fn judge_report(
     rules: &PolicyRules,
     guards: &Guards,
     existing: impl Fn(&str) -> Option<PortSentryBanSpec>,
-    mut active_bans: usize,
+    active: impl Into<Active>,
     now: Timestamp,
 ) -> Result<(Vec<DetectionOutcome>, Vec<BanWrite>)> {
+    let Active {
+        count: mut active_bans,
+        sources: mut banned,
+        grouping,
+    } = active.into();
     let reporter = admitted.reporter.key();
     let mut outcomes = Vec::with_capacity(admitted.report.detections.len());
     let mut writes: Vec<BanWrite> = Vec::new();
     for detection in &admitted.report.detections {
-        let source = SourcePrefix::host(detection.source.to_canonical());
+        let host = SourcePrefix::host(detection.source.to_canonical());
+        // A scanner rotating through its IPv6 network is banned as the network, unless the
+        // network holds something protected (then address by address).
+        let source = bans::ipv6_group(&host, &banned, grouping)
+            .filter(|group| guards.protected(group, &rules.detection.ignore).is_none())
+            .unwrap_or(host);
         let name = bans::ban_name(policy_name, &source);
         let pending = writes.iter().position(|w| w.name == name);
         let current = match pending {
@@ -465,6 +494,7 @@ pub fn judge_report(
                 let spec = bans::next_spec(&rules.response, current.as_ref(), &offence)?;
                 if !already_banned {
                     active_bans += 1;
+                    banned.push(source);
                 }
                 match pending {
                     Some(i) => writes[i].spec = spec,
@@ -979,6 +1009,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(second[0].spec.offences, 2);
+    }
+
+    #[test]
+    fn a_scanner_rotating_through_its_64_is_banned_as_the_network_after_four_addresses() {
+        let sources: Vec<String> = (1..=10).map(|i| format!("2001:db8:7:7::{i}")).collect();
+        let refs: Vec<&str> = sources.iter().map(String::as_str).collect();
+        let report = admitted(&refs, portsentry_crds::ProbeKind::Connect);
+        let mut rules = PolicyRules::default();
+        rules.response.max_active_bans = 6;
+        let (outcomes, writes) = judge_report(
+            &report,
+            "web",
+            &rules,
+            &Guards::default(),
+            |_| None,
+            0,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(writes.len(), 5, "{writes:?}");
+        assert_eq!(writes[4].spec.source.to_string(), "2001:db8:7:7::/64");
+        assert!(
+            outcomes[4..]
+                .iter()
+                .all(|o| *o == DetectionOutcome::Banned("web-v6-2001-db8-7-7---64".into())),
+            "{outcomes:?}"
+        );
     }
 
     #[test]
