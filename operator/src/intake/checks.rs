@@ -64,7 +64,11 @@ pub enum Authentication {
     /// Authenticated, but not as a pod or node sensor.
     NotASensor,
     /// A pod's token, but the pod does not run the sensor as the operator injected it.
-    Forged(String),
+    Forged {
+        namespace: String,
+        pod: String,
+        why: String,
+    },
     /// Authenticated as this sensor.
     Sensor(Reporter),
 }
@@ -161,7 +165,7 @@ pub fn authenticate(authentication: Authentication) -> Result<Reporter, Refusal>
         Authentication::Missing => Err(Refusal::MissingToken),
         Authentication::Invalid => Err(Refusal::InvalidToken),
         Authentication::NotASensor => Err(Refusal::NotASensor),
-        Authentication::Forged(why) => Err(Refusal::NotInjected(why)),
+        Authentication::Forged { why, .. } => Err(Refusal::NotInjected(why)),
         Authentication::Sensor(reporter) => Ok(reporter),
     }
 }

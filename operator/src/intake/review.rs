@@ -89,6 +89,14 @@ pub fn identity(status: Option<&TokenReviewStatus>) -> TokenIdentity {
     }
 }
 
+fn forged(token: &PodToken, why: String) -> Authentication {
+    Authentication::Forged {
+        namespace: token.namespace.clone(),
+        pod: token.pod_name.clone(),
+        why,
+    }
+}
+
 /// The sender, given the live pod the token names (absent: deleted) and the labels of its
 /// namespace and node. A pod whose uid differs is a different pod under a reused name. A
 /// node-sensor pod of the operator's namespace reports for its node. Either must run the
@@ -115,7 +123,7 @@ pub fn reporter(
         token.namespace == operator_namespace && labels.get(key).map(String::as_str) == Some(value);
     if node_sensor {
         if let Err(forgery) = authentic::check_node_sensor(pod, expected) {
-            return Authentication::Forged(forgery.to_string());
+            return forged(token, forgery.to_string());
         }
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
         return match (node, node_labels) {
@@ -128,14 +136,15 @@ pub fn reporter(
     }
     if token.namespace == "node" {
         // Evidence names a sidecar "namespace/pod" and a node sensor "node/name".
-        return Authentication::Forged(
+        return forged(
+            token,
             "pods of a namespace named `node` cannot report: their evidence would read as a \
              node sensor's"
                 .into(),
         );
     }
     if let Err(forgery) = authentic::check_sidecar(pod, expected) {
-        return Authentication::Forged(forgery.to_string());
+        return forged(token, forgery.to_string());
     }
     Authentication::Sensor(Reporter::Pod {
         namespace: token.namespace.clone(),
@@ -316,7 +325,7 @@ mod tests {
         p.spec.as_mut().unwrap().init_containers = None;
         assert!(matches!(
             reporter(&token(), Some(&p), &BTreeMap::new(), &fixtures::expected(), None),
-            Authentication::Forged(why) if why.contains("no portsentry-sensor container")
+            Authentication::Forged { why, .. } if why.contains("no portsentry-sensor container")
         ));
     }
 
@@ -328,7 +337,7 @@ mod tests {
         p.metadata.owner_references = None;
         assert!(matches!(
             reporter(&t, Some(&p), &BTreeMap::new(), &fixtures::expected(), None),
-            Authentication::Forged(_)
+            Authentication::Forged { .. }
         ));
     }
 
@@ -339,7 +348,7 @@ mod tests {
         let p = pod("node", "uid-web-0", &[("app", "web")]);
         assert!(matches!(
             reporter(&t, Some(&p), &BTreeMap::new(), &fixtures::expected(), None),
-            Authentication::Forged(_)
+            Authentication::Forged { .. }
         ));
     }
 

@@ -389,6 +389,14 @@ impl Intake {
         .map(str::to_owned);
         let authentication = self.authenticate(peer, token.as_deref()).await?;
         debug!(took = ?received.elapsed(), "token reviewed");
+        if let Authentication::Forged {
+            namespace,
+            pod,
+            why,
+        } = &authentication
+        {
+            self.pod_event(namespace, pod, &Refusal::NotInjected(why.clone()));
+        }
         let reporter = intake::authenticate(authentication)?;
         self.limiter
             .lock()
@@ -413,17 +421,21 @@ impl Intake {
     /// A Warning Event on the sending pod for a report about a policy it may not report
     /// for (rate-limit refusals get none: a flood would become a flood of Events).
     fn refusal_event(&self, reporter: &Reporter, refusal: &Refusal) {
-        let Reporter::Pod {
+        if let Reporter::Pod {
             namespace, name, ..
         } = reporter
-        else {
-            return;
-        };
+        {
+            self.pod_event(namespace, name, refusal);
+        }
+    }
+
+    /// A Warning Event `ReportRefused` on pod `namespace/name` saying why.
+    fn pod_event(&self, namespace: &str, name: &str, refusal: &Refusal) {
         let object = k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
-            namespace: Some(namespace.clone()),
-            name: Some(name.clone()),
+            namespace: Some(namespace.to_owned()),
+            name: Some(name.to_owned()),
             ..Default::default()
         };
         let event = Event {
