@@ -414,6 +414,7 @@ async fn a_report_naming_the_clusters_infrastructure_bans_none_of_it_and_still_b
     plain_pod(&client, "abuse-neighbour", "victim", "10.250.1.21")
         .await
         .unwrap();
+    plane.ensure_namespace("portsentry-system").await.unwrap();
     let [dns_pod, dns, operator_pod, node, service, apiserver] =
         infrastructure(&client, namespace).await;
     let operator = start_operator(plane, "lease-abuse-infra").await;
