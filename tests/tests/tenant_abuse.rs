@@ -596,3 +596,116 @@ async fn a_scanner_rotating_through_its_ipv6_64_is_banned_as_the_network() {
         "{sources:?}"
     );
 }
+
+/// Namespace `namespace` labelled `team=abuse` with a genuine sensor pod `web-0`.
+async fn cluster_tenant(plane: &ControlPlane, namespace: &str) -> Result<()> {
+    plane.ensure_namespace(namespace).await?;
+    let client = plane.client()?;
+    let labels = json!({"metadata": {"labels": {"team": "abuse"}}});
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .patch(namespace, &PatchParams::default(), &Patch::Merge(labels))
+        .await?;
+    let pod = injected_pod(
+        namespace,
+        "web-0",
+        json!({"app": "web"}),
+        "abuse-cluster",
+        DEFAULT_SENSOR_IMAGE,
+    );
+    apply_pod(&client, pod, None).await
+}
+
+#[tokio::test]
+async fn a_cluster_ban_on_one_namespaces_evidence_quarantines_elsewhere_only_once_corroborated() {
+    let plane = control_plane().await.unwrap();
+    let client = plane.client().unwrap();
+    plane.ensure_namespace("portsentry-system").await.unwrap();
+    let policy = json!({
+        "apiVersion": "portsentry.io/v1alpha1", "kind": "ClusterPortSentryPolicy",
+        "metadata": {"name": "abuse-cluster"},
+        "spec": {
+            "namespaceSelector": {"matchLabels": {"team": "abuse"}},
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "decoys": {"tcp": [31337]},
+            "response": {"banDuration": "1h", "quarantine": true},
+        }
+    });
+    Api::<portsentry_crds::ClusterPortSentryPolicy>::all(client.clone())
+        .patch(
+            "abuse-cluster",
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(policy),
+        )
+        .await
+        .unwrap();
+    for namespace in ["abuse-c1", "abuse-c2"] {
+        cluster_tenant(plane, namespace).await.unwrap();
+    }
+    plane.ensure_namespace("abuse-c3").await.unwrap();
+    plain_pod(&client, "abuse-c3", "scanner", "10.250.3.30")
+        .await
+        .unwrap();
+    let operator = start_operator(plane, "lease-abuse-cluster").await;
+    let body = serde_json::to_vec(&json!({
+        "policy": {"kind": "ClusterPortSentryPolicy", "name": "abuse-cluster"},
+        "detections": [{"source": "10.250.3.30", "probes": [
+            {"port": 31337, "protocol": "TCP", "kind": "Connect", "verified": true,
+             "observedAtMs": 1_780_000_000_000u64}]}],
+    }))
+    .unwrap();
+    let post = |namespace: &'static str| {
+        let (operator, body) = (&operator, body.clone());
+        async move {
+            let token = plane
+                .token_for_pod(namespace, "default", "web-0", PORTSENTRY_AUDIENCE)
+                .await
+                .unwrap();
+            post_report(&operator.report_url, &operator.ca_pem, Some(&token), &body)
+                .await
+                .unwrap()
+        }
+    };
+    let bans = Api::<PortSentryBan>::namespaced(client.clone(), "portsentry-system");
+    let name = "abuse-cluster-v4-10-250-3-30";
+
+    // One namespace's sidecar: a ban confined to that namespace, nobody quarantined elsewhere.
+    let (status, answer) = post("abuse-c1").await;
+    assert_eq!(status, 200, "{answer}");
+    let ban = bans.get(name).await.unwrap();
+    assert_eq!(
+        ban.labels()
+            .get("portsentry.io/confined-to")
+            .map(String::as_str),
+        Some("abuse-c1")
+    );
+    let bans_c = bans.clone();
+    wait_for(
+        Duration::from_secs(30),
+        "the confined ban Enforced=False Uncorroborated",
+        move || {
+            let bans = bans_c.clone();
+            async move {
+                let ban = bans.get(name).await?;
+                Ok(ban.status.unwrap_or_default().conditions.iter().any(|c| {
+                    c.type_ == "Enforced" && c.status == "False" && c.reason == "Uncorroborated"
+                }))
+            }
+            .boxed()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!labelled(&client, "abuse-c3", "scanner").await);
+    assert!(quarantine_policy(&client, "abuse-c3").await.is_none());
+
+    // A second namespace's sidecar corroborates: the ban acts cluster-wide.
+    let (status, answer) = post("abuse-c2").await;
+    assert_eq!(status, 200, "{answer}");
+    let ban = bans.get(name).await.unwrap();
+    assert!(
+        !ban.labels().contains_key("portsentry.io/confined-to"),
+        "{:?}",
+        ban.labels()
+    );
+    wait_quarantined(&client, "abuse-c3", "scanner").await;
+}

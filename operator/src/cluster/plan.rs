@@ -208,9 +208,10 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
         now,
         ban_condition,
     );
+    // Whatever the policy's backends, a confined ban says first that it is uncorroborated.
     ban_conditions.extend(status::ban_condition_changes(
         confined.into_iter().map(|ban| (ban, protection(ban))),
-        enforced,
+        true,
         now,
         confined_ban_condition,
     ));
