@@ -8,6 +8,32 @@ use serde::{Deserialize, Serialize};
 
 use crate::SourcePrefix;
 
+/// Label on a cluster policy's ban that acts only in one namespace (its value): written by
+/// the operator while sidecar evidence is uncorroborated; node sensors never enforce it.
+pub const CONFINED_LABEL: &str = "portsentry.io/confined-to";
+/// `reason` of a ban's `Enforced=False` condition when its source is protected
+/// infrastructure: no backend (node sensors included) enforces it.
+pub const PROTECTED_SOURCE_REASON: &str = "ProtectedSource";
+
+/// True when `ban` must be enforced by no backend: the operator marked its source protected.
+pub fn refused(ban: &PortSentryBan) -> bool {
+    ban.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == "Enforced" && c.status == "False" && c.reason == PROTECTED_SOURCE_REASON
+        })
+    })
+}
+
+/// True when `ban` may act cluster-wide (on every node): not [`refused`], not confined.
+pub fn cluster_wide(ban: &PortSentryBan) -> bool {
+    !refused(ban)
+        && !ban
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(CONFINED_LABEL))
+}
+
 /// Most evidence entries a ban keeps (the newest win).
 pub const MAX_EVIDENCE: usize = 32;
 

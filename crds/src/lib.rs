@@ -12,14 +12,14 @@ pub mod report;
 
 pub use address::{ADDRESS_OR_CIDR_RULE, AddressError, SourcePrefix};
 pub use ban::{
-    BanStatus, Evidence, MAX_EVIDENCE, PolicyKind, PolicyRef, PortSentryBan, PortSentryBanSpec,
-    ProbeKind, Protocol,
+    BanStatus, CONFINED_LABEL, Evidence, MAX_EVIDENCE, PROTECTED_SOURCE_REASON, PolicyKind,
+    PolicyRef, PortSentryBan, PortSentryBanSpec, ProbeKind, Protocol, cluster_wide,
 };
 pub use duration::{DURATION_PATTERN, Duration, DurationError};
 pub use policy::{
-    Action, AdvancedDecoys, Backend, ClusterPortSentryPolicy, ClusterPortSentryPolicySpec, Decoys,
-    Detection, Enforcement, Escalation, PolicyRules, PolicyStatus, PortSentryPolicy,
-    PortSentryPolicySpec, Response, WebhookTarget,
+    Action, AdvancedDecoys, Backend, ClusterPortSentryPolicy, ClusterPortSentryPolicySpec,
+    Corroboration, Decoys, Detection, Enforcement, Escalation, PolicyRules, PolicyStatus,
+    PortSentryPolicy, PortSentryPolicySpec, Response, WebhookTarget,
 };
 pub use ports::{
     PORT_RANGE_PATTERN, PORT_RANGE_RULE, PortError, PortRange, expand, parse_port_list,

@@ -84,8 +84,69 @@ pub struct ClusterPortSentryPolicySpec {
     /// Nodes that run a host-network node sensor (DaemonSet). Absent: no node sensors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Evidence a ban needs before it acts cluster-wide (every node's nftables, quarantine
+    /// in any namespace). Until then a ban on sidecar evidence acts only in the reporting
+    /// pod's namespace.
+    #[serde(default)]
+    pub corroboration: Corroboration,
     #[serde(flatten)]
     pub rules: PolicyRules,
+}
+
+/// How much independent evidence makes a cluster policy's ban cluster-wide. A sidecar runs
+/// in a tenant's pod and its evidence is that tenant's word; distinct namespaces, or the
+/// policy's node sensors (run by the operator on the host), corroborate it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Corroboration {
+    /// Sidecars in this many distinct namespaces must have reported the source.
+    #[serde(default = "default_sidecars")]
+    #[schemars(range(min = 1, max = 100))]
+    pub sidecars: u32,
+    /// Or this many distinct node sensors.
+    #[serde(default = "default_node_sensors")]
+    #[schemars(range(min = 1, max = 100))]
+    pub node_sensors: u32,
+}
+
+fn default_sidecars() -> u32 {
+    2
+}
+
+fn default_node_sensors() -> u32 {
+    1
+}
+
+impl Default for Corroboration {
+    fn default() -> Self {
+        Self {
+            sidecars: default_sidecars(),
+            node_sensors: default_node_sensors(),
+        }
+    }
+}
+
+impl Corroboration {
+    /// True when `reporters` (evidence reporters: "namespace/pod" of sidecars, "node/name" of
+    /// node sensors) corroborate a ban: enough distinct node sensors, or sidecars of enough
+    /// distinct namespaces. Evidence without reporters (a ban made by hand in the operator's
+    /// namespace, by whoever may write there) is a cluster admin's word and counts as
+    /// corroborated.
+    pub fn holds<'a>(&self, reporters: impl IntoIterator<Item = &'a str>) -> bool {
+        let mut nodes = std::collections::BTreeSet::new();
+        let mut namespaces = std::collections::BTreeSet::new();
+        let mut any = false;
+        for reporter in reporters {
+            any = true;
+            match reporter.split_once('/') {
+                Some(("node", name)) => nodes.insert(name),
+                Some((namespace, _)) => namespaces.insert(namespace),
+                None => false,
+            };
+        }
+        !any || nodes.len() >= self.node_sensors as usize
+            || namespaces.len() >= self.sidecars as usize
+    }
 }
 
 /// Decoy ports: a preset, explicit lists, and "advanced" every-unused-port-below-N watching.
@@ -384,4 +445,33 @@ pub struct PolicyStatus {
     /// Decoys left out because a container of a selected pod declares the port ("pod/port/proto").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped_decoys: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn by_default_two_namespaces_of_sidecars_or_one_node_sensor_corroborate() {
+        let c = Corroboration::default();
+        assert!(!c.holds(["shop/web-0", "shop/web-1"]));
+        assert!(c.holds(["shop/web-0", "dev/api-0"]));
+        assert!(c.holds(["node/n1"]));
+    }
+
+    #[test]
+    fn a_ban_without_reporters_is_an_admins_and_corroborated() {
+        assert!(Corroboration::default().holds([]));
+    }
+
+    #[test]
+    fn stricter_settings_need_more_distinct_reporters() {
+        let c = Corroboration {
+            sidecars: 3,
+            node_sensors: 2,
+        };
+        assert!(!c.holds(["node/n1", "node/n1", "a/x", "b/y"]));
+        assert!(c.holds(["node/n1", "node/n2"]));
+        assert!(c.holds(["a/x", "b/y", "c/z"]));
+    }
 }

@@ -46,6 +46,9 @@ pub const NODE_SENSOR_LABEL: (&str, &str) = (COMPONENT_LABEL, "node-sensor");
 pub const POLICY_LABEL: &str = "portsentry.io/policy";
 /// Label naming the cluster policy a node sensor object belongs to (bounded value).
 pub const CLUSTER_POLICY_LABEL: &str = "portsentry.io/cluster-policy";
+/// Label on a cluster policy's ban written on uncorroborated sidecar evidence: its value, the
+/// reporting pod's namespace, is the only place it acts (node sensors skip such bans).
+pub const CONFINED_LABEL: &str = portsentry_crds::CONFINED_LABEL;
 /// Label (value `true`) on a pod quarantined after its policy banned it.
 pub const QUARANTINE_LABEL: &str = "portsentry.io/quarantined";
 

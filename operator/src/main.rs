@@ -48,7 +48,28 @@ struct Args {
     /// The operator's own addresses, never banned (repeatable; the pod IP in-cluster).
     #[arg(long = "operator-addr", env = "POD_IP", value_delimiter = ',')]
     operator_addrs: Vec<IpAddr>,
-    /// How often node and API server addresses are re-read.
+    /// Namespaces whose pods are never banned nor quarantined, besides kube-system and the
+    /// operator's own (chart value `protectedNamespaces`).
+    #[arg(
+        long = "protected-namespace",
+        env = "PORTSENTRY_PROTECTED_NAMESPACES",
+        value_delimiter = ','
+    )]
+    protected_namespaces: Vec<String>,
+    /// Prefixes never banned (chart value `protectedCIDRs`).
+    #[arg(
+        long = "protected-cidr",
+        env = "PORTSENTRY_PROTECTED_CIDRS",
+        value_delimiter = ','
+    )]
+    protected_cidrs: Vec<ipnet::IpNet>,
+    /// IPv6 sources are banned as their network of this length once enough of it is banned.
+    #[arg(long, env = "PORTSENTRY_IPV6_GROUP_PREFIX", default_value = "64")]
+    ipv6_group_prefix: u8,
+    /// Addresses of one such network banned before the next bans the network.
+    #[arg(long, env = "PORTSENTRY_IPV6_GROUP_AFTER", default_value = "4")]
+    ipv6_group_after: usize,
+    /// How often node, API server, Service and protected pods' addresses are re-read.
     #[arg(long, default_value = "30", value_name = "SECONDS")]
     guard_refresh_secs: u64,
     /// Log as JSON lines instead of text.
@@ -209,15 +230,21 @@ async fn start(
         );
         tasks.spawn("injection webhook", run);
     }
+    let guard_settings = enforce::guards::GuardSettings::new(
+        args.operator_addrs.clone(),
+        &args.namespace,
+        args.protected_namespaces.clone(),
+        args.protected_cidrs.clone(),
+    );
     let guards = Arc::new(RwLock::new(
-        enforce::guards::discover_guards(&client, &args.operator_addrs).await?,
+        enforce::guards::discover_guards(&client, &guard_settings).await?,
     ));
     tasks.spawn_infallible(
         "protected-address refresher",
         enforce::guards::refresh_guards(
             client.clone(),
             guards.clone(),
-            args.operator_addrs.clone(),
+            guard_settings,
             Duration::from_secs(args.guard_refresh_secs.max(1)),
         ),
     );
@@ -256,6 +283,19 @@ async fn start(
         Api::<PortSentryBan>::all(client.clone()),
         shared::without_managed_fields,
     );
+    let expected = {
+        let sidecar = args.webhook.settings()?;
+        let nodes = cluster::nodes::NodeSensorSettings::from_json(
+            args.nodes
+                .node_sensor_settings
+                .as_deref()
+                .unwrap_or_default(),
+        )?;
+        intake::authentic::Expected {
+            operator_namespace: args.namespace.clone(),
+            ..intake::authentic::Expected::new(&sidecar, &nodes.image)
+        }
+    };
     let intake = Intake::new(
         client.clone(),
         metrics.clone(),
@@ -270,6 +310,11 @@ async fn start(
                 ..Limits::default()
             },
             operator_namespace: args.namespace.clone(),
+            expected,
+            grouping: enforce::bans::Ipv6Grouping {
+                prefix_len: args.ipv6_group_prefix,
+                after: args.ipv6_group_after,
+            },
             reporter: reporter.clone(),
             hooks: Some(hooks.clone()),
         },
@@ -316,7 +361,12 @@ async fn start(
         "quarantine",
         leading(
             leader.clone(),
-            quarantine::run(client.clone(), watches.clone()),
+            quarantine::run(
+                client.clone(),
+                watches.clone(),
+                guards.clone(),
+                args.namespace.clone(),
+            ),
         ),
     );
     let cluster_controller =

@@ -30,6 +30,7 @@ pub struct Metrics {
     reports_accepted: IntCounter,
     reports_refused: IntCounterVec,
     detections: IntCounterVec,
+    bans_refused: IntCounterVec,
     bans_added: IntCounter,
     hook_deliveries: IntCounterVec,
     hook_refusals: IntCounterVec,
@@ -105,6 +106,14 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let bans_refused = IntCounterVec::new(
+            Opts::new(
+                "bans_refused_total",
+                "Bans refused because the source is protected, by reason (loopback, node, \
+                 apiserver, operator, protected_namespace, service, cluster_dns, protected_cidr...).",
+            ),
+            &["reason"],
+        )?;
         let bans_added = IntCounter::new("bans_added_total", "PortSentryBans created on reports.")?;
         let report_to_enforcement = Histogram::with_opts(
             HistogramOpts::new(
@@ -142,6 +151,7 @@ impl Metrics {
         registry.register(Box::new(reports_accepted.clone()))?;
         registry.register(Box::new(reports_refused.clone()))?;
         registry.register(Box::new(detections.clone()))?;
+        registry.register(Box::new(bans_refused.clone()))?;
         registry.register(Box::new(bans_added.clone()))?;
         registry.register(Box::new(report_to_enforcement.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
@@ -162,6 +172,7 @@ impl Metrics {
             reports_accepted,
             reports_refused,
             detections,
+            bans_refused,
             bans_added,
             hook_deliveries,
             hook_refusals,
@@ -185,7 +196,11 @@ impl Metrics {
             let label = match outcome {
                 DetectionOutcome::Banned(_) => "banned",
                 DetectionOutcome::Alerted(_) => "alerted",
-                DetectionOutcome::Protected(_) => "protected",
+                DetectionOutcome::Protected(why) => {
+                    // `why` is one of `Protection::as_str`'s fixed words.
+                    self.bans_refused.with_label_values(&[why.as_str()]).inc();
+                    "protected"
+                }
             };
             self.detections.with_label_values(&[label]).inc();
         }

@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use futures::{Stream, StreamExt, stream};
 use k8s_openapi::{
-    api::core::v1::{ContainerStatus, Pod, PodStatus},
+    api::core::v1::{ContainerStatus, Pod, PodSpec, PodStatus},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
@@ -216,7 +216,11 @@ pub fn pod_view(pod: &mut Pod) {
         annotations: (!annotations.is_empty()).then_some(annotations),
         ..ObjectMeta::default()
     };
-    pod.spec = None;
+    // Quarantine never touches pods on the host's network.
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        host_network: spec.host_network,
+        ..PodSpec::default()
+    });
     pod.status = pod.status.take().map(|status| {
         let sidecar: Vec<ContainerStatus> = status
             .init_container_statuses
@@ -341,10 +345,19 @@ mod tests {
     }
 
     #[test]
+    fn the_pod_view_keeps_host_network_for_quarantine() {
+        let mut pod = full_pod();
+        pod.spec.get_or_insert_default().host_network = Some(true);
+        pod_view(&mut pod);
+        assert_eq!(pod.spec.unwrap().host_network, Some(true));
+    }
+
+    #[test]
     fn the_pod_view_drops_spec_managed_fields_other_annotations_and_containers() {
         let mut pod = full_pod();
         pod_view(&mut pod);
-        assert!(pod.spec.is_none());
+        let spec = pod.spec.clone().unwrap();
+        assert!(spec.containers.is_empty() && spec.init_containers.is_none());
         assert!(pod.metadata.managed_fields.is_none());
         assert_eq!(
             pod.annotations().keys().collect::<Vec<_>>(),

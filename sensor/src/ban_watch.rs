@@ -59,7 +59,9 @@ pub struct Settings {
 /// Why a ban is not in the kernel sets (a bounded metric label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Skip {
-    /// Loopback, this node, the API server or an ignored prefix, or a prefix containing one.
+    /// Loopback, this node, the API server or an ignored prefix, or a prefix containing one;
+    /// or a ban the operator marked protected (`Enforced=False`, `ProtectedSource`) or
+    /// confined to one namespace (uncorroborated evidence).
     Protected,
 }
 
@@ -106,6 +108,11 @@ pub fn desired<'a>(
     let mut skipped: BTreeMap<Skip, usize> = BTreeMap::new();
     for ban in bans {
         if ban.spec.policy != *policy {
+            continue;
+        }
+        // The operator's word: protected infrastructure, or evidence not yet corroborated.
+        if !portsentry_crds::cluster_wide(ban) {
+            *skipped.entry(Skip::Protected).or_default() += 1;
             continue;
         }
         let remaining = match &ban.spec.expires_at {
@@ -388,6 +395,33 @@ mod tests {
                 evidence: Vec::new(),
             },
         )
+    }
+
+    #[test]
+    fn bans_the_operator_refused_or_confined_to_one_namespace_are_never_installed() {
+        let mut refused = ban(edge(), "10.96.0.10", None);
+        refused.status = Some(portsentry_crds::BanStatus {
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Enforced".into(),
+                status: "False".into(),
+                reason: portsentry_crds::PROTECTED_SOURCE_REASON.into(),
+                message: "never enforced: the source is protected (service)".into(),
+                last_transition_time: Time(Timestamp::from_second(T0).unwrap()),
+                observed_generation: None,
+            }],
+        });
+        let mut confined = ban(edge(), "203.0.113.8", None);
+        confined.metadata.labels = Some(BTreeMap::from([(
+            portsentry_crds::CONFINED_LABEL.to_owned(),
+            "shop".to_owned(),
+        )]));
+        let wide = ban(edge(), "203.0.113.9", None);
+        let want = run(&[refused, confined, wide], &[]);
+        assert_eq!(
+            want.elements.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            vec!["203.0.113.9/32".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(want.skipped[&Skip::Protected], 2);
     }
 
     fn run(bans: &[PortSentryBan], never: &[IpNet]) -> Desired {

@@ -398,6 +398,50 @@ impl Drop for Operator {
     }
 }
 
+/// The sensor image the operator injects when not told otherwise (`--sensor-image`).
+pub const DEFAULT_SENSOR_IMAGE: &str = "ghcr.io/portsentry-k8s/portsentry-sensor:0.1.0";
+
+/// A pod `name` of `namespace` with `labels`, running the sensor as the webhook injects it
+/// for namespaced `policy` (native sidecar `portsentry-sensor` of `image`, its injected
+/// arguments, the config and `portsentry.io` token volumes) beside an app container: what
+/// the intake accepts reports from. No kubelet runs it here.
+pub fn injected_pod(
+    namespace: &str,
+    name: &str,
+    labels: serde_json::Value,
+    policy: &str,
+    image: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "serviceAccountName": "default",
+            "initContainers": [{
+                "name": "portsentry-sensor", "image": image, "restartPolicy": "Always",
+                "args": ["--config", "/etc/portsentry/portsentry.conf", "--tcp",
+                         "--log-format", "json", "--metrics-addr", "0.0.0.0:9095",
+                         "--report-url", "https://portsentry-operator.portsentry-system.svc:8443/v1/reports",
+                         "--report-token-file", "/var/run/secrets/portsentry.io/token",
+                         "--report-ca-file", "/etc/portsentry/ca.crt",
+                         "--report-policy", format!("PortSentryPolicy/{policy}")],
+                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "volumeMounts": [
+                    {"name": "portsentry-config", "mountPath": "/etc/portsentry", "readOnly": true},
+                    {"name": "portsentry-token", "mountPath": "/var/run/secrets/portsentry.io", "readOnly": true},
+                ],
+            }],
+            "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
+            "volumes": [
+                {"name": "portsentry-config", "configMap": {"name": format!("portsentry-{policy}")}},
+                {"name": "portsentry-token", "projected": {"sources": [
+                    {"serviceAccountToken": {"audience": "portsentry.io", "expirationSeconds": 3600, "path": "token"}}
+                ]}},
+            ],
+        }
+    })
+}
+
 /// POSTs `body` to `url` over HTTPS trusting `ca_pem`, with `token` as bearer if given:
 /// the status and the body of the answer.
 pub async fn post_report(

@@ -360,8 +360,17 @@ fn target_node(pod: &Pod) -> Option<String> {
 
 /// The scheduler's part: waits for the DaemonSet's pod for each node and binds it there.
 async fn bind_daemon_set_pods(client: &Client, node_names: &[String]) -> Result<Vec<Pod>> {
+    bind_policy_daemon_set_pods(client, POLICY, node_names).await
+}
+
+/// [`bind_daemon_set_pods`] for the DaemonSet of cluster policy `policy`.
+async fn bind_policy_daemon_set_pods(
+    client: &Client,
+    policy: &str,
+    node_names: &[String],
+) -> Result<Vec<Pod>> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
-    let selector = nodes::label_selector(POLICY);
+    let selector = nodes::label_selector(policy);
     let mut bound = Vec::new();
     for node in node_names {
         let found = std::sync::Arc::new(std::sync::Mutex::new(None));
@@ -1111,11 +1120,11 @@ async fn a_node_sensor_reports_only_for_nodes_its_cluster_policy_selects() {
     create_node(&client, "psnode-outside", "elsewhere")
         .await
         .unwrap();
-    let post = |pod: &'static str| {
+    let post = |pod: String| {
         let (operator, account) = (&operator, account.clone());
         async move {
             let token = plane
-                .token_for_pod(NAMESPACE, &account, pod, PORTSENTRY_AUDIENCE)
+                .token_for_pod(NAMESPACE, &account, &pod, PORTSENTRY_AUDIENCE)
                 .await
                 .unwrap();
             portsentry_tests::post_report(
@@ -1129,27 +1138,25 @@ async fn a_node_sensor_reports_only_for_nodes_its_cluster_policy_selects() {
         }
     };
 
-    // A node sensor on a node without the policy's label: refused, nothing banned.
+    // A node-sensor pod on a node without the policy's label, made by hand (the DaemonSet
+    // runs none there): refused, nothing banned. Since issue 13 only the DaemonSet's own
+    // pods may report for a node, so the refusal says so before governance is asked.
     node_sensor_pod(&client, "psnode-sensor-outside", "psnode-outside", &account)
         .await
         .unwrap();
-    let (status, body) = post("psnode-sensor-outside").await;
+    let (status, body) = post("psnode-sensor-outside".into()).await;
     assert_eq!(status, 403, "{body}");
-    assert!(body.contains("not_governed"), "{body}");
+    assert!(body.contains("not_injected_sensor"), "{body}");
     let bans = Api::<PortSentryBan>::namespaced(client.clone(), NAMESPACE);
     let listed = bans.list(&ListParams::default()).await.unwrap().items;
     assert!(cluster_bans_of_policy(&listed, policy).is_empty());
 
-    // On a selected node: accepted, a cluster ban in the operator namespace, reporter the node.
-    node_sensor_pod(
-        &client,
-        "psnode-sensor-selected",
-        "psnode-selected",
-        &account,
-    )
-    .await
-    .unwrap();
-    let (status, body) = post("psnode-sensor-selected").await;
+    // The DaemonSet's pod on a selected node: accepted, a cluster ban in the operator
+    // namespace, reporter the node.
+    let selected = bind_policy_daemon_set_pods(&client, policy, &["psnode-selected".into()])
+        .await
+        .unwrap();
+    let (status, body) = post(selected[0].name_any()).await;
     assert_eq!(status, 200, "{body}");
     let listed = bans.list(&ListParams::default()).await.unwrap().items;
     let ours = cluster_bans_of_policy(&listed, policy);

@@ -30,8 +30,9 @@ use kube::{
 };
 use portsentry_crds::{PortSentryBan, PortSentryPolicy};
 use portsentry_tests::{
-    ControlPlane, FIELD_MANAGER, Operator, OperatorSettings, Options, PORTSENTRY_AUDIENCE, PodNet,
-    install_crds, post_report, prerequisites, shared, wait_for, wait_result,
+    ControlPlane, DEFAULT_SENSOR_IMAGE, FIELD_MANAGER, Operator, OperatorSettings, Options,
+    PORTSENTRY_AUDIENCE, PodNet, injected_pod, install_crds, post_report, prerequisites, shared,
+    wait_for, wait_result,
 };
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -88,11 +89,13 @@ async fn namespace_with_policy_responding(
         .patch("web", &params, &Patch::Apply(policy))
         .await?;
     for (name, app) in [("web-0", "web"), ("db-0", "db")] {
-        let pod = json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "labels": {"app": app}},
-            "spec": {"serviceAccountName": "default", "containers": [{"name": "app", "image": "registry.invalid/app:1"}]}
-        });
+        let pod = injected_pod(
+            namespace,
+            name,
+            json!({"app": app}),
+            "web",
+            DEFAULT_SENSOR_IMAGE,
+        );
         Api::<Pod>::namespaced(client.clone(), namespace)
             .patch(name, &params, &Patch::Apply(pod))
             .await?;
@@ -1177,22 +1180,20 @@ async fn of_two_replicas_only_the_lease_holder_writes_and_the_other_takes_over_w
 }
 
 #[tokio::test]
-async fn a_banned_pod_of_the_cluster_is_quarantined_until_its_ban_expires() {
+async fn a_banned_pod_of_the_policys_namespace_is_quarantined_until_its_ban_expires() {
     let plane = control_plane().await.unwrap();
     let namespace = "quarantine";
     let response = json!({"banDuration": "6s", "quarantine": true});
     namespace_with_policy_responding(plane, namespace, response, &[])
         .await
         .unwrap();
-    plane
-        .ensure_namespace("quarantine-attackers")
-        .await
-        .unwrap();
+    // A namespaced policy quarantines pods of its own namespace only (issue 13): the scanner
+    // is a pod of the policy's namespace.
     let client = plane.client().unwrap();
-    let pods = Api::<Pod>::namespaced(client.clone(), "quarantine-attackers");
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
     let scanner = json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "scanner", "namespace": "quarantine-attackers"},
+        "metadata": {"name": "scanner", "namespace": namespace},
         "spec": {"containers": [{"name": "nmap", "image": "registry.invalid/nmap:1"}]}
     });
     pods.patch(
@@ -1234,7 +1235,7 @@ async fn a_banned_pod_of_the_cluster_is_quarantined_until_its_ban_expires() {
                     .labels()
                     .get("portsentry.io/quarantined")
                     .is_some();
-                let policy = Api::<NetworkPolicy>::namespaced(client, "quarantine-attackers")
+                let policy = Api::<NetworkPolicy>::namespaced(client, namespace)
                     .get_opt("portsentry-quarantine")
                     .await?;
                 let denies_egress = policy.and_then(|p| p.spec).is_some_and(|s| {

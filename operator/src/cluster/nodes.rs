@@ -427,6 +427,7 @@ mod tests {
                         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                         .collect()
                 }),
+                corroboration: Default::default(),
                 rules: PolicyRules {
                     enforcement: portsentry_crds::Enforcement {
                         backends: vec![Backend::NodeNftables],

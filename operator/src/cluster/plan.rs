@@ -12,6 +12,7 @@ use portsentry_crds::{
 
 use crate::{
     enforce::{bans::Guards, memory},
+    labels::CONFINED_LABEL,
     policy::{
         plan::RESYNC,
         status::{self, BanEnforcement, Enforcement, StatusApply},
@@ -80,6 +81,31 @@ pub fn ban_condition(previous: &[Condition], state: BanEnforcement, now: Timesta
             true,
             NODE_NFTABLES,
             "dropped by the nftables sets of the policy's node sensors".to_owned(),
+            None,
+            now,
+        ),
+        other => status::ban_condition(previous, other, now),
+    }
+}
+
+/// The `Enforced` condition of a cluster ban confined to one namespace: no node drops it
+/// until other reporters corroborate its evidence.
+pub fn confined_ban_condition(
+    previous: &[Condition],
+    state: BanEnforcement,
+    now: Timestamp,
+) -> Condition {
+    match state {
+        BanEnforcement::Enforced => status::condition(
+            previous,
+            status::ENFORCED,
+            false,
+            "Uncorroborated",
+            format!(
+                "sidecar evidence of one namespace only: the ban acts in the namespace named by \
+                 its {CONFINED_LABEL} label (quarantine) and on no node until the policy's \
+                 corroboration is met"
+            ),
             None,
             now,
         ),
@@ -168,17 +194,27 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
         node_sensors.plus(observed.sidecars),
         generation,
     ));
-    let ban_conditions = status::ban_condition_changes(
-        active.iter().map(|ban| {
-            let protected = observed
-                .guards
-                .protected(&ban.spec.source, &rules.detection.ignore);
-            (*ban, protected)
-        }),
+    let (wide, confined): (Vec<&PortSentryBan>, Vec<&PortSentryBan>) = active
+        .iter()
+        .partition(|ban| !ban.labels().contains_key(CONFINED_LABEL));
+    let protection = |ban: &PortSentryBan| {
+        observed
+            .guards
+            .protected(&ban.spec.source, &rules.detection.ignore)
+    };
+    let mut ban_conditions = status::ban_condition_changes(
+        wide.into_iter().map(|ban| (ban, protection(ban))),
         enforced,
         now,
         ban_condition,
     );
+    // Whatever the policy's backends, a confined ban says first that it is uncorroborated.
+    ban_conditions.extend(status::ban_condition_changes(
+        confined.into_iter().map(|ban| (ban, protection(ban))),
+        true,
+        now,
+        confined_ban_condition,
+    ));
     let expired_conditions =
         status::expired_condition_changes(sorted.remembered.iter().copied(), now);
     let ban_conditions = [ban_conditions, expired_conditions].concat();
@@ -220,6 +256,26 @@ pub fn ban_spec(policy: &str, source: portsentry_crds::SourcePrefix) -> PortSent
 }
 
 #[cfg(test)]
+mod confinement_tests {
+    use super::*;
+
+    #[test]
+    fn a_confined_ban_is_not_enforced_on_nodes_and_says_why() {
+        let c = confined_ban_condition(&[], BanEnforcement::Enforced, Timestamp::UNIX_EPOCH);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "Uncorroborated")
+        );
+        let protected = confined_ban_condition(
+            &[],
+            BanEnforcement::Protected(crate::enforce::bans::Protection::Service),
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(protected.reason, portsentry_crds::PROTECTED_SOURCE_REASON);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
@@ -246,6 +302,7 @@ mod tests {
                 pod_selector: None,
                 node_selector: node_selector
                     .then(|| [("edge".to_owned(), "true".to_owned())].into()),
+                corroboration: Default::default(),
                 rules,
             },
         );

@@ -25,6 +25,14 @@ pub enum Protection {
     Node,
     ApiServer,
     Operator,
+    /// A pod of kube-system, of the operator's namespace or of a chart-listed namespace.
+    ProtectedNamespace,
+    /// A Service ClusterIP.
+    Service,
+    /// The cluster DNS (its Service).
+    ClusterDns,
+    /// A prefix of the chart's `protectedCIDRs`.
+    ProtectedCidr,
 }
 
 impl Protection {
@@ -40,6 +48,10 @@ impl Protection {
             Protection::Node => "node",
             Protection::ApiServer => "apiserver",
             Protection::Operator => "operator",
+            Protection::ProtectedNamespace => "protected_namespace",
+            Protection::Service => "service",
+            Protection::ClusterDns => "cluster_dns",
+            Protection::ProtectedCidr => "protected_cidr",
         }
     }
 }
@@ -117,16 +129,38 @@ pub fn protected(
         .or_else(|| holds(operator_addrs, Protection::Operator))
 }
 
-/// Addresses that are never banned besides a policy's own ignore list.
+/// Addresses that are never banned besides a policy's own ignore list: the cluster's
+/// infrastructure, as discovered by `enforce::guards` and configured by the chart.
 #[derive(Clone, Debug, Default)]
 pub struct Guards {
     pub node_addrs: Vec<IpAddr>,
     pub apiserver_addrs: Vec<IpAddr>,
     pub operator_addrs: Vec<IpAddr>,
+    /// Addresses of pods of the protected namespaces.
+    pub infra_pod_addrs: Vec<IpAddr>,
+    /// ClusterIPs of every Service.
+    pub service_addrs: Vec<IpAddr>,
+    /// ClusterIPs of the cluster DNS Service.
+    pub dns_addrs: Vec<IpAddr>,
+    /// The chart's `protectedCIDRs`.
+    pub protected_nets: Vec<IpNet>,
+    /// kube-system, the operator's namespace and the chart's `protectedNamespaces`: their
+    /// pods are never banned nor quarantined.
+    pub protected_namespaces: std::collections::BTreeSet<String>,
 }
 
 impl Guards {
+    /// Why `source` may never be banned, if it may not (see [`protected`]); then the
+    /// cluster's infrastructure: pods of protected namespaces, the DNS, Services, and the
+    /// chart's protected prefixes.
     pub fn protected(&self, source: &SourcePrefix, ignore: &[SourcePrefix]) -> Option<Protection> {
+        let net = source.network();
+        let holds = |addrs: &[IpAddr], why| {
+            addrs
+                .iter()
+                .any(|a| overlaps(net, IpNet::from(*a)))
+                .then_some(why)
+        };
         protected(
             source,
             ignore,
@@ -134,7 +168,76 @@ impl Guards {
             &self.apiserver_addrs,
             &self.operator_addrs,
         )
+        .or_else(|| holds(&self.infra_pod_addrs, Protection::ProtectedNamespace))
+        .or_else(|| holds(&self.dns_addrs, Protection::ClusterDns))
+        .or_else(|| holds(&self.service_addrs, Protection::Service))
+        .or_else(|| {
+            self.protected_nets
+                .iter()
+                .any(|p| overlaps(net, *p))
+                .then_some(Protection::ProtectedCidr)
+        })
     }
+
+    /// True when pods of `namespace` are never banned nor quarantined.
+    pub fn protects_namespace(&self, namespace: &str) -> bool {
+        namespace == "kube-system" || self.protected_namespaces.contains(namespace)
+    }
+}
+
+/// When IPv6 sources are banned as their network: once `after` addresses of one
+/// `/prefix_len` are banned by one policy, the next becomes a ban of the whole network (a
+/// scanner rotating through its /64 would otherwise exhaust `maxActiveBans`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Grouping {
+    pub prefix_len: u8,
+    pub after: usize,
+}
+
+impl Default for Ipv6Grouping {
+    fn default() -> Self {
+        Self {
+            prefix_len: 64,
+            after: 4,
+        }
+    }
+}
+
+/// The network to ban instead of `source`, if any: an IPv6 address (not IPv4-mapped) whose
+/// `/prefix_len` already holds `after` banned addresses of `banned` (distinct, itself not
+/// counted), or is itself banned as a whole.
+pub fn ipv6_group(
+    source: &SourcePrefix,
+    banned: &[SourcePrefix],
+    grouping: Ipv6Grouping,
+) -> Option<SourcePrefix> {
+    let IpNet::V6(host) = source.network() else {
+        return None;
+    };
+    if host.prefix_len() != 128 || host.addr().to_ipv4_mapped().is_some() {
+        return None;
+    }
+    let group = Ipv6Net::new(host.addr(), grouping.prefix_len.min(128))
+        .ok()?
+        .trunc();
+    if group.prefix_len() == 128 {
+        return None;
+    }
+    let mut members = std::collections::BTreeSet::new();
+    for ban in banned {
+        match ban.network() {
+            IpNet::V6(net) if net == group => return Some(SourcePrefix(IpNet::V6(group))),
+            IpNet::V6(net)
+                if net.prefix_len() == 128
+                    && group.contains(&net.addr())
+                    && net.addr() != host.addr() =>
+            {
+                members.insert(net.addr());
+            }
+            _ => {}
+        }
+    }
+    (members.len() >= grouping.after.max(1)).then_some(SourcePrefix(IpNet::V6(group)))
 }
 
 /// Why a detection is recorded as an alert and not a ban.
@@ -450,6 +553,115 @@ mod tests {
         assert_eq!(check("::ffff:127.0.0.1"), Some(Protection::Loopback));
         assert_eq!(check("::ffff:10.0.0.10"), Some(Protection::Node));
         assert_eq!(check("::ffff:203.0.113.7"), None);
+    }
+
+    fn infrastructure() -> Guards {
+        Guards {
+            infra_pod_addrs: addrs(&["10.244.0.7"]),
+            service_addrs: addrs(&["10.96.0.10", "10.96.4.4"]),
+            dns_addrs: addrs(&["10.96.0.10"]),
+            protected_nets: vec!["198.51.100.0/24".parse().unwrap()],
+            protected_namespaces: ["operators".to_owned()].into(),
+            ..Guards::default()
+        }
+    }
+
+    fn rotation(count: u16) -> Vec<SourcePrefix> {
+        (1..=count)
+            .map(|i| prefix(&format!("2001:db8:1:2::{i:x}")))
+            .collect()
+    }
+
+    #[test]
+    fn an_ipv6_address_is_banned_alone_until_enough_of_its_64_are_banned() {
+        let grouping = Ipv6Grouping::default();
+        let next = prefix("2001:db8:1:2::99");
+        assert_eq!(ipv6_group(&next, &rotation(3), grouping), None);
+        assert_eq!(
+            ipv6_group(&next, &rotation(4), grouping),
+            Some(prefix("2001:db8:1:2::/64"))
+        );
+    }
+
+    #[test]
+    fn once_the_64_is_banned_its_addresses_fold_into_it() {
+        let banned = [prefix("2001:db8:1:2::/64")];
+        assert_eq!(
+            ipv6_group(
+                &prefix("2001:db8:1:2::abcd"),
+                &banned,
+                Ipv6Grouping::default()
+            ),
+            Some(prefix("2001:db8:1:2::/64"))
+        );
+    }
+
+    #[test]
+    fn addresses_of_other_networks_and_the_source_itself_do_not_count() {
+        let mut banned: Vec<SourcePrefix> = (1..=4u16)
+            .map(|i| prefix(&format!("2001:db8:9:9::{i:x}")))
+            .collect();
+        banned.push(prefix("2001:db8:1:2::99"));
+        assert_eq!(
+            ipv6_group(
+                &prefix("2001:db8:1:2::99"),
+                &banned,
+                Ipv6Grouping::default()
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn ipv4_and_ipv4_mapped_sources_are_never_grouped() {
+        let grouping = Ipv6Grouping {
+            prefix_len: 64,
+            after: 1,
+        };
+        let v4 = [prefix("203.0.113.1"), prefix("203.0.113.2")];
+        assert_eq!(ipv6_group(&prefix("203.0.113.3"), &v4, grouping), None);
+        let mapped = [prefix("::ffff:203.0.113.1")];
+        assert_eq!(
+            ipv6_group(&prefix("::ffff:203.0.113.3"), &mapped, grouping),
+            None
+        );
+    }
+
+    #[test]
+    fn the_group_length_is_configurable() {
+        let grouping = Ipv6Grouping {
+            prefix_len: 56,
+            after: 2,
+        };
+        let banned = [prefix("2001:db8:1:2::1"), prefix("2001:db8:1:3::1")];
+        assert_eq!(
+            ipv6_group(&prefix("2001:db8:1:4::1"), &banned, grouping),
+            Some(prefix("2001:db8:1::/56"))
+        );
+    }
+
+    #[test]
+    fn pods_of_protected_namespaces_services_dns_and_protected_cidrs_are_never_banned() {
+        let guards = infrastructure();
+        let check = |s: &str| guards.protected(&prefix(s), &[]);
+        assert_eq!(check("10.244.0.7"), Some(Protection::ProtectedNamespace));
+        assert_eq!(check("10.96.0.10"), Some(Protection::ClusterDns));
+        assert_eq!(check("10.96.4.4"), Some(Protection::Service));
+        assert_eq!(check("198.51.100.9"), Some(Protection::ProtectedCidr));
+        assert_eq!(check("10.96.0.0/16"), Some(Protection::ClusterDns));
+        assert_eq!(
+            check("::ffff:10.244.0.7"),
+            Some(Protection::ProtectedNamespace)
+        );
+        assert_eq!(check("10.244.0.8"), None);
+    }
+
+    #[test]
+    fn kube_system_and_listed_namespaces_are_protected() {
+        let guards = infrastructure();
+        assert!(guards.protects_namespace("kube-system"));
+        assert!(guards.protects_namespace("operators"));
+        assert!(!guards.protects_namespace("shop"));
     }
 
     fn probe(kind: ProbeKind, verified: bool, port: u16, at_ms: u64) -> Probe {

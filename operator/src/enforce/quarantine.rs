@@ -1,5 +1,6 @@
-//! Quarantine: a pod of the cluster banned by a policy with `quarantine: true` is labelled
-//! and its egress denied by a generated NetworkPolicy in its namespace, undone at expiry.
+//! Quarantine: a pod banned by a policy with `quarantine: true` is labelled and its egress
+//! denied by a generated NetworkPolicy in its namespace, undone at expiry; a namespaced
+//! policy reaches only its own namespace, never a protected one.
 //!
 //! Level-triggered: `desired` (pure) says which pods must be quarantined now; the loop labels
 //! and unlabels pods to match, and keeps one deny-egress policy per namespace that needs it.
@@ -7,7 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -29,13 +30,13 @@ use kube::{
         watcher,
     },
 };
-use portsentry_crds::{PolicyKind, PortSentryBan, PortSentryPolicy};
+use portsentry_crds::{ClusterPortSentryPolicy, PolicyKind, PortSentryBan, PortSentryPolicy};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::{
     Result,
-    enforce::bans,
+    enforce::bans::{self, Guards},
     labels::{self, QUARANTINE_LABEL},
     shared::Watches,
     watch::WatchBackoff,
@@ -49,33 +50,79 @@ const RESYNC: Duration = Duration::from_secs(10);
 /// (namespace, name) of a pod.
 pub type PodKey = (String, String);
 
-/// The pods that must be quarantined at `now`: those with an address inside an active ban
-/// of a policy that asks for quarantine (`quarantining` holds "namespace/name" of such
-/// namespaced policies).
+/// The policies that ask for quarantine, and where cluster policies' bans live.
+#[derive(Clone, Debug, Default)]
+pub struct Quarantining {
+    /// "namespace/name" of namespaced policies with `quarantine: true`.
+    pub namespaced: BTreeSet<String>,
+    /// Names of cluster policies with `quarantine: true`.
+    pub cluster: BTreeSet<String>,
+    /// The operator's namespace: the only place a cluster policy's ban counts.
+    pub operator_namespace: String,
+}
+
+/// Where a ban may quarantine: `Some(ns)` only pods of `ns`, `None` any namespace; the
+/// ban is not a quarantining one at all when the outer option is `None`.
+///
+/// A namespaced policy's ban acts in its own namespace only. A cluster policy's ban acts
+/// in any namespace, unless the intake confined it (label [`labels::CONFINED_LABEL`]) to
+/// the reporting pod's namespace until other reporters corroborate it. A ban naming a
+/// cluster policy outside the operator's namespace is somebody's forgery and acts nowhere.
+/// Only bans of one address quarantine.
+pub fn scope(ban: &PortSentryBan, quarantining: &Quarantining) -> Option<Option<String>> {
+    let net = ban.spec.source.network();
+    if net.prefix_len() != net.max_prefix_len() {
+        return None;
+    }
+    let namespace = ban.namespace().unwrap_or_default();
+    match ban.spec.policy.kind {
+        PolicyKind::PortSentryPolicy => quarantining
+            .namespaced
+            .contains(&format!("{namespace}/{}", ban.spec.policy.name))
+            .then_some(Some(namespace)),
+        PolicyKind::ClusterPortSentryPolicy => (namespace == quarantining.operator_namespace
+            && quarantining.cluster.contains(&ban.spec.policy.name))
+        .then(|| ban.labels().get(labels::CONFINED_LABEL).cloned()),
+    }
+}
+
+/// True when a pod may never be quarantined: pods of protected namespaces (kube-system, the
+/// operator's, the chart's list) and pods on the host's network.
+pub fn exempt(pod: &Pod, guards: &Guards) -> bool {
+    let namespace = pod.namespace().unwrap_or_default();
+    guards.protects_namespace(&namespace)
+        || pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
+}
+
+/// The pods that must be quarantined at `now`: those with an address of an active
+/// single-address ban of a quarantining policy, within the ban's [`scope`], never an
+/// [`exempt`] pod.
 pub fn desired(
     bans: &[Arc<PortSentryBan>],
-    quarantining: &BTreeSet<String>,
+    quarantining: &Quarantining,
+    guards: &Guards,
     pods: &[Arc<Pod>],
     now: Timestamp,
 ) -> BTreeSet<PodKey> {
     let banned: Vec<_> = bans
         .iter()
-        .filter(|b| b.spec.policy.kind == PolicyKind::PortSentryPolicy)
-        .filter(|b| {
-            quarantining.contains(&format!(
-                "{}/{}",
-                b.namespace().unwrap_or_default(),
-                b.spec.policy.name
-            ))
-        })
         .filter(|b| bans::is_active(&b.spec, now))
-        .map(|b| b.spec.source.network())
+        .filter_map(|b| Some((b.spec.source.network(), scope(b, quarantining)?)))
         .collect();
     pods.iter()
+        .filter(|pod| !exempt(pod, guards))
         .filter(|pod| {
-            pod_addresses(pod)
-                .iter()
-                .any(|a| banned.iter().any(|net| net.contains(&a.to_canonical())))
+            let namespace = pod.namespace().unwrap_or_default();
+            pod_addresses(pod).iter().any(|a| {
+                banned.iter().any(|(net, scope)| {
+                    net.contains(&a.to_canonical())
+                        && scope.as_ref().is_none_or(|ns| *ns == namespace)
+                })
+            })
         })
         .filter_map(|pod| Some((pod.namespace()?, pod.name_any())))
         .collect()
@@ -136,9 +183,15 @@ pub fn egress_policy(namespace: &str) -> NetworkPolicy {
 /// Keeps quarantine equal to `desired` until the process ends; run only by the leader.
 /// Bans and pods are the shared watches' stores (pods trimmed: addresses and labels are
 /// what quarantine reads); any event of theirs wakes a pass.
-pub async fn run(client: Client, shared: Watches) {
+pub async fn run(
+    client: Client,
+    shared: Watches,
+    guards: Arc<RwLock<Guards>>,
+    operator_namespace: String,
+) {
     let changed = Arc::new(Notify::new());
     let policies = store::<PortSentryPolicy>(&client, changed.clone());
+    let cluster_policies = store::<ClusterPortSentryPolicy>(&client, changed.clone());
     let wake = |events: futures::stream::BoxStream<'static, _>| {
         let changed = changed.clone();
         events.for_each(move |_| {
@@ -149,10 +202,32 @@ pub async fn run(client: Client, shared: Watches) {
     let ban_events = wake(shared.bans.subscribe().await.map(|_| ()).boxed());
     let pod_events = wake(shared.pods.subscribe().await.map(|_| ()).boxed());
     let _ = policies.1.await;
+    let _ = cluster_policies.1.await;
     let (bans, pods) = (shared.bans.store(), shared.pods.store());
     let passes = async {
         loop {
-            if let Err(error) = pass(&client, &bans, &policies.0, &pods).await {
+            let quarantining = Quarantining {
+                namespaced: policies
+                    .0
+                    .state()
+                    .iter()
+                    .filter(|p| p.spec.rules.response.quarantine)
+                    .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
+                    .collect(),
+                cluster: cluster_policies
+                    .0
+                    .state()
+                    .iter()
+                    .filter(|p| p.spec.rules.response.quarantine)
+                    .map(|p| p.name_any())
+                    .collect(),
+                operator_namespace: operator_namespace.clone(),
+            };
+            let guards = guards
+                .read()
+                .map(|g| g.clone())
+                .unwrap_or_else(|p| p.into_inner().clone());
+            if let Err(error) = pass(&client, &bans, &quarantining, &guards, &pods).await {
                 warn!(%error, "quarantine pass failed");
             }
             let _ = tokio::time::timeout(RESYNC, changed.notified()).await;
@@ -203,17 +278,18 @@ where
 async fn pass(
     client: &Client,
     bans: &Store<PortSentryBan>,
-    policies: &Store<PortSentryPolicy>,
+    quarantining: &Quarantining,
+    guards: &Guards,
     pods: &Store<Pod>,
 ) -> Result<()> {
-    let quarantining: BTreeSet<String> = policies
-        .state()
-        .iter()
-        .filter(|p| p.spec.rules.response.quarantine)
-        .map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any()))
-        .collect();
     let pods_now = pods.state();
-    let want = desired(&bans.state(), &quarantining, &pods_now, Timestamp::now());
+    let want = desired(
+        &bans.state(),
+        quarantining,
+        guards,
+        &pods_now,
+        Timestamp::now(),
+    );
     let labelled: BTreeSet<PodKey> = pods_now
         .iter()
         .filter(|p| p.labels().get(QUARANTINE_LABEL).map(String::as_str) == Some("true"))
@@ -272,7 +348,7 @@ async fn pass(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::PodStatus;
+    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
 
     use super::*;
 
@@ -291,46 +367,159 @@ mod tests {
         })
     }
 
-    fn ban(namespace: &str, policy: &str, source: &str, expires: i64) -> Arc<PortSentryBan> {
+    fn host_network_pod(namespace: &str, name: &str, ip: &str) -> Arc<Pod> {
+        let mut pod = (*pod(namespace, name, ip)).clone();
+        pod.spec = Some(PodSpec {
+            host_network: Some(true),
+            ..PodSpec::default()
+        });
+        Arc::new(pod)
+    }
+
+    fn ban_of(
+        kind: &str,
+        namespace: &str,
+        policy: &str,
+        source: &str,
+        expires: i64,
+    ) -> PortSentryBan {
         let mut ban: PortSentryBan = serde_json::from_value(serde_json::json!({
             "apiVersion": "portsentry.io/v1alpha1", "kind": "PortSentryBan",
             "metadata": {"name": "b", "namespace": namespace},
-            "spec": {"source": source, "policy": {"kind": "PortSentryPolicy", "name": policy}},
+            "spec": {"source": source, "policy": {"kind": kind, "name": policy}},
         }))
         .unwrap();
         ban.spec.expires_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             Timestamp::from_second(expires).unwrap(),
         ));
+        ban
+    }
+
+    fn ban(namespace: &str, policy: &str, source: &str, expires: i64) -> Arc<PortSentryBan> {
+        Arc::new(ban_of(
+            "PortSentryPolicy",
+            namespace,
+            policy,
+            source,
+            expires,
+        ))
+    }
+
+    fn cluster_ban(namespace: &str, source: &str, confined: Option<&str>) -> Arc<PortSentryBan> {
+        let mut ban = ban_of("ClusterPortSentryPolicy", namespace, "edge", source, 2_000);
+        if let Some(to) = confined {
+            ban.metadata.labels = Some(BTreeMap::from([(
+                labels::CONFINED_LABEL.to_owned(),
+                to.to_owned(),
+            )]));
+        }
         Arc::new(ban)
+    }
+
+    fn quarantining() -> Quarantining {
+        Quarantining {
+            namespaced: BTreeSet::from(["shop/web".to_owned()]),
+            cluster: BTreeSet::from(["edge".to_owned()]),
+            operator_namespace: "portsentry-system".into(),
+        }
+    }
+
+    fn guards() -> Guards {
+        Guards {
+            protected_namespaces: BTreeSet::from([
+                "kube-system".to_owned(),
+                "portsentry-system".to_owned(),
+            ]),
+            ..Guards::default()
+        }
     }
 
     fn now() -> Timestamp {
         Timestamp::from_second(1_000).unwrap()
     }
 
+    fn key(namespace: &str, name: &str) -> PodKey {
+        (namespace.to_owned(), name.to_owned())
+    }
+
     #[test]
-    fn a_pod_banned_by_a_quarantining_policy_is_quarantined() {
-        let quarantining = BTreeSet::from(["shop/web".to_owned()]);
+    fn a_pod_banned_by_a_quarantining_policy_of_its_namespace_is_quarantined() {
         let pods = [
-            pod("dev", "scanner", "10.244.5.5"),
-            pod("dev", "ok", "10.244.5.6"),
+            pod("shop", "scanner", "10.244.5.5"),
+            pod("shop", "ok", "10.244.5.6"),
         ];
         let bans = [ban("shop", "web", "10.244.5.5", 2_000)];
-        let want = desired(&bans, &quarantining, &pods, now());
+        let want = desired(&bans, &quarantining(), &guards(), &pods, now());
+        assert_eq!(want, BTreeSet::from([key("shop", "scanner")]));
+    }
+
+    #[test]
+    fn a_namespaced_policy_never_quarantines_a_pod_of_another_namespace() {
+        let pods = [
+            pod("dev", "scanner", "10.244.5.5"),
+            pod("kube-system", "coredns", "10.244.0.3"),
+        ];
+        let bans = [
+            ban("shop", "web", "10.244.5.5", 2_000),
+            ban("shop", "web", "10.244.0.3", 2_000),
+        ];
+        assert!(desired(&bans, &quarantining(), &guards(), &pods, now()).is_empty());
+    }
+
+    #[test]
+    fn a_prefix_ban_quarantines_nobody() {
+        let pods = [pod("shop", "a", "10.244.5.5"), pod("shop", "b", "10.1.2.3")];
+        let bans = [ban("shop", "web", "0.0.0.0/0", 2_000)];
+        assert!(desired(&bans, &quarantining(), &guards(), &pods, now()).is_empty());
+    }
+
+    #[test]
+    fn a_cluster_ban_quarantines_in_any_unprotected_namespace() {
+        let pods = [
+            pod("dev", "scanner", "10.244.5.5"),
+            pod("kube-system", "coredns", "10.244.0.3"),
+            pod("portsentry-system", "operator", "10.244.0.4"),
+            host_network_pod("dev", "agent", "10.0.0.10"),
+        ];
+        let bans = [
+            cluster_ban("portsentry-system", "10.244.5.5", None),
+            cluster_ban("portsentry-system", "10.244.0.3", None),
+            cluster_ban("portsentry-system", "10.244.0.4", None),
+            cluster_ban("portsentry-system", "10.0.0.10", None),
+        ];
         assert_eq!(
-            want,
-            BTreeSet::from([("dev".to_owned(), "scanner".to_owned())])
+            desired(&bans, &quarantining(), &guards(), &pods, now()),
+            BTreeSet::from([key("dev", "scanner")])
         );
     }
 
     #[test]
-    fn an_expired_ban_or_a_policy_without_quarantine_quarantines_nothing() {
+    fn a_confined_cluster_ban_quarantines_only_in_its_namespace() {
+        let pods = [
+            pod("dev", "scanner", "10.244.5.5"),
+            pod("shop", "twin", "10.244.5.5"),
+        ];
+        let bans = [cluster_ban("portsentry-system", "10.244.5.5", Some("shop"))];
+        assert_eq!(
+            desired(&bans, &quarantining(), &guards(), &pods, now()),
+            BTreeSet::from([key("shop", "twin")])
+        );
+    }
+
+    #[test]
+    fn a_ban_naming_a_cluster_policy_outside_the_operator_namespace_acts_nowhere() {
         let pods = [pod("dev", "scanner", "10.244.5.5")];
-        let quarantining = BTreeSet::from(["shop/web".to_owned()]);
+        let bans = [cluster_ban("shop", "10.244.5.5", None)];
+        assert!(desired(&bans, &quarantining(), &guards(), &pods, now()).is_empty());
+    }
+
+    #[test]
+    fn an_expired_ban_or_a_policy_without_quarantine_quarantines_nothing() {
+        let pods = [pod("shop", "scanner", "10.244.5.5")];
         let expired = [ban("shop", "web", "10.244.5.5", 500)];
-        assert!(desired(&expired, &quarantining, &pods, now()).is_empty());
+        assert!(desired(&expired, &quarantining(), &guards(), &pods, now()).is_empty());
         let other = [ban("shop", "api", "10.244.5.5", 2_000)];
-        assert!(desired(&other, &quarantining, &pods, now()).is_empty());
+        assert!(desired(&other, &quarantining(), &guards(), &pods, now()).is_empty());
     }
 
     #[test]

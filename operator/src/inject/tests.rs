@@ -464,6 +464,7 @@ fn owned_cluster_policy() -> ClusterPortSentryPolicy {
             }),
             pod_selector: None,
             node_selector: None,
+            corroboration: Default::default(),
             rules: rules(&[1, 8080, 31337], &[7]),
         },
     );
@@ -846,6 +847,7 @@ fn a_cluster_policy_selects_pods_of_namespaces_matching_its_namespace_selector()
             }),
             pod_selector: None,
             node_selector: None,
+            corroboration: Default::default(),
             rules: rules(&[31337], &[]),
         },
     );
@@ -870,6 +872,7 @@ fn a_cluster_policy_without_namespace_selector_injects_nothing() {
             namespace_selector: None,
             pod_selector: None,
             node_selector: None,
+            corroboration: Default::default(),
             rules: rules(&[1], &[]),
         },
     );
@@ -891,6 +894,7 @@ fn a_namespaced_policy_wins_over_a_cluster_policy() {
             namespace_selector: Some(LabelSelector::default()),
             pod_selector: None,
             node_selector: None,
+            corroboration: Default::default(),
             rules: rules(&[31337], &[]),
         },
     );

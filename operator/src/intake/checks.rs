@@ -63,6 +63,12 @@ pub enum Authentication {
     Invalid,
     /// Authenticated, but not as a pod or node sensor.
     NotASensor,
+    /// A pod's token, but the pod does not run the sensor as the operator injected it.
+    Forged {
+        namespace: String,
+        pod: String,
+        why: String,
+    },
     /// Authenticated as this sensor.
     Sensor(Reporter),
 }
@@ -73,7 +79,11 @@ pub enum Refusal {
     MissingToken,
     InvalidToken,
     NotASensor,
-    RateLimited { retry_after: Duration },
+    /// The token's pod does not run the sensor as injected (why, in words).
+    NotInjected(String),
+    RateLimited {
+        retry_after: Duration,
+    },
     BodyTooLarge,
     TooManyDetections(usize),
     Malformed(String),
@@ -87,7 +97,10 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Refusal::MissingToken | Refusal::InvalidToken => 401,
-            Refusal::NotASensor | Refusal::PolicyNotFound | Refusal::NotGoverned => 403,
+            Refusal::NotASensor
+            | Refusal::NotInjected(_)
+            | Refusal::PolicyNotFound
+            | Refusal::NotGoverned => 403,
             Refusal::BodyTooLarge | Refusal::TooManyDetections(_) => 413,
             Refusal::Malformed(_) | Refusal::Invalid(_) => 422,
             Refusal::RateLimited { .. } => 429,
@@ -100,6 +113,7 @@ impl Refusal {
             Refusal::MissingToken => "missing_token",
             Refusal::InvalidToken => "invalid_token",
             Refusal::NotASensor => "not_a_sensor",
+            Refusal::NotInjected(_) => "not_injected_sensor",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::BodyTooLarge => "body_too_large",
             Refusal::TooManyDetections(_) => "too_many_detections",
@@ -121,6 +135,10 @@ impl fmt::Display for Refusal {
             Refusal::NotASensor => {
                 write!(f, "the token belongs to neither a pod nor a node sensor")
             }
+            Refusal::NotInjected(why) => write!(
+                f,
+                "the token's pod does not run the sensor as the operator injected it: {why}"
+            ),
             Refusal::RateLimited { retry_after } => {
                 write!(
                     f,
@@ -147,6 +165,7 @@ pub fn authenticate(authentication: Authentication) -> Result<Reporter, Refusal>
         Authentication::Missing => Err(Refusal::MissingToken),
         Authentication::Invalid => Err(Refusal::InvalidToken),
         Authentication::NotASensor => Err(Refusal::NotASensor),
+        Authentication::Forged { why, .. } => Err(Refusal::NotInjected(why)),
         Authentication::Sensor(reporter) => Ok(reporter),
     }
 }
@@ -375,6 +394,51 @@ pub fn admit<'a>(
 pub struct BanWrite {
     pub name: String,
     pub spec: PortSentryBanSpec,
+    /// The one namespace a cluster policy's ban acts in until its evidence is corroborated.
+    pub confined_to: Option<String>,
+}
+
+/// Where a ban written for `governing` acts while its evidence is `spec.evidence`: `None`
+/// everywhere its policy reaches; `Some(namespace)` only there. A namespaced policy's bans
+/// act in its namespace by construction (`None`). A cluster policy's ban on evidence its
+/// [`portsentry_crds::Corroboration`] does not accept acts only in the reporting pod's
+/// namespace (a node sensor's, in the operator's).
+pub fn confinement(
+    governing: Governing<'_>,
+    spec: &PortSentryBanSpec,
+    reporter: &Reporter,
+    operator_namespace: &str,
+) -> Option<String> {
+    let Governing::Cluster(policy) = governing else {
+        return None;
+    };
+    let reporters = spec.evidence.iter().map(|e| e.reporter.as_str());
+    if policy.spec.corroboration.holds(reporters) {
+        return None;
+    }
+    Some(match reporter {
+        Reporter::Pod { namespace, .. } => namespace.clone(),
+        Reporter::Node { .. } => operator_namespace.to_owned(),
+    })
+}
+
+/// The policy's bans in force when a report is judged, and how IPv6 sources group.
+#[derive(Clone, Debug, Default)]
+pub struct Active {
+    /// Bans in force.
+    pub count: usize,
+    /// Their sources (for IPv6 grouping).
+    pub sources: Vec<SourcePrefix>,
+    pub grouping: bans::Ipv6Grouping,
+}
+
+impl From<usize> for Active {
+    fn from(count: usize) -> Self {
+        Self {
+            count,
+            ..Self::default()
+        }
+    }
 }
 
 /// Judges each detection of an admitted report under the policy named `policy_name` with
@@ -387,14 +451,24 @@ pub fn judge_report(
     rules: &PolicyRules,
     guards: &Guards,
     existing: impl Fn(&str) -> Option<PortSentryBanSpec>,
-    mut active_bans: usize,
+    active: impl Into<Active>,
     now: Timestamp,
 ) -> Result<(Vec<DetectionOutcome>, Vec<BanWrite>)> {
+    let Active {
+        count: mut active_bans,
+        sources: mut banned,
+        grouping,
+    } = active.into();
     let reporter = admitted.reporter.key();
     let mut outcomes = Vec::with_capacity(admitted.report.detections.len());
     let mut writes: Vec<BanWrite> = Vec::new();
     for detection in &admitted.report.detections {
-        let source = SourcePrefix::host(detection.source.to_canonical());
+        let host = SourcePrefix::host(detection.source.to_canonical());
+        // A scanner rotating through its IPv6 network is banned as the network, unless the
+        // network holds something protected (then address by address).
+        let source = bans::ipv6_group(&host, &banned, grouping)
+            .filter(|group| guards.protected(group, &rules.detection.ignore).is_none())
+            .unwrap_or(host);
         let name = bans::ban_name(policy_name, &source);
         let pending = writes.iter().position(|w| w.name == name);
         let current = match pending {
@@ -424,12 +498,14 @@ pub fn judge_report(
                 let spec = bans::next_spec(&rules.response, current.as_ref(), &offence)?;
                 if !already_banned {
                     active_bans += 1;
+                    banned.push(source);
                 }
                 match pending {
                     Some(i) => writes[i].spec = spec,
                     None => writes.push(BanWrite {
                         name: name.clone(),
                         spec,
+                        confined_to: None,
                     }),
                 }
                 outcomes.push(DetectionOutcome::Banned(name));
@@ -498,6 +574,7 @@ mod tests {
                 }),
                 pod_selector: None,
                 node_selector: Some(labels(&[("edge", "true")])),
+                corroboration: Default::default(),
                 rules: PolicyRules::default(),
             },
             status: None,
@@ -939,6 +1016,33 @@ mod tests {
     }
 
     #[test]
+    fn a_scanner_rotating_through_its_64_is_banned_as_the_network_after_four_addresses() {
+        let sources: Vec<String> = (1..=10).map(|i| format!("2001:db8:7:7::{i}")).collect();
+        let refs: Vec<&str> = sources.iter().map(String::as_str).collect();
+        let report = admitted(&refs, portsentry_crds::ProbeKind::Connect);
+        let mut rules = PolicyRules::default();
+        rules.response.max_active_bans = 6;
+        let (outcomes, writes) = judge_report(
+            &report,
+            "web",
+            &rules,
+            &Guards::default(),
+            |_| None,
+            0,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(writes.len(), 5, "{writes:?}");
+        assert_eq!(writes[4].spec.source.to_string(), "2001:db8:7:7::/64");
+        assert!(
+            outcomes[4..]
+                .iter()
+                .all(|o| *o == DetectionOutcome::Banned("web-v6-2001-db8-7-7---64".into())),
+            "{outcomes:?}"
+        );
+    }
+
+    #[test]
     fn ipv4_mapped_sources_are_banned_as_ipv4() {
         let report = admitted(&["::ffff:203.0.113.7"], portsentry_crds::ProbeKind::Connect);
         let (outcomes, _) = judge_report(
@@ -954,6 +1058,73 @@ mod tests {
         assert_eq!(
             outcomes,
             vec![DetectionOutcome::Banned("web-v4-203-0-113-7".into())]
+        );
+    }
+
+    fn cluster_write(reporters: &[&str]) -> PortSentryBanSpec {
+        let mut spec: PortSentryBanSpec = serde_json::from_value(json!({
+            "source": "203.0.113.7",
+            "policy": {"kind": "ClusterPortSentryPolicy", "name": "edge"},
+        }))
+        .unwrap();
+        spec.evidence = reporters
+            .iter()
+            .map(|r| portsentry_crds::Evidence {
+                port: 7,
+                protocol: portsentry_crds::Protocol::Tcp,
+                kind: portsentry_crds::ProbeKind::Connect,
+                verified: true,
+                reporter: (*r).into(),
+                observed_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()),
+            })
+            .collect();
+        spec
+    }
+
+    #[test]
+    fn a_cluster_ban_on_one_namespaces_sidecars_is_confined_to_that_namespace() {
+        let policy = cluster_policy();
+        let spec = cluster_write(&["shop/web-0", "shop/web-1"]);
+        assert_eq!(
+            confinement(
+                Governing::Cluster(&policy),
+                &spec,
+                &pod("shop", "web"),
+                "portsentry-system"
+            ),
+            Some("shop".into())
+        );
+    }
+
+    #[test]
+    fn a_cluster_ban_corroborated_by_two_namespaces_or_a_node_sensor_acts_everywhere() {
+        let policy = cluster_policy();
+        for reporters in [&["shop/web-0", "dev/api-0"][..], &["node/n1"][..]] {
+            let spec = cluster_write(reporters);
+            assert_eq!(
+                confinement(
+                    Governing::Cluster(&policy),
+                    &spec,
+                    &pod("shop", "web"),
+                    "portsentry-system"
+                ),
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn a_namespaced_policys_ban_is_never_confined_further() {
+        let policy = web_policy();
+        let spec = cluster_write(&["shop/web-0"]);
+        assert_eq!(
+            confinement(
+                Governing::Namespaced(&policy),
+                &spec,
+                &pod("shop", "web"),
+                "portsentry-system"
+            ),
+            None
         );
     }
 

@@ -9,6 +9,7 @@ use k8s_openapi::api::{
 };
 
 use crate::{
+    intake::authentic::{self, Expected},
     intake::checks::{Authentication, Reporter},
     labels::{NODE_SENSOR_LABEL, TOKEN_AUDIENCE},
 };
@@ -88,16 +89,26 @@ pub fn identity(status: Option<&TokenReviewStatus>) -> TokenIdentity {
     }
 }
 
+fn forged(token: &PodToken, why: String) -> Authentication {
+    Authentication::Forged {
+        namespace: token.namespace.clone(),
+        pod: token.pod_name.clone(),
+        why,
+    }
+}
+
 /// The sender, given the live pod the token names (absent: deleted) and the labels of its
 /// namespace and node. A pod whose uid differs is a different pod under a reused name. A
-/// node-sensor pod of `operator_namespace` reports for its node.
+/// node-sensor pod of the operator's namespace reports for its node. Either must run the
+/// sensor as the operator built it ([`authentic`]), else the report is forged.
 pub fn reporter(
     token: &PodToken,
     pod: Option<&Pod>,
     namespace_labels: &BTreeMap<String, String>,
-    operator_namespace: &str,
+    expected: &Expected,
     node_labels: Option<&BTreeMap<String, String>>,
 ) -> Authentication {
+    let operator_namespace = expected.operator_namespace.as_str();
     let Some(pod) = pod else {
         return Authentication::Invalid;
     };
@@ -111,6 +122,9 @@ pub fn reporter(
     let node_sensor =
         token.namespace == operator_namespace && labels.get(key).map(String::as_str) == Some(value);
     if node_sensor {
+        if let Err(forgery) = authentic::check_node_sensor(pod, expected) {
+            return forged(token, forgery.to_string());
+        }
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
         return match (node, node_labels) {
             (Some(name), Some(labels)) => Authentication::Sensor(Reporter::Node {
@@ -119,6 +133,18 @@ pub fn reporter(
             }),
             _ => Authentication::NotASensor,
         };
+    }
+    if token.namespace == "node" {
+        // Evidence names a sidecar "namespace/pod" and a node sensor "node/name".
+        return forged(
+            token,
+            "pods of a namespace named `node` cannot report: their evidence would read as a \
+             node sensor's"
+                .into(),
+        );
+    }
+    if let Err(forgery) = authentic::check_sidecar(pod, expected) {
+        return forged(token, forgery.to_string());
     }
     Authentication::Sensor(Reporter::Pod {
         namespace: token.namespace.clone(),
@@ -130,12 +156,10 @@ pub fn reporter(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::{
-        api::{authentication::v1::UserInfo, core::v1::PodSpec},
-        apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    };
+    use k8s_openapi::api::authentication::v1::UserInfo;
 
     use super::*;
+    use crate::intake::authentic::fixtures;
 
     fn status(
         authenticated: bool,
@@ -170,26 +194,24 @@ mod tests {
         }
     }
 
+    /// A pod as injected (a node sensor of the DaemonSet when labelled as one).
     fn pod(namespace: &str, uid: &str, labels: &[(&str, &str)]) -> Pod {
-        Pod {
-            metadata: ObjectMeta {
-                name: Some("web-0".into()),
-                namespace: Some(namespace.into()),
-                uid: Some(uid.into()),
-                labels: Some(
-                    labels
-                        .iter()
-                        .map(|(k, v)| ((*k).into(), (*v).into()))
-                        .collect(),
-                ),
-                ..ObjectMeta::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some("node-1".into()),
-                ..PodSpec::default()
-            }),
-            status: None,
-        }
+        let mut pod = if labels.contains(&NODE_SENSOR_LABEL) && namespace == "portsentry-system" {
+            fixtures::node_pod(true)
+        } else {
+            fixtures::injected()
+        };
+        pod.metadata.name = Some("web-0".into());
+        pod.metadata.namespace = Some(namespace.into());
+        pod.metadata.uid = Some(uid.into());
+        pod.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+        );
+        pod.spec.as_mut().unwrap().node_name = Some("node-1".into());
+        pod
     }
 
     #[test]
@@ -247,7 +269,7 @@ mod tests {
     fn the_live_pod_gives_the_reporter_its_labels() {
         let p = pod("shop", "uid-web-0", &[("app", "web")]);
         let ns = BTreeMap::from([("team".to_owned(), "shop".to_owned())]);
-        match reporter(&token(), Some(&p), &ns, "portsentry-system", None) {
+        match reporter(&token(), Some(&p), &ns, &fixtures::expected(), None) {
             Authentication::Sensor(Reporter::Pod {
                 namespace,
                 labels,
@@ -266,12 +288,12 @@ mod tests {
     fn a_deleted_pod_or_a_reused_name_is_invalid() {
         let ns = BTreeMap::new();
         assert_eq!(
-            reporter(&token(), None, &ns, "portsentry-system", None),
+            reporter(&token(), None, &ns, &fixtures::expected(), None),
             Authentication::Invalid
         );
         let other = pod("shop", "uid-someone-else", &[]);
         assert_eq!(
-            reporter(&token(), Some(&other), &ns, "portsentry-system", None),
+            reporter(&token(), Some(&other), &ns, &fixtures::expected(), None),
             Authentication::Invalid
         );
     }
@@ -287,7 +309,7 @@ mod tests {
                 &t,
                 Some(&p),
                 &BTreeMap::new(),
-                "portsentry-system",
+                &fixtures::expected(),
                 Some(&node_labels)
             ),
             Authentication::Sensor(Reporter::Node {
@@ -298,6 +320,39 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_without_the_injected_sensor_is_forged() {
+        let mut p = pod("shop", "uid-web-0", &[("app", "web")]);
+        p.spec.as_mut().unwrap().init_containers = None;
+        assert!(matches!(
+            reporter(&token(), Some(&p), &BTreeMap::new(), &fixtures::expected(), None),
+            Authentication::Forged { why, .. } if why.contains("no portsentry-sensor container")
+        ));
+    }
+
+    #[test]
+    fn a_labelled_pod_of_the_operator_namespace_not_owned_by_the_daemon_set_is_forged() {
+        let mut t = token();
+        t.namespace = "portsentry-system".into();
+        let mut p = pod("portsentry-system", "uid-web-0", &[NODE_SENSOR_LABEL]);
+        p.metadata.owner_references = None;
+        assert!(matches!(
+            reporter(&t, Some(&p), &BTreeMap::new(), &fixtures::expected(), None),
+            Authentication::Forged { .. }
+        ));
+    }
+
+    #[test]
+    fn a_sidecar_of_a_namespace_named_node_cannot_pass_for_a_node_sensor() {
+        let mut t = token();
+        t.namespace = "node".into();
+        let p = pod("node", "uid-web-0", &[("app", "web")]);
+        assert!(matches!(
+            reporter(&t, Some(&p), &BTreeMap::new(), &fixtures::expected(), None),
+            Authentication::Forged { .. }
+        ));
+    }
+
+    #[test]
     fn the_node_sensor_label_counts_only_in_the_operator_namespace() {
         let p = pod("shop", "uid-web-0", &[NODE_SENSOR_LABEL]);
         assert!(matches!(
@@ -305,7 +360,7 @@ mod tests {
                 &token(),
                 Some(&p),
                 &BTreeMap::new(),
-                "portsentry-system",
+                &fixtures::expected(),
                 None
             ),
             Authentication::Sensor(Reporter::Pod { .. })

@@ -34,7 +34,8 @@ use kube::{
     },
 };
 use portsentry_crds::{
-    ClusterPortSentryPolicy, PolicyKind, PortSentryBan, PortSentryPolicy, SourcePrefix,
+    ClusterPortSentryPolicy, PolicyKind, PortSentryBan, PortSentryBanSpec, PortSentryPolicy,
+    SourcePrefix,
     report::{DetectionOutcome, Report, ReportOutcome},
 };
 use tokio::{net::TcpListener, sync::watch};
@@ -49,7 +50,7 @@ use crate::{
     intake::checks::{
         self as intake, Authentication, BanWrite, Governing, RateLimiter, Refusal, Reporter,
     },
-    intake::review,
+    intake::{authentic::Expected, review},
     labels,
     metrics::Metrics,
     server::Readiness,
@@ -62,6 +63,12 @@ pub const PATH: &str = "/v1/reports";
 const MAX_CONNECTIONS: usize = 1024;
 /// Report bodies of all connections read at once share this many bytes.
 const BODY_BUDGET: usize = 16 * 1024 * 1024;
+/// How long the intake trusts its own ban writes over the (lagging) shared store.
+const RECENT: Duration = Duration::from_secs(30);
+/// Own writes remembered at most (forgotten all at once beyond: the store has them by then).
+const MAX_RECENT: usize = 100_000;
+/// Per-policy locks kept before idle ones are dropped.
+const MAX_LOCKS: usize = 1024;
 /// The name of the intake's condition in `/readyz`.
 pub const READY: &str = "intake";
 
@@ -103,6 +110,10 @@ pub struct Settings {
     pub limits: Limits,
     /// Node sensors' pods and cluster policies' bans live there.
     pub operator_namespace: String,
+    /// What the sensors the operator injects look like: only they may report.
+    pub expected: Expected,
+    /// When IPv6 sources are banned as their network.
+    pub grouping: bans::Ipv6Grouping,
     /// Who publishes the intake's Events.
     pub reporter: EventReporter,
     pub hooks: Option<Hooks>,
@@ -174,22 +185,27 @@ pub fn ban_namespace(governing: Governing<'_>, operator_namespace: &str) -> Stri
     .unwrap_or_else(|| operator_namespace.to_owned())
 }
 
-/// The PortSentryBan object a write applies, labelled with its policy.
+/// The PortSentryBan object a write applies, labelled with its policy (and, when confined,
+/// with the one namespace it acts in: applying without it removes the label).
 pub fn ban_object(write: &BanWrite, namespace: &str) -> PortSentryBan {
     let mut ban = PortSentryBan::new(&write.name, write.spec.clone());
+    let mut labels = BTreeMap::from([
+        (
+            labels::MANAGED_BY_LABEL.to_owned(),
+            labels::MANAGER.to_owned(),
+        ),
+        (
+            labels::POLICY_LABEL.to_owned(),
+            crate::names::label_value(&write.spec.policy.name),
+        ),
+    ]);
+    if let Some(to) = &write.confined_to {
+        labels.insert(labels::CONFINED_LABEL.to_owned(), to.clone());
+    }
     ban.metadata = ObjectMeta {
         name: Some(write.name.clone()),
         namespace: Some(namespace.to_owned()),
-        labels: Some(BTreeMap::from([
-            (
-                labels::MANAGED_BY_LABEL.to_owned(),
-                labels::MANAGER.to_owned(),
-            ),
-            (
-                labels::POLICY_LABEL.to_owned(),
-                crate::names::label_value(&write.spec.policy.name),
-            ),
-        ])),
+        labels: Some(labels),
         ..ObjectMeta::default()
     };
     ban
@@ -248,11 +264,18 @@ pub struct Intake {
     /// The shared ban watch: says when `bans` holds its first list.
     ban_watch: Shared<PortSentryBan>,
     operator_namespace: String,
+    expected: Expected,
     leader: watch::Receiver<bool>,
     recorder: Recorder,
     hooks: Option<Hooks>,
-    /// One report judged and written at a time: two reports about one source never race.
-    writing: tokio::sync::Mutex<()>,
+    /// Per policy ("namespace/name"), one report judged and written at a time: two reports
+    /// about one source never race; reports for other policies never wait (no lock is shared
+    /// across policies while API calls are made).
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// This intake's own ban writes of the last [`RECENT`], by (namespace, name): the store
+    /// may not show them yet.
+    recent: Mutex<HashMap<(String, String), (Instant, PortSentryBanSpec)>>,
+    grouping: bans::Ipv6Grouping,
 }
 
 impl std::fmt::Debug for Intake {
@@ -294,8 +317,11 @@ impl Intake {
             bans: bans.store(),
             ban_watch: bans.clone(),
             operator_namespace: settings.operator_namespace,
+            expected: settings.expected,
             leader,
-            writing: tokio::sync::Mutex::new(()),
+            locks: Mutex::new(HashMap::new()),
+            recent: Mutex::new(HashMap::new()),
+            grouping: settings.grouping,
         })
     }
 
@@ -363,6 +389,14 @@ impl Intake {
         .map(str::to_owned);
         let authentication = self.authenticate(peer, token.as_deref()).await?;
         debug!(took = ?received.elapsed(), "token reviewed");
+        if let Authentication::Forged {
+            namespace,
+            pod,
+            why,
+        } = &authentication
+        {
+            self.pod_event(namespace, pod, &Refusal::NotInjected(why.clone()));
+        }
         let reporter = intake::authenticate(authentication)?;
         self.limiter
             .lock()
@@ -387,17 +421,21 @@ impl Intake {
     /// A Warning Event on the sending pod for a report about a policy it may not report
     /// for (rate-limit refusals get none: a flood would become a flood of Events).
     fn refusal_event(&self, reporter: &Reporter, refusal: &Refusal) {
-        let Reporter::Pod {
+        if let Reporter::Pod {
             namespace, name, ..
         } = reporter
-        else {
-            return;
-        };
+        {
+            self.pod_event(namespace, name, refusal);
+        }
+    }
+
+    /// A Warning Event `ReportRefused` on pod `namespace/name` saying why.
+    fn pod_event(&self, namespace: &str, name: &str, refusal: &Refusal) {
         let object = k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
-            namespace: Some(namespace.clone()),
-            name: Some(name.clone()),
+            namespace: Some(namespace.to_owned()),
+            name: Some(name.to_owned()),
             ..Default::default()
         };
         let event = Event {
@@ -410,6 +448,79 @@ impl Intake {
         let recorder = self.recorder.clone();
         tokio::spawn(async move {
             if let Err(error) = recorder.publish(&event, &object).await {
+                debug!(%error, "could not publish the refusal event");
+            }
+        });
+    }
+
+    /// The lock of one policy's reports (entries no report holds are dropped as the map grows).
+    fn policy_lock(&self, policy_key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if locks.len() >= MAX_LOCKS {
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+        locks.entry(policy_key.to_owned()).or_default().clone()
+    }
+
+    /// This intake's writes of the last [`RECENT`] in `namespace`, by name.
+    fn recent_writes(&self, namespace: &str) -> Vec<(String, PortSentryBanSpec)> {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.retain(|_, (at, _)| at.elapsed() < RECENT);
+        recent
+            .iter()
+            .filter(|((ns, _), _)| ns == namespace)
+            .map(|((_, name), (_, spec))| (name.clone(), spec.clone()))
+            .collect()
+    }
+
+    fn remember_write(&self, namespace: &str, name: &str, spec: &PortSentryBanSpec) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() >= MAX_RECENT {
+            recent.clear();
+        }
+        recent.insert(
+            (namespace.to_owned(), name.to_owned()),
+            (Instant::now(), spec.clone()),
+        );
+    }
+
+    /// A Warning Event `BanRefused` on the policy naming each protected source of a report
+    /// and why it is never banned (one Event per report, bounded).
+    fn refused_bans_event(
+        &self,
+        admitted: &intake::Admitted,
+        outcomes: &[DetectionOutcome],
+        policy: &k8s_openapi::api::core::v1::ObjectReference,
+    ) {
+        let refused: Vec<String> = admitted
+            .report
+            .detections
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(d, o)| match o {
+                DetectionOutcome::Protected(why) => Some(format!("{} ({why})", d.source)),
+                _ => None,
+            })
+            .collect();
+        if refused.is_empty() {
+            return;
+        }
+        let note = format!(
+            "{} source(s) reported by {} are protected and never banned: {}",
+            refused.len(),
+            admitted.reporter.key(),
+            refused.join(", ")
+        );
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "BanRefused".into(),
+            note: Some(crate::names::bounded(&note, 1024)),
+            action: "Report".into(),
+            secondary: None,
+        };
+        let (recorder, policy) = (self.recorder.clone(), policy.clone());
+        tokio::spawn(async move {
+            if let Err(error) = recorder.publish(&event, &policy).await {
                 debug!(%error, "could not publish the refusal event");
             }
         });
@@ -480,7 +591,7 @@ impl Intake {
             &pod_token,
             pod.as_ref(),
             &namespace_labels,
-            &self.operator_namespace,
+            &self.expected,
             node_labels.as_ref(),
         ))
     }
@@ -520,60 +631,69 @@ impl Intake {
         let namespace = ban_namespace(governing, &self.operator_namespace);
         let policy_key = format!("{namespace}/{policy_name}");
         let api = Api::<PortSentryBan>::namespaced(self.client.clone(), &namespace);
-        let _one_writer = self.writing.lock().await;
-        let mut names: Vec<String> = admitted
-            .report
-            .detections
-            .iter()
-            .map(|d| bans::ban_name(&policy_name, &SourcePrefix::host(d.source.to_canonical())))
-            .collect();
-        names.sort();
-        names.dedup();
-        let mut existing = HashMap::new();
-        for name in &names {
-            if let Some(ban) = api.get_opt(name).await? {
-                existing.insert(name.clone(), ban.spec);
-            }
-        }
+        let lock = self.policy_lock(&policy_key);
+        let _one_writer = lock.lock().await;
+        // No API reads: the shared ban watch's store, overlaid with this intake's own writes
+        // it may not show yet. A report costs at most one write per distinct source.
         let now = Timestamp::now();
         let kind = admitted.report.policy.kind;
-        let active = self
-            .bans
-            .state()
+        let state = self.bans.state();
+        let mut existing: HashMap<String, PortSentryBanSpec> = HashMap::new();
+        let mut stored: HashMap<String, &PortSentryBanSpec> = state
             .iter()
             .filter(|b| {
                 b.metadata.namespace.as_deref() == Some(namespace.as_str())
                     && b.spec.policy.kind == kind
                     && b.spec.policy.name == policy_name
-                    && bans::is_active(&b.spec, now)
-                    && !existing.contains_key(&b.name_any())
             })
-            .count()
-            + existing
-                .values()
-                .filter(|s| bans::is_active(s, now))
-                .count();
+            .map(|b| (b.name_any(), &b.spec))
+            .collect();
+        for (name, spec) in self.recent_writes(&namespace) {
+            if spec.policy.kind == kind && spec.policy.name == policy_name {
+                stored.remove(&name);
+                existing.insert(name, spec);
+            }
+        }
+        let in_force = existing
+            .values()
+            .chain(stored.values().copied())
+            .filter(|s| bans::is_active(s, now));
+        let sources: Vec<SourcePrefix> = in_force.map(|s| s.source).collect();
+        let active = intake::Active {
+            count: sources.len(),
+            sources,
+            grouping: self.grouping,
+        };
+        let lookup = |name: &str| {
+            existing
+                .get(name)
+                .cloned()
+                .or_else(|| stored.get(name).map(|s| (*s).clone()))
+        };
         let guards = self
             .guards
             .read()
             .map(|g| g.clone())
             .unwrap_or_else(|p| p.into_inner().clone());
-        let (outcomes, writes) = intake::judge_report(
-            admitted,
-            &policy_name,
-            rules,
-            &guards,
-            |name| existing.get(name).cloned(),
-            active,
-            now,
-        )?;
+        let (outcomes, mut writes) =
+            intake::judge_report(admitted, &policy_name, rules, &guards, lookup, active, now)?;
+        for write in &mut writes {
+            write.confined_to = intake::confinement(
+                governing,
+                &write.spec,
+                &admitted.reporter,
+                &self.operator_namespace,
+            );
+        }
         let params = PatchParams::apply(labels::MANAGER).force();
         for write in &writes {
             let ban = ban_object(write, &namespace);
             api.patch(&write.name, &params, &Patch::Apply(&ban)).await?;
+            self.remember_write(&namespace, &write.name, &write.spec);
             self.metrics.ban_written(&policy_key, &write.name, received);
         }
         self.metrics.detections(&outcomes);
+        self.refused_bans_event(admitted, &outcomes, &object_ref);
         if let Some(hooks) = self
             .hooks
             .as_ref()
@@ -599,11 +719,7 @@ impl Intake {
         if !writes.is_empty() {
             let added = writes
                 .iter()
-                .filter(|w| {
-                    !existing
-                        .get(&w.name)
-                        .is_some_and(|s| bans::is_active(s, now))
-                })
+                .filter(|w| !lookup(&w.name).is_some_and(|s| bans::is_active(&s, now)))
                 .count();
             self.metrics.bans_added(added);
             let sources: Vec<String> = writes.iter().map(|w| w.spec.source.to_string()).collect();
@@ -755,6 +871,7 @@ mod tests {
             &BanWrite {
                 name: "web-v4-203-0-113-7".into(),
                 spec,
+                confined_to: None,
             },
             "shop",
         );

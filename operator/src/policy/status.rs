@@ -302,7 +302,7 @@ pub fn ban_condition(previous: &[Condition], state: BanEnforcement, now: Timesta
         ),
         BanEnforcement::Protected(why) => (
             false,
-            "ProtectedSource",
+            portsentry_crds::PROTECTED_SOURCE_REASON,
             format!("never enforced: the source is protected ({})", why.as_str()),
         ),
         BanEnforcement::PolicyNotEnforced => (
