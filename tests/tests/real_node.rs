@@ -1,7 +1,10 @@
 //! A real one-node cluster: the kubelet registers the node and runs pods from locally built
 //! images on containerd + runc, the pods are reachable from outside the node through the CNI
 //! bridge, CoreDNS answers for Services, and kube-router enforces NetworkPolicy.
-//! Needs root and tests/build-node (see docs/testing.md).
+//! Then the chart on it, from the images of tests/build-images: the operator Ready by its
+//! probe, the webhook injecting the native sidecar under PSS `restricted`, and an nmap scan
+//! from outside dropped at the pod (kube-router) and at the node (the node sensor's nftables).
+//! Needs root, tests/build-node and tests/build-images (see docs/testing.md).
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
