@@ -9,6 +9,7 @@ mod http_server;
 mod manifests;
 mod node;
 mod node_cgroup;
+mod node_chart;
 mod node_config;
 mod node_net;
 mod operator;
@@ -23,6 +24,9 @@ pub use control_plane::{
 pub use http_server::{HttpServer, Recorded, Reply};
 pub use manifests::{api_for, apply_documents, chart_crd_files, install_crds, parse_documents};
 pub use node::{NODE_BUILD_HINT, NODE_NAME, Node, NodeOptions, node_bin_dir, shared_node};
+pub use node_chart::{
+    IMAGES_HINT, OPERATOR, RELEASE, RELEASE_NAMESPACE, image_archives, images_dir, install_chart,
+};
 pub use node_config::{CLUSTER_DOMAIN, NODE_ADDRESS, OUTSIDE_ADDRESS, POD_CIDR, SERVICE_CIDR};
 pub use operator::{
     DEFAULT_SENSOR_IMAGE, Operator, OperatorSettings, PodNet, injected_pod, post_report,

@@ -31,7 +31,7 @@ use crate::{
     control_plane::{ControlPlane, Options},
     node_cgroup::{self, create_cgroups},
     node_config::{self, Layout, NODE_ADDRESS, POD_CIDR},
-    node_net::{NodeNet, Relay, enter_netns, exchange, in_netns, run},
+    node_net::{NodeNet, Relay, add_outside_address, enter_netns, exchange, in_netns, run},
     process::{Component, Watchdog},
 };
 
@@ -503,7 +503,37 @@ impl Node {
         request: &[u8],
         timeout: Duration,
     ) -> Result<std::io::Result<Vec<u8>>> {
-        exchange(&self.net.outside, to, request, timeout)
+        exchange(&self.net.outside, None, to, request, timeout)
+    }
+
+    /// As [`Node::from_outside`], from `source`: an address of the outside namespace
+    /// ([`Node::add_outside_address`]), so that several clients outside the node can be told
+    /// apart (one banned, another not).
+    pub fn from_outside_as(
+        &self,
+        source: &str,
+        to: SocketAddr,
+        request: &[u8],
+        timeout: Duration,
+    ) -> Result<std::io::Result<Vec<u8>>> {
+        let source = source
+            .parse()
+            .with_context(|| format!("source address {source}"))?;
+        exchange(&self.net.outside, Some(source), to, request, timeout)
+    }
+
+    /// Gives the outside namespace one more address on its link to the node (a client or
+    /// attacker of its own, in the /24 of [`crate::OUTSIDE_ADDRESS`]); adding one twice is fine.
+    pub fn add_outside_address(&self, address: &str) -> Result<()> {
+        add_outside_address(&self.net.outside, address)
+    }
+
+    /// Runs `args` inside the outside namespace (e.g. `nmap` as an attacker outside the
+    /// cluster).
+    pub fn exec_outside(&self, args: &[&str]) -> Result<std::process::Output> {
+        let mut full = vec!["ip", "netns", "exec", &self.net.outside];
+        full.extend_from_slice(args);
+        run(&full)
     }
 
     /// Runs `work` on a thread inside the node's network namespace (its sockets are made
@@ -688,7 +718,7 @@ fn ctr_at(socket: &Path, args: &[&str]) -> Result<String> {
 fn http_ok_in(netns: &str, port: u16, path: &str) -> Result<bool> {
     let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
     let to = SocketAddr::from(([127, 0, 0, 1], port));
-    let answer = exchange(netns, to, request.as_bytes(), Duration::from_secs(2))??;
+    let answer = exchange(netns, None, to, request.as_bytes(), Duration::from_secs(2))??;
     Ok(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200")
         || String::from_utf8_lossy(&answer).starts_with("HTTP/1.0 200"))
 }

@@ -4,7 +4,7 @@
 use std::{
     fs,
     io::{self, Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
     path::Path,
     process::{Command, Output},
     sync::{
@@ -249,25 +249,56 @@ fn copy_then_close(mut from: TcpStream, mut to: TcpStream) {
     let _ = to.shutdown(Shutdown::Write);
 }
 
-/// Opens a TCP connection to `to` from inside `netns` and sends `request`; the answer read
-/// until the peer closes, or the error (a refused, reset or timed-out connection).
+/// Opens a TCP connection to `to` from inside `netns` (from the address `source` when given:
+/// bound before connecting) and sends `request`; the answer read until the peer closes, or
+/// the error (a refused, reset or timed-out connection).
 pub fn exchange(
     netns: &str,
+    source: Option<IpAddr>,
     to: SocketAddr,
     request: &[u8],
     timeout: Duration,
 ) -> Result<io::Result<Vec<u8>>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request = request.to_vec();
     in_netns(netns, move || {
-        let attempt = || -> io::Result<Vec<u8>> {
-            let mut stream = TcpStream::connect_timeout(&to, timeout)?;
-            stream.set_read_timeout(Some(timeout))?;
-            stream.set_write_timeout(Some(timeout))?;
-            stream.write_all(&request)?;
-            let mut answer = Vec::new();
-            stream.read_to_end(&mut answer)?;
-            Ok(answer)
-        };
-        Ok(attempt())
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(runtime.block_on(async move {
+            let attempt = async {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                if let Some(source) = source {
+                    socket.bind(SocketAddr::new(source, 0))?;
+                }
+                let mut stream = socket.connect(to).await?;
+                stream.write_all(&request).await?;
+                let mut answer = Vec::new();
+                stream.read_to_end(&mut answer).await?;
+                Ok(answer)
+            };
+            tokio::time::timeout(timeout, attempt)
+                .await
+                .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")))
+        }))
     })
+}
+
+/// Adds `address` to the outside namespace's link (an attacker or client of its own there).
+pub fn add_outside_address(outside: &str, address: &str) -> Result<()> {
+    let with_prefix = format!("{address}/{LINK_PREFIX}");
+    let listed = run(&["ip", "-n", outside, "-4", "addr", "show", "dev", "eth0"])?;
+    if String::from_utf8_lossy(&listed.stdout).contains(&format!("inet {with_prefix} ")) {
+        return Ok(());
+    }
+    must(&[
+        "ip",
+        "-n",
+        outside,
+        "addr",
+        "add",
+        &with_prefix,
+        "dev",
+        "eth0",
+    ])
 }

@@ -1,23 +1,33 @@
 //! A real one-node cluster: the kubelet registers the node and runs pods from locally built
 //! images on containerd + runc, the pods are reachable from outside the node through the CNI
 //! bridge, CoreDNS answers for Services, and kube-router enforces NetworkPolicy.
-//! Needs root and tests/build-node (see docs/testing.md).
+//! Then the chart on it, from the images of tests/build-images: the operator Ready by its
+//! probe, the webhook injecting the native sidecar under PSS `restricted`, and an nmap scan
+//! from outside dropped at the pod (kube-router) and at the node (the node sensor's nftables).
+//! Needs root, tests/build-node and tests/build-images (see docs/testing.md).
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result};
 use futures::FutureExt;
 use k8s_openapi::api::{
-    core::v1::{Node as NodeObject, Pod},
+    admissionregistration::v1::MutatingWebhookConfiguration,
+    apps::v1::{DaemonSet, Deployment},
+    core::v1::{Namespace, Node as NodeObject, Pod},
     networking::v1::NetworkPolicy,
 };
 use kube::{
-    Api, Client,
-    api::{DeleteParams, PostParams},
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, PostParams},
 };
+use portsentry_crds::{ClusterPortSentryPolicy, PortSentryBan, PortSentryPolicy};
 use portsentry_tests::{
-    NODE_ADDRESS, NODE_NAME, Node, NodeOptions, POD_CIDR, shared_node, wait_for,
+    NODE_ADDRESS, NODE_NAME, Node, NodeOptions, OPERATOR, OUTSIDE_ADDRESS, POD_CIDR,
+    RELEASE_NAMESPACE, install_chart, shared_node, wait_for, wait_value,
 };
+use std::time::Instant;
 use tokio::sync::OnceCell;
 
 static NODE: OnceCell<Node> = OnceCell::const_new();
@@ -34,6 +44,11 @@ const PAGE: &str = "hello from the pod";
 /// A pod of the busybox image serving [`PAGE`] over HTTP on [`WEB_PORT`], labelled
 /// `app=web`; returns its address once it is Ready (its TCP readiness probe passed).
 async fn web_pod(node: &Node, namespace: &str) -> Result<String> {
+    web_pod_with(node, namespace, false).await
+}
+
+/// [`web_pod`], in the node's own network namespace when `host_network` (a node service).
+async fn web_pod_with(node: &Node, namespace: &str, host_network: bool) -> Result<String> {
     let plane = node.control_plane();
     plane.ensure_namespace(namespace).await?;
     let image = node.image("busybox")?;
@@ -42,6 +57,7 @@ async fn web_pod(node: &Node, namespace: &str) -> Result<String> {
         "kind": "Pod",
         "metadata": {"name": "web", "namespace": namespace, "labels": {"app": "web"}},
         "spec": {
+            "hostNetwork": host_network,
             "containers": [{
                 "name": "web",
                 "image": image,
@@ -329,6 +345,613 @@ async fn a_dropped_node_leaves_no_process_cgroup_mount_or_namespace_behind() {
     assert!(!mounts.contains(&dir_text), "mounts under {dir_text} left");
     if std::env::var_os("PORTSENTRY_KEEP_TEMP").is_none() {
         assert!(!dir.exists(), "{dir_text} left");
+    }
+}
+
+// --- The chart on the node: the operator, the injected sidecar, a ban dropped at the pod ---
+
+static CHART: OnceCell<()> = OnceCell::const_new();
+static SHOP_POD: OnceCell<Pod> = OnceCell::const_new();
+
+/// The node with the chart installed from the images of tests/build-images (once).
+async fn chart_node() -> &'static Node {
+    let node = node().await;
+    CHART
+        .get_or_try_init(|| install_chart(node, &[]))
+        .await
+        .expect("installing the chart on the node");
+    node
+}
+
+/// The protected namespace: Pod Security `restricted` enforced.
+const SHOP: &str = "shop";
+/// The decoys of the shop's policy: three below 1024.
+const DECOYS: &str = "23,79,111,31337,40421";
+/// The outside address the shop's policy ignores (a monitoring host): it may touch decoys.
+const MONITOR: &str = OUTSIDE_ADDRESS;
+
+/// The `shop` namespace (PSS restricted), a PortSentryPolicy selecting `app=web` and a
+/// Deployment `web` (busybox httpd on [`WEB_PORT`], restricted-compliant); its pod once
+/// Ready, injected by the operator's webhook.
+async fn shop_pod() -> &'static Pod {
+    let node = chart_node().await;
+    SHOP_POD.get_or_try_init(|| async {
+        let plane = node.control_plane();
+        let client = plane.client()?;
+        let namespace: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": SHOP, "labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            }},
+        }))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .context("creating the restricted namespace")?;
+        let policy: PortSentryPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "portsentry.io/v1alpha1",
+            "kind": "PortSentryPolicy",
+            "metadata": {"name": "web", "namespace": SHOP},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "decoys": {"tcp": DECOYS.split(',').map(|p| p.parse::<u16>().unwrap()).collect::<Vec<_>>()},
+                "detection": {"scanTrigger": 2, "ignore": [format!("{MONITOR}/32")]},
+            },
+        }))?;
+        Api::<PortSentryPolicy>::namespaced(client.clone(), SHOP)
+            .create(&PostParams::default(), &policy)
+            .await
+            .context("creating the PortSentryPolicy")?;
+        let deployment: Deployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": SHOP},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {
+                    "metadata": {"labels": {"app": "web"}},
+                    "spec": {
+                        "securityContext": {
+                            "runAsNonRoot": true,
+                            "runAsUser": 65532,
+                            "runAsGroup": 65532,
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                        },
+                        "containers": [{
+                            "name": "web",
+                            "image": node.image("busybox")?,
+                            "imagePullPolicy": "Never",
+                            "command": ["sh", "-c", format!(
+                                "echo '{PAGE}' > /www/index.html && exec httpd -f -p {WEB_PORT} -h /www"
+                            )],
+                            "ports": [{"containerPort": WEB_PORT}],
+                            "readinessProbe": {"tcpSocket": {"port": WEB_PORT}, "periodSeconds": 1},
+                            "securityContext": {
+                                "allowPrivilegeEscalation": false,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                            "volumeMounts": [{"name": "www", "mountPath": "/www"}],
+                        }],
+                        "volumes": [{"name": "www", "emptyDir": {}}],
+                        "terminationGracePeriodSeconds": 1,
+                    },
+                },
+            },
+        }))?;
+        Api::<Deployment>::namespaced(client.clone(), SHOP)
+            .create(&PostParams::default(), &deployment)
+            .await
+            .context("creating the web Deployment")?;
+        let pods: Api<Pod> = Api::namespaced(client, SHOP);
+        let ready = wait_value(Duration::from_secs(120), "the shop's web pod Ready", || {
+            let pods = pods.clone();
+            async move {
+                let list = pods.list(&ListParams::default().labels("app=web")).await.ok()?;
+                list.items.into_iter().find(pod_ready)
+            }
+        })
+        .await;
+        ready.map_err(|err| err.context(node.log_tails(20)))
+    })
+    .await
+    .expect("the protected web Deployment")
+}
+
+fn pod_address(pod: &Pod) -> String {
+    pod.status
+        .as_ref()
+        .and_then(|status| status.pod_ip.clone())
+        .expect("a Ready pod has an address")
+}
+
+/// An HTTP GET of the web pod from `source` (an address of the outside namespace).
+fn get_from(node: &Node, source: &str, address: &str) -> std::io::Result<String> {
+    let to: SocketAddr = format!("{address}:{WEB_PORT}").parse().unwrap();
+    node.from_outside_as(
+        source,
+        to,
+        b"GET / HTTP/1.0\r\nHost: web\r\n\r\n",
+        Duration::from_millis(800),
+    )
+    .unwrap()
+    .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// `nmap -sT` of `ports` on `target` from `attacker`, started (not waited for).
+fn nmap_from(node: &Node, attacker: &str, target: &str, ports: &str) -> std::process::Child {
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            node.outside_netns(),
+            "nmap",
+            "-sT",
+            "-Pn",
+            "-n",
+        ])
+        .args([
+            "--max-retries",
+            "0",
+            "-S",
+            attacker,
+            "-e",
+            "eth0",
+            "-p",
+            ports,
+            target,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting nmap (Debian package nmap)")
+}
+
+/// The PortSentryBan of `source` in the shop, once it exists.
+async fn ban_of(node: &Node, source: &str) -> Option<PortSentryBan> {
+    let bans: Api<PortSentryBan> = Api::namespaced(node.control_plane().client().ok()?, SHOP);
+    let list = bans.list(&ListParams::default()).await.ok()?;
+    list.items.into_iter().find(|ban| {
+        let banned = ban.spec.source.to_string();
+        banned == source || banned == format!("{source}/32")
+    })
+}
+
+/// Whether a NetworkPolicy of the shop excepts `source` from what its pods may receive.
+async fn policy_excepts(node: &Node, source: &str) -> bool {
+    let Ok(client) = node.control_plane().client() else {
+        return false;
+    };
+    let policies: Api<NetworkPolicy> = Api::namespaced(client, SHOP);
+    let Ok(list) = policies.list(&ListParams::default()).await else {
+        return false;
+    };
+    let text = serde_json::to_string(&list.items).unwrap_or_default();
+    text.contains(&format!("\"{source}/32\""))
+}
+
+#[tokio::test]
+async fn helm_install_brings_the_operator_deployment_ready_by_its_readyz_probe() {
+    let node = chart_node().await;
+    let pods: Api<Pod> = Api::namespaced(node.control_plane().client().unwrap(), RELEASE_NAMESPACE);
+    let list = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=operator"))
+        .await
+        .unwrap();
+    let [pod] = list.items.as_slice() else {
+        panic!(
+            "one operator pod: {:?}",
+            list.items
+                .iter()
+                .map(|p| p.metadata.name.clone())
+                .collect::<Vec<_>>()
+        )
+    };
+    assert!(pod_ready(pod), "{:?}", pod.status);
+    let probe = pod.spec.as_ref().unwrap().containers[0]
+        .readiness_probe
+        .clone()
+        .and_then(|probe| probe.http_get)
+        .expect("an HTTP readiness probe");
+    assert_eq!(probe.path.as_deref(), Some("/readyz"));
+    let image = &pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .image;
+    assert!(image.contains("portsentry-operator"), "{image}");
+}
+
+#[tokio::test]
+async fn the_api_server_calls_the_webhook_through_its_service_and_the_pod_gets_the_native_sidecar()
+{
+    let node = chart_node().await;
+    let client = node.control_plane().client().unwrap();
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(client);
+    let hook = hooks.get(OPERATOR).await.unwrap();
+    let config = &hook.webhooks.unwrap()[0].client_config;
+    assert!(
+        config.url.is_none(),
+        "the API server is sent to the Service, not a URL"
+    );
+    let service = config.service.as_ref().expect("a Service reference");
+    assert_eq!(
+        (service.namespace.as_str(), service.name.as_str()),
+        (RELEASE_NAMESPACE, OPERATOR)
+    );
+
+    let pod = shop_pod().await;
+    let init = pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .clone()
+        .unwrap_or_default();
+    let sidecar = init
+        .iter()
+        .find(|c| c.name == "portsentry-sensor")
+        .unwrap_or_else(|| panic!("no sidecar injected: {init:?}"));
+    assert_eq!(
+        sidecar.restart_policy.as_deref(),
+        Some("Always"),
+        "a native sidecar"
+    );
+    assert!(
+        sidecar
+            .image
+            .as_deref()
+            .unwrap_or_default()
+            .contains("portsentry-sensor")
+    );
+}
+
+#[tokio::test]
+async fn the_kubelet_starts_the_sidecar_before_the_app_once_its_startup_probe_passed() {
+    let pod = shop_pod().await;
+    let status = pod.status.as_ref().unwrap();
+    let sensor = status
+        .init_container_statuses
+        .as_ref()
+        .and_then(|all| all.iter().find(|c| c.name == "portsentry-sensor"))
+        .expect("the sidecar's status");
+    assert_eq!(
+        sensor.started,
+        Some(true),
+        "startup probe passed: {sensor:?}"
+    );
+    assert!(sensor.ready, "{sensor:?}");
+    let started = |state: &Option<k8s_openapi::api::core::v1::ContainerState>| {
+        state
+            .as_ref()
+            .and_then(|s| s.running.as_ref())
+            .and_then(|r| r.started_at.clone())
+            .expect("running")
+    };
+    let app = &status.container_statuses.as_ref().unwrap()[0];
+    assert!(
+        started(&sensor.state).0 <= started(&app.state).0,
+        "sidecar started {:?}, app {:?}",
+        sensor.state,
+        app.state
+    );
+    assert_eq!(sensor.restart_count, 0, "{sensor:?}");
+}
+
+#[tokio::test]
+async fn decoys_below_1024_listen_under_the_pod_sysctl_in_a_restricted_namespace() {
+    let node = chart_node().await;
+    let pod = shop_pod().await;
+    let sysctls = pod
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.security_context.as_ref())
+        .and_then(|context| context.sysctls.clone())
+        .unwrap_or_default();
+    let start = sysctls
+        .iter()
+        .find(|s| s.name == "net.ipv4.ip_unprivileged_port_start")
+        .unwrap_or_else(|| panic!("no unprivileged-port sysctl: {sysctls:?}"));
+    assert!(start.value.parse::<u16>().unwrap() <= 23, "{start:?}");
+    // The sensor runs as UID 65532 without capabilities; the decoy answers (from the
+    // address the policy ignores, so no ban).
+    let to: SocketAddr = format!("{}:23", pod_address(pod)).parse().unwrap();
+    let answer = node
+        .from_outside_as(MONITOR, to, b"", Duration::from_secs(2))
+        .unwrap();
+    assert!(answer.is_ok(), "decoy 23 does not answer: {answer:?}");
+
+    // The namespace really enforces `restricted`: a root pod is refused.
+    let pods: Api<Pod> = Api::namespaced(node.control_plane().client().unwrap(), SHOP);
+    let root: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "root", "namespace": SHOP},
+        "spec": {"containers": [{"name": "c", "image": node.image("busybox").unwrap()}]},
+    }))
+    .unwrap();
+    let refused = pods.create(&PostParams::default(), &root).await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(e)) if e.message.contains("restricted")),
+        "{refused:?}"
+    );
+}
+
+/// One attack: `nmap` of `decoys` on `address` from `attacker`, then HTTP requests to
+/// `address`:[`WEB_PORT`] from it until one fails. Returns nmap start → the start of the
+/// first failed request, and its error.
+async fn scan_until_dropped(
+    node: &Node,
+    attacker: &str,
+    address: &str,
+    decoys: &str,
+) -> (Duration, std::io::Error) {
+    node.add_outside_address(attacker).unwrap();
+    let before = get_from(node, attacker, address);
+    assert!(
+        before.is_ok_and(|page| page.contains(PAGE)),
+        "{attacker} reaches the pod before its scan"
+    );
+    let start = Instant::now();
+    let mut nmap = nmap_from(node, attacker, address, decoys);
+    let dropped = loop {
+        let attempt = start.elapsed();
+        if let Err(error) = get_from(node, attacker, address) {
+            break Some((attempt, error));
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = nmap.kill();
+    let scan = nmap.wait_with_output().expect("nmap's output");
+    dropped.unwrap_or_else(|| {
+        panic!(
+            "{attacker} still reaches the pod 60 s after its scan; nmap: {}{}\n{}",
+            String::from_utf8_lossy(&scan.stdout),
+            String::from_utf8_lossy(&scan.stderr),
+            node.log_tails(20)
+        )
+    })
+}
+
+#[tokio::test]
+async fn an_nmap_scan_from_outside_is_dropped_at_the_pod_for_the_attacker_only_until_the_ban_is_deleted()
+ {
+    let node = chart_node().await;
+    let address = pod_address(shop_pod().await);
+    let attacker = "10.237.0.3";
+    let (after, error) = scan_until_dropped(node, attacker, &address, DECOYS).await;
+    eprintln!("nmap start -> first failed connection at the pod: {after:?} ({error})");
+
+    let ban = ban_of(node, attacker)
+        .await
+        .expect("a PortSentryBan of the attacker");
+    assert!(
+        policy_excepts(node, attacker).await,
+        "the generated NetworkPolicy excepts the attacker"
+    );
+    for _ in 0..3 {
+        assert!(
+            get_from(node, attacker, &address).is_err(),
+            "the attacker stays dropped"
+        );
+        let other = get_from(node, MONITOR, &address);
+        assert!(
+            other.as_ref().is_ok_and(|page| page.contains(PAGE)),
+            "another source still gets through: {other:?}"
+        );
+    }
+
+    let bans: Api<PortSentryBan> = Api::namespaced(node.control_plane().client().unwrap(), SHOP);
+    bans.delete(&ban.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+    let restored = wait_until(Duration::from_secs(60), || {
+        get_from(node, attacker, &address).is_ok()
+    })
+    .await;
+    assert!(
+        restored.is_some(),
+        "the attacker never got through again after the ban was deleted"
+    );
+    eprintln!("ban deleted -> attacker gets through again: {restored:?}");
+}
+
+#[tokio::test]
+async fn nmap_start_to_dropped_at_the_pod_latency_over_ten_attackers() {
+    let node = chart_node().await;
+    let address = pod_address(shop_pod().await);
+    let mut times = Vec::new();
+    for run in 0..10 {
+        let attacker = format!("10.237.0.{}", 20 + run);
+        let (after, error) = scan_until_dropped(node, &attacker, &address, DECOYS).await;
+        eprintln!("run {run}: {attacker}: {after:?} ({})", error.kind());
+        times.push(after);
+    }
+    times.sort();
+    let p50 = times[times.len() / 2];
+    let p99 = times[times.len() - 1];
+    eprintln!(
+        "nmap start -> first connection dropped at the pod, {} runs: p50 {p50:?}, p99 (max) {p99:?}",
+        times.len()
+    );
+    assert!(
+        p99 < Duration::from_secs(10),
+        "slower than a 10 s polling bouncer's worst case"
+    );
+}
+
+/// The decoys of the node sensors (on the node's address).
+const NODE_DECOYS: &str = "2323,31338,40422";
+
+#[tokio::test]
+async fn a_node_scanner_is_dropped_by_the_node_sensor_daemonsets_nftables_only_for_itself() {
+    let node = chart_node().await;
+    let client = node.control_plane().client().unwrap();
+    // A node service: a host-network pod answering at the node's address.
+    let address = web_pod_with(node, "node-service", true).await.unwrap();
+    assert_eq!(address, NODE_ADDRESS);
+    let policy: ClusterPortSentryPolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "portsentry.io/v1alpha1",
+        "kind": "ClusterPortSentryPolicy",
+        "metadata": {"name": "nodes"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "decoys": {"tcp": NODE_DECOYS.split(',').map(|p| p.parse::<u16>().unwrap()).collect::<Vec<_>>()},
+            "detection": {"scanTrigger": 2, "ignore": [format!("{MONITOR}/32")]},
+            "enforcement": {"backends": ["NodeNftables"]},
+        },
+    }))
+    .unwrap();
+    Api::<ClusterPortSentryPolicy>::all(client.clone())
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let sets: Api<DaemonSet> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let ready = wait_value(
+        Duration::from_secs(120),
+        "the node-sensor DaemonSet ready",
+        || {
+            let sets = sets.clone();
+            async move {
+                let set = sets.get("portsentry-node-sensor-nodes").await.ok()?;
+                let status = set.status?;
+                (status.number_ready == 1).then_some(set.spec?.template.spec?)
+            }
+        },
+    )
+    .await;
+    let spec = ready
+        .map_err(|err| err.context(node.log_tails(20)))
+        .unwrap();
+    assert_eq!(spec.host_network, Some(true));
+
+    let attacker = "10.237.0.4";
+    let (after, error) = scan_until_dropped(node, attacker, NODE_ADDRESS, NODE_DECOYS).await;
+    eprintln!(
+        "node scan: nmap start -> first failed connection to the node service: {after:?} ({error})"
+    );
+    let table = node
+        .exec_in_node(&["nft", "list", "table", "inet", "portsentry-nodes"])
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(attacker),
+        "the attacker is in the node sensor's nftables set: {table}"
+    );
+    let other = get_from(node, MONITOR, NODE_ADDRESS);
+    assert!(
+        other.as_ref().is_ok_and(|page| page.contains(PAGE)),
+        "another source still reaches the node: {other:?}"
+    );
+}
+
+#[tokio::test]
+async fn with_a_restrictive_policy_already_there_the_operator_refuses_to_widen_and_it_still_drops()
+{
+    let node = chart_node().await;
+    let namespace = "guarded";
+    let address = web_pod(node, namespace).await.unwrap();
+    let client = node.control_plane().client().unwrap();
+    // The owner's policy: only the monitor may reach the web pods.
+    let only_monitor: NetworkPolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "only-monitor", "namespace": namespace},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"ipBlock": {"cidr": format!("{MONITOR}/32")}}]}],
+        },
+    }))
+    .unwrap();
+    Api::<NetworkPolicy>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &only_monitor)
+        .await
+        .unwrap();
+    let outsider = "10.237.0.5";
+    node.add_outside_address(outsider).unwrap();
+    let denied = wait_until(Duration::from_secs(60), || {
+        get_from(node, outsider, &address).is_err()
+    })
+    .await;
+    assert!(denied.is_some(), "kube-router enforces the owner's policy");
+
+    let policy: PortSentryPolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "portsentry.io/v1alpha1",
+        "kind": "PortSentryPolicy",
+        "metadata": {"name": "web", "namespace": namespace},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "decoys": {"tcp": [31337]}},
+    }))
+    .unwrap();
+    let policies: Api<PortSentryPolicy> = Api::namespaced(client.clone(), namespace);
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let ban: PortSentryBan = serde_json::from_value(serde_json::json!({
+        "apiVersion": "portsentry.io/v1alpha1",
+        "kind": "PortSentryBan",
+        "metadata": {"name": "by-hand", "namespace": namespace},
+        "spec": {
+            "source": "10.237.0.6",
+            "policy": {"kind": "PortSentryPolicy", "name": "web"},
+            "offences": 1,
+            "expiresAt": "2030-01-01T00:00:00Z",
+        },
+    }))
+    .unwrap();
+    Api::<PortSentryBan>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &ban)
+        .await
+        .unwrap();
+    let refused = wait_value(
+        Duration::from_secs(60),
+        "Enforced=False on the policy",
+        || {
+            let policies = policies.clone();
+            async move {
+                let status = policies.get("web").await.ok()?.status?;
+                status
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "Enforced" && c.status == "False")
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.reason, "ExistingNetworkPolicies", "{refused:?}");
+    let names: Vec<String> = Api::<NetworkPolicy>::namespaced(client, namespace)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    assert_eq!(
+        names,
+        ["only-monitor"],
+        "no generated policy widens the pods"
+    );
+    for _ in 0..3 {
+        assert!(
+            get_from(node, outsider, &address).is_err(),
+            "what the owner's policy denies stays dropped"
+        );
+        let monitor = get_from(node, MONITOR, &address);
+        assert!(
+            monitor.as_ref().is_ok_and(|page| page.contains(PAGE)),
+            "{monitor:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
