@@ -32,8 +32,9 @@ use portsentry_operator::{
     labels, tls,
 };
 use portsentry_tests::{
-    ControlPlane, FIELD_MANAGER, Operator, OperatorSettings, Options, PodNet, free_port,
-    install_crds, prerequisites, repo_root, shared, wait_for, wait_until, wait_value,
+    ControlPlane, DEFAULT_SENSOR_IMAGE, FIELD_MANAGER, Operator, OperatorSettings, Options, PodNet,
+    free_port, injected_pod, install_crds, prerequisites, repo_root, shared, wait_for, wait_until,
+    wait_value,
 };
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -507,8 +508,18 @@ async fn sensor_refusing_the_intake(namespace: &str, index: u8) -> (Operator, Po
     settings.intake_ca_secret = Some("psinj-intake-ca".into());
     let operator = Operator::start(plane, settings).await.unwrap();
     namespace_with_policy(plane, namespace).await;
+    // The reporting pod runs the sensor as the webhook injects it: the intake refuses
+    // reports from any other pod.
+    let reporter: Pod = serde_json::from_value(injected_pod(
+        namespace,
+        "web-0",
+        json!({"app": "web"}),
+        "web",
+        DEFAULT_SENSOR_IMAGE,
+    ))
+    .unwrap();
     Api::<Pod>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &pod("web-0", json!({})))
+        .create(&PostParams::default(), &reporter)
         .await
         .unwrap();
     let data = config_map_with_ca(&client, namespace, "portsentry-sensor-web").await;

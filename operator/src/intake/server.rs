@@ -50,6 +50,7 @@ use crate::{
     intake::checks::{
         self as intake, Authentication, BanWrite, Governing, RateLimiter, Refusal, Reporter,
     },
+    intake::review::ReviewCache,
     intake::{authentic::Expected, review},
     labels,
     metrics::Metrics,
@@ -209,46 +210,6 @@ pub fn ban_object(write: &BanWrite, namespace: &str) -> PortSentryBan {
         ..ObjectMeta::default()
     };
     ban
-}
-
-/// How long a reviewed sensor identity is trusted without asking the API server again.
-/// The API server's own webhook token authenticator caches for 2 minutes; a pod deleted
-/// meanwhile can report for at most this long.
-pub const REVIEW_TTL: Duration = Duration::from_secs(10);
-/// Reviewed tokens remembered at most.
-const REVIEW_CACHE: usize = 10_000;
-
-/// Sensor identities of recently reviewed tokens, keyed by the token's SHA-256 (the token
-/// itself is not kept; a weak hash would let a forged token collide with a cached one).
-/// Only authenticated sensors are remembered: every refusal is reviewed again.
-#[derive(Debug, Default)]
-pub struct ReviewCache {
-    entries: HashMap<[u8; 32], (Instant, Reporter)>,
-}
-
-fn token_digest(token: &str) -> [u8; 32] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let mut key = [0u8; 32];
-    key.copy_from_slice(digest.as_ref());
-    key
-}
-
-impl ReviewCache {
-    pub fn get(&self, token: &str, now: Instant) -> Option<Reporter> {
-        let (at, reporter) = self.entries.get(&token_digest(token))?;
-        (now.saturating_duration_since(*at) < REVIEW_TTL).then(|| reporter.clone())
-    }
-
-    pub fn put(&mut self, token: &str, reporter: Reporter, now: Instant) {
-        if self.entries.len() >= REVIEW_CACHE {
-            self.entries
-                .retain(|_, (at, _)| now.saturating_duration_since(*at) < REVIEW_TTL);
-            if self.entries.len() >= REVIEW_CACHE {
-                self.entries.clear();
-            }
-        }
-        self.entries.insert(token_digest(token), (now, reporter));
-    }
 }
 
 /// Everything the intake shares between requests.
@@ -822,6 +783,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::intake::review::REVIEW_TTL;
 
     #[test]
     fn only_a_bearer_authorization_carries_a_token() {
