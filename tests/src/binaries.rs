@@ -73,29 +73,52 @@ impl Binaries {
 
 /// The cache folder tests/build-control-plane writes, from tests/versions.env.
 fn default_bin_dir() -> Result<PathBuf> {
-    let versions = repo_root().join("tests/versions.env");
-    let text =
-        fs::read_to_string(&versions).with_context(|| format!("reading {}", versions.display()))?;
-    let value = |key: &str| {
-        text.lines()
+    let versions = Versions::read()?;
+    Ok(cache_root()?.join(format!(
+        "control-plane-{}-helm-{}/bin",
+        versions.get("KUBERNETES_VERSION")?,
+        versions.get("HELM_VERSION")?
+    )))
+}
+
+/// The versions pinned in tests/versions.env (the build scripts read the same file).
+pub(crate) struct Versions {
+    path: PathBuf,
+    text: String,
+}
+
+impl Versions {
+    pub(crate) fn read() -> Result<Self> {
+        let path = repo_root().join("tests/versions.env");
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Self { path, text })
+    }
+
+    /// The value of `key` (`KEY=value` lines).
+    pub(crate) fn get(&self, key: &str) -> Result<&str> {
+        self.text
+            .lines()
             .find_map(|line| line.strip_prefix(&format!("{key}=")))
             .map(str::trim)
-            .with_context(|| format!("{key} is not set in {}", versions.display()))
-    };
-    let cache_root = match (
-        env::var_os("PORTSENTRY_CACHE"),
-        env::var_os("XDG_CACHE_HOME"),
-    ) {
-        (Some(dir), _) => PathBuf::from(dir),
-        (None, Some(dir)) => PathBuf::from(dir).join("portsentry-k8s"),
-        (None, None) => PathBuf::from(env::var_os("HOME").context("HOME is not set")?)
-            .join(".cache/portsentry-k8s"),
-    };
-    Ok(cache_root.join(format!(
-        "control-plane-{}-helm-{}/bin",
-        value("KUBERNETES_VERSION")?,
-        value("HELM_VERSION")?
-    )))
+            .with_context(|| format!("{key} is not set in {}", self.path.display()))
+    }
+}
+
+/// Where the build scripts cache what they build: `$PORTSENTRY_CACHE`, else
+/// `$XDG_CACHE_HOME/portsentry-k8s`, else `~/.cache/portsentry-k8s`.
+pub(crate) fn cache_root() -> Result<PathBuf> {
+    Ok(
+        match (
+            env::var_os("PORTSENTRY_CACHE"),
+            env::var_os("XDG_CACHE_HOME"),
+        ) {
+            (Some(dir), _) => PathBuf::from(dir),
+            (None, Some(dir)) => PathBuf::from(dir).join("portsentry-k8s"),
+            (None, None) => PathBuf::from(env::var_os("HOME").context("HOME is not set")?)
+                .join(".cache/portsentry-k8s"),
+        },
+    )
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {

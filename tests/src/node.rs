@@ -27,7 +27,7 @@ use tempfile::TempDir;
 use tokio::sync::OnceCell;
 
 use crate::{
-    binaries::repo_root,
+    binaries::{Versions, cache_root},
     control_plane::{ControlPlane, Options},
     node_cgroup::{self, create_cgroups},
     node_config::{self, Layout, NODE_ADDRESS, POD_CIDR},
@@ -740,29 +740,12 @@ pub fn node_bin_dir() -> Result<PathBuf> {
     if let Some(dir) = env::var_os("PORTSENTRY_NODE_BIN") {
         return Ok(PathBuf::from(dir));
     }
-    let versions = repo_root().join("tests/versions.env");
-    let text =
-        fs::read_to_string(&versions).with_context(|| format!("reading {}", versions.display()))?;
-    let value = |key: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(&format!("{key}=")))
-            .map(str::trim)
-            .with_context(|| format!("{key} is not set in {}", versions.display()))
-    };
-    let cache_root = match (
-        env::var_os("PORTSENTRY_CACHE"),
-        env::var_os("XDG_CACHE_HOME"),
-    ) {
-        (Some(dir), _) => PathBuf::from(dir),
-        (None, Some(dir)) => PathBuf::from(dir).join("portsentry-k8s"),
-        (None, None) => PathBuf::from(env::var_os("HOME").context("HOME is not set")?)
-            .join(".cache/portsentry-k8s"),
-    };
-    Ok(cache_root.join(format!(
+    let versions = Versions::read()?;
+    Ok(cache_root()?.join(format!(
         "node-{}-coredns-{}-kube-router-{}/bin",
-        value("KUBERNETES_VERSION")?,
-        value("COREDNS_VERSION")?,
-        value("KUBE_ROUTER_VERSION")?
+        versions.get("KUBERNETES_VERSION")?,
+        versions.get("COREDNS_VERSION")?,
+        versions.get("KUBE_ROUTER_VERSION")?
     )))
 }
 
