@@ -389,6 +389,10 @@ pub enum Backend {
     NetworkPolicy,
     /// nftables sets on every node, kept by the node sensors (cluster policies).
     NodeNftables,
+    /// nftables sets inside each selected pod's own network namespace, kept by the node
+    /// agent (the node-sensor DaemonSet): a true deny of external and in-cluster sources,
+    /// whatever the CNI and whatever other policy layers exist.
+    PodNftables,
 }
 
 /// Enforcement backends, tried in order.
@@ -397,7 +401,7 @@ pub enum Backend {
 pub struct Enforcement {
     /// Backends in order of preference; the next is used when one cannot enforce safely.
     #[serde(default = "default_backends")]
-    #[schemars(length(min = 1, max = 2))]
+    #[schemars(length(min = 1, max = 3))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub backends: Vec<Backend>,
     /// Largest number of banned prefixes in one generated NetworkPolicy before sharding.
