@@ -13,7 +13,7 @@ pub mod report;
 pub use address::{ADDRESS_OR_CIDR_RULE, AddressError, SourcePrefix};
 pub use ban::{
     BanStatus, CONFINED_LABEL, Evidence, MAX_EVIDENCE, PROTECTED_SOURCE_REASON, PolicyKind,
-    PolicyRef, PortSentryBan, PortSentryBanSpec, ProbeKind, Protocol, cluster_wide,
+    PolicyRef, PortSentryBan, PortSentryBanSpec, ProbeKind, Protocol, cluster_wide, refused,
 };
 pub use duration::{DURATION_PATTERN, Duration, DurationError};
 pub use policy::{

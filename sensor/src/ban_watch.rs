@@ -14,7 +14,13 @@
 //! as the operator refuses it). A ban of one address goes to the address sets, a prefix ban
 //! of any size to the prefix (interval) sets as one range ([`NftBans::reconcile_nets`]).
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::StreamExt;
 use ipnet::IpNet;
@@ -104,14 +110,38 @@ pub fn desired<'a>(
     never: &[IpNet],
     now: Timestamp,
 ) -> Desired {
+    let mut confined = 0;
+    let mine = bans
+        .into_iter()
+        .filter(|ban| ban.spec.policy == *policy)
+        .filter(|ban| {
+            // Evidence not yet corroborated acts only in one namespace, never on a node.
+            let wide = portsentry_crds::cluster_wide(ban) || portsentry_crds::refused(ban);
+            confined += usize::from(!wide);
+            wide
+        });
+    let mut want = elements(mine, never, now);
+    if confined > 0 {
+        *want.skipped.entry(Skip::Protected).or_default() += confined;
+    }
+    want
+}
+
+/// The kernel set contents for `bans` (whatever their policy) at `now`: expired bans and
+/// bans the operator refused (`ProtectedSource`) are left out, and so is whatever overlaps
+/// `never` (a ban inside a protected network, and a prefix ban that contains a protected
+/// address: refused as a whole, never installed minus the hole). Each element's timeout is
+/// the ban's remaining time, at most the [`kernel_lease`].
+pub fn elements<'a>(
+    bans: impl IntoIterator<Item = &'a PortSentryBan>,
+    never: &[IpNet],
+    now: Timestamp,
+) -> Desired {
     let mut want: BTreeMap<IpNet, Option<Duration>> = BTreeMap::new();
     let mut skipped: BTreeMap<Skip, usize> = BTreeMap::new();
     for ban in bans {
-        if ban.spec.policy != *policy {
-            continue;
-        }
-        // The operator's word: protected infrastructure, or evidence not yet corroborated.
-        if !portsentry_crds::cluster_wide(ban) {
+        // The operator's word: protected infrastructure.
+        if portsentry_crds::refused(ban) {
             *skipped.entry(Skip::Protected).or_default() += 1;
             continue;
         }
@@ -215,7 +245,7 @@ impl Counters {
 }
 
 /// The API server's address when its URL names one by IP: never banned.
-fn apiserver_address(config: &kube::Config) -> Option<IpAddr> {
+pub fn apiserver_address(config: &kube::Config) -> Option<IpAddr> {
     config
         .cluster_url
         .host()?
@@ -272,11 +302,10 @@ pub async fn start(settings: Settings, metrics: &Metrics) -> Result<()> {
     Ok(())
 }
 
-/// What never gets banned right now: own addresses, the API server, the ignore file.
-fn protected_now(settings: &Settings, apiserver: Option<IpAddr>) -> Vec<IpNet> {
-    let ignore = settings
-        .ignore_file
-        .as_deref()
+/// What never gets banned right now: loopback, own addresses, the API server, the ignore
+/// file (re-read on every call).
+pub fn protected_now(ignore_file: Option<&Path>, apiserver: Option<IpAddr>) -> Vec<IpNet> {
+    let ignore = ignore_file
         .and_then(|path| match load_ignore(path) {
             Ok(list) => list,
             Err(error) => {
@@ -312,7 +341,7 @@ async fn reconcile_task(
     let mut last_count: Option<usize> = None;
     loop {
         let bans = store.state();
-        let never = protected_now(&settings, apiserver);
+        let never = protected_now(settings.ignore_file.as_deref(), apiserver);
         let want = desired(
             bans.iter().map(AsRef::as_ref),
             &settings.policy,

@@ -94,6 +94,8 @@ pub enum Error {
     Report(String),
     #[error("watching cluster bans (--watch-bans): {0}")]
     BanWatch(String),
+    #[error("pod nftables agent: {0}")]
+    PodNftables(String),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod nft;
 pub mod packet;
+pub mod pod_nft;
 pub mod record_file;
 pub mod reload;
 pub mod report;

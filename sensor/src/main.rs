@@ -11,7 +11,7 @@ use portsentry_sensor::{
     check::{Level, check},
     config::{Config, Mode},
     packet::RawMode,
-    report,
+    pod_nft, report,
     run::{Options, run},
 };
 
@@ -94,6 +94,40 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Node agent: keep a table of the bans inside the network namespace of every pod of this
+    /// node that a PodNftables policy selects (needs hostPID, CAP_SYS_ADMIN, CAP_SYS_PTRACE
+    /// and CAP_NET_ADMIN); removes them all on SIGTERM.
+    PodNftables(PodNftablesArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PodNftablesArgs {
+    /// The operator's namespace: cluster policies' bans live there; its pods are left alone.
+    #[arg(long)]
+    operator_namespace: String,
+    /// This node's name (the downward API's spec.nodeName): only its pods are entered.
+    #[arg(long)]
+    node_name: String,
+    /// The nftables table (family inet) kept in each pod's network namespace.
+    #[arg(long, default_value = "portsentry")]
+    table: String,
+    /// Reconcile every pod's table at least this often: a flushed table or a restarted pod
+    /// has its sets back within this.
+    #[arg(long, default_value = "1000", value_name = "MILLISECONDS")]
+    resync_millis: u64,
+    /// Most ban elements in one pod's table; the rest are refused and counted
+    /// (portsentry_sensor_pod_nft_bans_refused{reason="over_cap"}).
+    #[arg(long, default_value = "4096")]
+    max_bans_per_pod: usize,
+    /// The host's /proc (the agent runs with hostPID).
+    #[arg(long, default_value = "/proc")]
+    proc_root: PathBuf,
+    /// Prefixes never banned in any pod, one a line (PortSentry's ignore-file format).
+    #[arg(long)]
+    ignore_file: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz on this address.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// Accepts PortSentry's single-dash mode flags (`-tcp`, `-stcp`, ...) as clap's `--tcp`, ...
@@ -135,8 +169,10 @@ fn init_tracing(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse_from(portsentry_args());
     init_tracing(cli.log_format);
-    if let Some(Command::Check { config }) = &cli.command {
-        return run_check(config);
+    match cli.command {
+        Some(Command::Check { config }) => return run_check(&config),
+        Some(Command::PodNftables(args)) => return run_pod_nftables(args),
+        None => {}
     }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
@@ -178,16 +214,8 @@ fn main() -> ExitCode {
     } else {
         Alerts::stderr()
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("portsentry-sensor: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let ban_watch = match (cli.watch_bans, cli.watch_bans_policy) {
         (Some(namespace), Some(policy)) => Some(ban_watch::Settings {
@@ -217,6 +245,43 @@ fn main() -> ExitCode {
         ban_watch,
     };
     match runtime.block_on(run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("portsentry-sensor: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime),
+        Err(error) => {
+            eprintln!("portsentry-sensor: cannot start the async runtime: {error}");
+            None
+        }
+    }
+}
+
+fn run_pod_nftables(args: PodNftablesArgs) -> ExitCode {
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let settings = pod_nft::agent::Settings {
+        operator_namespace: args.operator_namespace,
+        node_name: args.node_name,
+        table: args.table,
+        resync: std::time::Duration::from_millis(args.resync_millis.max(50)),
+        max_per_pod: args.max_bans_per_pod,
+        proc_root: args.proc_root,
+        ignore_file: args.ignore_file,
+        metrics_addr: args.metrics_addr,
+    };
+    match runtime.block_on(pod_nft::agent::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("portsentry-sensor: {error}");

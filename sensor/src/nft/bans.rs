@@ -431,17 +431,27 @@ impl NftBans {
     /// Deletes the whole table (sets, chains, bans). Already gone is not an error.
     pub fn remove(&self) -> Result<(), NftError> {
         let mut inner = self.lock();
-        let mut batch = Batch::new(&mut inner.nl);
-        batch.msg(NFT_MSG_DELTABLE, 0, |e| e.str(NFTA_TABLE_NAME, &self.table));
-        match batch.commit(&mut inner.nl) {
-            Err(e) if errno_of(&e) == Some(ENOENT) => Ok(()),
-            other => other.map_err(|e| NftError::kernel(&self.table, "remove table", e)),
-        }
+        delete_table(&mut inner.nl, &self.table)
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
         // A panic while holding the lock leaves nothing half-done in user space: the kernel
         // state is re-read on every call, so a poisoned lock is safe to reuse.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Deletes the table `inet <table>` of the calling thread's network namespace without
+/// creating it first (e.g. one an earlier process left). Already gone is not an error.
+pub fn remove_table(table: &str) -> Result<(), NftError> {
+    delete_table(&mut batch::open()?, table)
+}
+
+fn delete_table(nl: &mut NetlinkSocket, table: &str) -> Result<(), NftError> {
+    let mut batch = Batch::new(nl);
+    batch.msg(NFT_MSG_DELTABLE, 0, |e| e.str(NFTA_TABLE_NAME, table));
+    match batch.commit(nl) {
+        Err(e) if errno_of(&e) == Some(ENOENT) => Ok(()),
+        other => other.map_err(|e| NftError::kernel(table, "remove table", e)),
     }
 }

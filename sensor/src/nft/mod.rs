@@ -18,7 +18,7 @@ mod rules;
 mod table;
 mod uapi;
 
-pub use bans::NftBans;
+pub use bans::{NftBans, remove_table};
 pub use error::NftError;
 pub use layout::{
     CHAIN_FORWARD, CHAIN_INPUT, MAX_TIMEOUT, PRIORITY, PROBE_TRIPWIRE_BURST, PROBE_TRIPWIRE_RATE,
