@@ -300,6 +300,7 @@ async fn helm_lint_is_clean_with_defaults_and_with_every_toggle_on() {
             "webhook.certManager.enabled=true",
             "operator.podDisruptionBudget.maxUnavailable=1",
             "operator.priorityClassName=system-cluster-critical",
+            "nodeSensors.podNftables.enabled=true",
         ],
     ] {
         let mut helm = plane.helm().unwrap();
@@ -1284,6 +1285,7 @@ const OTHER_OPERATOR_ENV: &[&str] = &[
     "PORTSENTRY_REPORT_DNS_NAMES",
     "PORTSENTRY_NODE_SENSORS",
     "PORTSENTRY_NODE_SENSOR_SETTINGS",
+    "PORTSENTRY_POD_NFTABLES_AGENT",
     "PORTSENTRY_PROTECTED_NAMESPACES",
     "PORTSENTRY_PROTECTED_CIDRS",
     "PORTSENTRY_IPV6_GROUP_PREFIX",
