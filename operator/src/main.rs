@@ -119,6 +119,7 @@ struct Args {
     /// Seconds a Lease holds without renewal.
     #[arg(long, default_value = "15")]
     lease_duration_secs: u64,
+
     /// The sidecar-injection webhook (served by every replica, leader or not).
     #[command(flatten)]
     webhook: webhook::WebhookArgs,
@@ -351,6 +352,7 @@ async fn start(
         reporter.clone(),
         Some(hooks),
         tls.ca_pem.clone(),
+        args.nodes.pod_nftables_agent,
         watches.clone(),
     );
     tasks.spawn(

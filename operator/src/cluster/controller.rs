@@ -312,6 +312,7 @@ async fn reconcile_policy(
         daemon_set: daemon_set.as_ref(),
         guards: &guards,
         node_sensors_enabled: nodes.enabled,
+        pod_nftables_agent: nodes.pod_nftables_agent,
         sidecars,
         now: Timestamp::now(),
     });

@@ -100,6 +100,10 @@ pub struct NodeSensorArgs {
     /// priorityClassName, resources).
     #[arg(long, env = "PORTSENTRY_NODE_SENSOR_SETTINGS")]
     pub node_sensor_settings: Option<String>,
+    /// The pod nftables agent runs on the nodes (the chart's
+    /// `nodeSensors.podNftables.enabled`), so the `PodNftables` backend enforces.
+    #[arg(long, env = "PORTSENTRY_POD_NFTABLES_AGENT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub pod_nftables_agent: bool,
 }
 
 impl NodeSensorArgs {
@@ -120,6 +124,7 @@ impl NodeSensorArgs {
             sidecar,
             settings,
             report_ca_pem,
+            pod_nftables_agent: self.pod_nftables_agent,
         })
     }
 }
@@ -135,6 +140,9 @@ pub struct NodeSensors {
     pub settings: NodeSensorSettings,
     /// The intake's CA bundle, rendered into node and sidecar ConfigMaps (follows rotation).
     pub report_ca_pem: crate::tls::CaBundle,
+    /// The pod nftables agent runs on the nodes: `PodNftables` enforces cluster bans in the
+    /// pods the policy selects.
+    pub pod_nftables_agent: bool,
 }
 
 /// Everything a node-sensor build needs besides the policy.

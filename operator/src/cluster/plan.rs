@@ -33,6 +33,8 @@ pub struct Observed<'a> {
     pub guards: &'a Guards,
     /// Whether node sensors are managed by this operator.
     pub node_sensors_enabled: bool,
+    /// Whether the pod nftables agent runs on the nodes.
+    pub pod_nftables_agent: bool,
     /// Sidecars the webhook injected for this policy, and how many are ready.
     pub sidecars: status::SensorCount,
     pub now: Timestamp,
@@ -70,6 +72,20 @@ pub fn enforces_on_nodes(policy: &ClusterPortSentryPolicy, node_sensors_enabled:
             .enforcement
             .backends
             .contains(&Backend::NodeNftables)
+}
+
+/// True when the pod nftables agents keep `policy`'s bans in its selected pods.
+pub fn enforces_in_pods(policy: &ClusterPortSentryPolicy, pod_nftables_agent: bool) -> bool {
+    pod_nftables_agent && wants_pod_nftables(policy)
+}
+
+fn wants_pod_nftables(policy: &ClusterPortSentryPolicy) -> bool {
+    policy
+        .spec
+        .rules
+        .enforcement
+        .backends
+        .contains(&Backend::PodNftables)
 }
 
 /// The `Enforced` condition of one cluster ban.
@@ -125,7 +141,9 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
         now,
     );
     let active = &sorted.active;
-    let enforced = enforces_on_nodes(policy, observed.node_sensors_enabled);
+    let on_nodes = enforces_on_nodes(policy, observed.node_sensors_enabled);
+    let in_pods = enforces_in_pods(policy, observed.pod_nftables_agent);
+    let enforced = on_nodes || in_pods;
     let (desired, ready) = observed
         .daemon_set
         .and_then(|d| d.status.as_ref())
@@ -146,11 +164,19 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
         generation,
         now,
     );
-    let message = match (enforced, observed.node_sensors_enabled) {
+    let message = match (on_nodes, observed.node_sensors_enabled) {
         (true, _) => format!(
             "{} bans in the nftables sets of the node sensors ({ready} of {desired} ready)",
             active.len()
         ),
+        _ if in_pods => format!(
+            "{} bans dropped by the node agents inside the network namespace of each pod the \
+             policy selects",
+            active.len()
+        ),
+        _ if wants_pod_nftables(policy) => "PodNftables needs the pod nftables agent: install \
+             the chart with nodeSensors.podNftables.enabled=true"
+            .to_owned(),
         (false, false) => {
             "node sensors are disabled in this operator (--node-sensors=false); no other \
              backend enforces cluster bans"
@@ -164,8 +190,12 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
                 .to_owned()
         }
     };
-    let reason = if enforced {
+    let reason = if on_nodes {
         NODE_NFTABLES
+    } else if in_pods {
+        "PodNftables"
+    } else if wants_pod_nftables(policy) {
+        status::POD_NFTABLES_AGENT_OFF
     } else {
         "NoUsableBackend"
     };
@@ -206,7 +236,11 @@ pub fn plan(observed: &Observed<'_>) -> Plan {
         wide.into_iter().map(|ban| (ban, protection(ban))),
         enforced,
         now,
-        ban_condition,
+        if on_nodes {
+            ban_condition
+        } else {
+            status::pod_nftables_ban_condition
+        },
     );
     // Whatever the policy's backends, a confined ban says first that it is uncorroborated.
     ban_conditions.extend(status::ban_condition_changes(
@@ -340,6 +374,7 @@ mod tests {
             daemon_set: ds,
             guards: &Guards::default(),
             node_sensors_enabled: true,
+            pod_nftables_agent: false,
             sidecars: status::SensorCount::default(),
             now: at(T0),
         })
@@ -381,6 +416,7 @@ mod tests {
             daemon_set: Some(&daemon_set(3, 2)),
             guards: &Guards::default(),
             node_sensors_enabled: true,
+            pod_nftables_agent: false,
             sidecars: status::SensorCount {
                 injected: 4,
                 ready: 1,
@@ -389,6 +425,46 @@ mod tests {
         });
         assert_eq!(plan.status.status.sensors_injected, 7);
         assert_eq!(plan.status.status.sensors_ready, 3);
+    }
+
+    fn run_with_pod_agent(policy: &ClusterPortSentryPolicy, agent: bool) -> Plan {
+        plan(&Observed {
+            policy,
+            bans: &[ban("edge", "203.0.113.7", None)],
+            daemon_set: None,
+            guards: &Guards::default(),
+            node_sensors_enabled: true,
+            pod_nftables_agent: agent,
+            sidecars: status::SensorCount::default(),
+            now: at(T0),
+        })
+    }
+
+    #[test]
+    fn pod_nftables_enforces_cluster_bans_when_its_agent_runs() {
+        let policy = policy(vec![Backend::PodNftables], false);
+        let plan = run_with_pod_agent(&policy, true);
+        assert!(plan.enforced);
+        let enforced = condition(&plan, status::ENFORCED);
+        assert_eq!(
+            (enforced.status.as_str(), enforced.reason.as_str()),
+            ("True", "PodNftables")
+        );
+        assert_eq!(plan.ban_conditions[0].1.reason, "PodNftables");
+    }
+
+    #[test]
+    fn pod_nftables_without_its_agent_names_the_chart_value() {
+        let policy = policy(vec![Backend::PodNftables], false);
+        let plan = run_with_pod_agent(&policy, false);
+        assert!(!plan.enforced);
+        let enforced = condition(&plan, status::ENFORCED);
+        assert_eq!(enforced.reason, status::POD_NFTABLES_AGENT_OFF);
+        assert!(
+            enforced
+                .message
+                .contains("nodeSensors.podNftables.enabled=true")
+        );
     }
 
     #[test]
@@ -481,6 +557,7 @@ mod tests {
             daemon_set: None,
             guards: &Guards::default(),
             node_sensors_enabled: false,
+            pod_nftables_agent: false,
             sidecars: status::SensorCount::default(),
             now: at(T0),
         });

@@ -85,6 +85,8 @@ pub struct Context {
     pub hooks: Option<crate::hooks::Hooks>,
     /// PEM CA bundle of the report intake's certificate, rendered into sensor ConfigMaps.
     pub intake_ca: crate::tls::CaBundle,
+    /// The pod nftables agent runs on the nodes: the `PodNftables` backend enforces.
+    pub pod_nftables_agent: bool,
 }
 
 impl std::fmt::Debug for Context {
@@ -139,6 +141,7 @@ pub async fn run(
     reporter: Reporter,
     hooks: Option<crate::hooks::Hooks>,
     intake_ca: crate::tls::CaBundle,
+    pod_nftables_agent: bool,
     shared: Watches,
 ) {
     // Lists read from etcd (the default semantic), not the API server's watch cache: after
@@ -188,6 +191,7 @@ pub async fn run(
         network_policies_ready: tokio::sync::Mutex::new(()),
         hooks,
         intake_ca,
+        pod_nftables_agent,
     });
     // The generated NetworkPolicies need no `owns` watch of their own: the NetworkPolicy
     // watch above reconciles every policy of their namespace, their owner included.
@@ -378,6 +382,7 @@ async fn reconcile_policy(
         policies: &policies_now,
         guards: &guards,
         sensors,
+        pod_nftables_agent: context.pod_nftables_agent,
         now: Timestamp::now(),
     })?;
 

@@ -38,6 +38,9 @@ pub struct Observed<'a> {
     pub guards: &'a Guards,
     /// The sensors injected for the policy, and how many are ready.
     pub sensors: status::SensorCount,
+    /// The pod nftables agent runs on the nodes (chart `nodeSensors.podNftables.enabled`):
+    /// the `PodNftables` backend can enforce.
+    pub pod_nftables_agent: bool,
     pub now: Timestamp,
 }
 
@@ -124,7 +127,6 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
             .map(|(ban, _)| &ban.spec.source),
     );
 
-    let uses_netpol = rules.enforcement.backends.contains(&Backend::NetworkPolicy);
     let neighbours: Vec<widen::Rival<'_>> = observed
         .policies
         .iter()
@@ -133,16 +135,13 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
         .collect();
     let outranked_by = widen::outranked_by(&rival(policy), &neighbours, observed.selected_pods);
     let decision = widen::decide(&uid, observed.selected_pods, observed.network_policies);
-    let enforcement = match decision {
-        _ if !uses_netpol => Enforcement::NoBackend,
-        _ if !outranked_by.is_empty() => Enforcement::Yielded { to: outranked_by },
-        widen::Decision::Refuse { existing } => Enforcement::Refused { existing },
-        widen::Decision::Enforce if banned.is_empty() => Enforcement::NothingToEnforce,
-        widen::Decision::Enforce => Enforcement::Applied {
-            objects: 0,
-            prefixes: banned.len(),
-        },
-    };
+    let enforcement = choose_backend(
+        &rules.enforcement.backends,
+        decision,
+        outranked_by,
+        banned.len(),
+        observed.pod_nftables_agent,
+    );
     let desired = if matches!(enforcement, Enforcement::Applied { .. }) {
         let target = netpol::Target {
             namespace: &namespace,
@@ -216,7 +215,11 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
             .zip(protection.iter().copied()),
         enforced,
         now,
-        status::ban_condition,
+        if matches!(enforcement, Enforcement::PodNftables { .. }) {
+            status::pod_nftables_ban_condition
+        } else {
+            status::ban_condition
+        },
     );
     let expired_conditions = status::expired_condition_changes(
         sorted
@@ -251,6 +254,70 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
         ban_conditions,
         requeue_after,
     })
+}
+
+/// The first of `backends` (in the policy's order) that can enforce: NetworkPolicy unless it
+/// would widen access or an older overlapping policy enforces there, then PodNftables when
+/// its agent runs. NodeNftables never serves a namespaced policy. With none, the most
+/// telling refusal.
+fn choose_backend(
+    backends: &[Backend],
+    decision: widen::Decision,
+    outranked_by: Vec<String>,
+    prefixes: usize,
+    pod_nftables_agent: bool,
+) -> Enforcement {
+    let mut refused: Option<Enforcement> = None;
+    for backend in backends {
+        match backend {
+            Backend::NetworkPolicy => {
+                let attempt = match &decision {
+                    _ if !outranked_by.is_empty() => Enforcement::Yielded {
+                        to: outranked_by.clone(),
+                    },
+                    widen::Decision::Refuse { existing } => Enforcement::Refused {
+                        existing: existing.clone(),
+                    },
+                    widen::Decision::Enforce if prefixes == 0 => Enforcement::NothingToEnforce,
+                    widen::Decision::Enforce => Enforcement::Applied {
+                        objects: 0,
+                        prefixes,
+                    },
+                };
+                if attempt.is_safe() {
+                    return attempt;
+                }
+                refused.get_or_insert(attempt);
+            }
+            Backend::PodNftables => {
+                let instead_of = refused.as_ref().map(refusal_note);
+                if pod_nftables_agent {
+                    return Enforcement::PodNftables {
+                        prefixes,
+                        instead_of,
+                    };
+                }
+                refused.get_or_insert(Enforcement::PodNftablesAgentOff { instead_of });
+            }
+            Backend::NodeNftables => {}
+        }
+    }
+    refused.unwrap_or(Enforcement::NoBackend)
+}
+
+/// How a refused NetworkPolicy attempt reads in the status of the backend that took over.
+fn refusal_note(refusal: &Enforcement) -> String {
+    match refusal {
+        Enforcement::Refused { existing } => status::fallback_note(
+            widen::EXISTING_NETWORK_POLICIES,
+            &widen::refusal_message(existing),
+        ),
+        Enforcement::Yielded { to } => status::fallback_note(
+            widen::OVERLAPPING_POLICIES,
+            &format!("older overlapping policies: {}", to.join(", ")),
+        ),
+        _ => "NetworkPolicy could not enforce".to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -328,6 +395,7 @@ mod tests {
         policies: Vec<Arc<PortSentryPolicy>>,
         guards: Guards,
         sensors: status::SensorCount,
+        pod_nftables_agent: bool,
     }
 
     impl World {
@@ -341,6 +409,7 @@ mod tests {
                 network_policies: Vec::new(),
                 guards: Guards::default(),
                 sensors: status::SensorCount::default(),
+                pod_nftables_agent: false,
             }
         }
 
@@ -353,6 +422,7 @@ mod tests {
                 policies: &self.policies,
                 guards: &self.guards,
                 sensors: self.sensors,
+                pod_nftables_agent: self.pod_nftables_agent,
                 now: at(now),
             })
             .unwrap()
@@ -542,6 +612,100 @@ mod tests {
             }
         );
         assert_eq!(plan.ban_conditions[0].1.reason, "PolicyNotEnforced");
+    }
+
+    fn with_other_ingress_policy(world: &mut World) {
+        world.network_policies.push(NetworkPolicy {
+            metadata: ObjectMeta {
+                name: Some("default-deny".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(k8s_openapi::api::networking::v1::NetworkPolicySpec {
+                pod_selector: Some(LabelSelector::default()),
+                ..Default::default()
+            }),
+        });
+    }
+
+    fn set_backends(world: &mut World, backends: Vec<Backend>) {
+        let mut policy = (*world.policy).clone();
+        policy.spec.rules.enforcement.backends = backends;
+        world.policy = Arc::new(policy);
+        world.policies = vec![world.policy.clone()];
+    }
+
+    #[test]
+    fn a_refused_network_policy_falls_back_to_pod_nftables_and_says_why() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        set_backends(
+            &mut world,
+            vec![Backend::NetworkPolicy, Backend::PodNftables],
+        );
+        with_other_ingress_policy(&mut world);
+        world.pod_nftables_agent = true;
+        let plan = world.plan(T0);
+        assert!(plan.apply.is_empty(), "no NetworkPolicy is generated");
+        let Enforcement::PodNftables {
+            prefixes,
+            instead_of,
+        } = &plan.enforcement
+        else {
+            panic!("expected PodNftables, got {:?}", plan.enforcement);
+        };
+        assert_eq!(*prefixes, 1);
+        assert!(instead_of.as_deref().unwrap().contains("default-deny"));
+        let enforced = plan.conditions.iter().find(|c| c.type_ == status::ENFORCED);
+        let enforced = enforced.unwrap();
+        assert_eq!(
+            (enforced.status.as_str(), enforced.reason.as_str()),
+            ("True", "PodNftables")
+        );
+        assert_eq!(plan.ban_conditions[0].1.reason, "PodNftables");
+    }
+
+    #[test]
+    fn the_first_backend_that_can_enforce_wins() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        set_backends(
+            &mut world,
+            vec![Backend::NetworkPolicy, Backend::PodNftables],
+        );
+        world.pod_nftables_agent = true;
+        let plan = world.plan(T0);
+        assert!(matches!(plan.enforcement, Enforcement::Applied { .. }));
+        assert_eq!(plan.ban_conditions[0].1.reason, "NetworkPolicy");
+    }
+
+    #[test]
+    fn pod_nftables_without_its_agent_is_not_enforced_and_names_the_chart_value() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        set_backends(&mut world, vec![Backend::PodNftables]);
+        let plan = world.plan(T0);
+        assert_eq!(
+            plan.enforcement,
+            Enforcement::PodNftablesAgentOff { instead_of: None }
+        );
+        let enforced = plan.conditions.iter().find(|c| c.type_ == status::ENFORCED);
+        let enforced = enforced.unwrap();
+        assert_eq!(enforced.status, "False");
+        assert_eq!(enforced.reason, status::POD_NFTABLES_AGENT_OFF);
+        assert!(
+            enforced
+                .message
+                .contains("nodeSensors.podNftables.enabled=true")
+        );
+        assert_eq!(plan.ban_conditions[0].1.reason, "PolicyNotEnforced");
+    }
+
+    #[test]
+    fn a_refused_network_policy_with_no_other_backend_reports_the_refusal() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        with_other_ingress_policy(&mut world);
+        world.pod_nftables_agent = true;
+        assert!(matches!(
+            world.plan(T0).enforcement,
+            Enforcement::Refused { .. }
+        ));
     }
 
     #[test]

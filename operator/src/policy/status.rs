@@ -29,8 +29,26 @@ pub enum Enforcement {
     Refused { existing: Vec<String> },
     /// Older PortSentryPolicies protect some of the same pods; they enforce there.
     Yielded { to: Vec<String> },
+    /// The NetworkPolicy backend could not enforce (`instead_of`: its refusal), so the
+    /// next backend does: the node agents drop the bans inside each selected pod's own
+    /// network namespace.
+    PodNftables {
+        prefixes: usize,
+        instead_of: Option<String>,
+    },
     /// None of the policy's backends can enforce for this kind of policy.
     NoBackend,
+    /// The policy asks for PodNftables (and nothing before it enforces), but the node agent
+    /// is not installed.
+    PodNftablesAgentOff { instead_of: Option<String> },
+}
+
+/// The message of a refusal that a later backend made up for, as `instead_of` says it.
+pub fn fallback_note(reason: &str, message: &str) -> String {
+    format!("NetworkPolicy refused ({reason}: {message})")
+        .chars()
+        .take(512)
+        .collect()
 }
 
 impl Enforcement {
@@ -38,7 +56,9 @@ impl Enforcement {
     pub fn is_safe(&self) -> bool {
         matches!(
             self,
-            Enforcement::Applied { .. } | Enforcement::NothingToEnforce
+            Enforcement::Applied { .. }
+                | Enforcement::NothingToEnforce
+                | Enforcement::PodNftables { .. }
         )
     }
 }
@@ -66,6 +86,16 @@ pub fn condition(
         message,
         observed_generation: generation,
         last_transition_time,
+    }
+}
+
+/// Reason of `Enforced=False` when the policy relies on PodNftables and the agent is off.
+pub const POD_NFTABLES_AGENT_OFF: &str = "PodNftablesAgentNotInstalled";
+
+fn with_fallback(message: String, instead_of: &Option<String>) -> String {
+    match instead_of {
+        Some(refusal) => format!("{message}; {refusal}"),
+        None => message,
     }
 }
 
@@ -105,10 +135,34 @@ pub fn policy_conditions(
             .take(1024)
             .collect(),
         ),
+        Enforcement::PodNftables {
+            prefixes,
+            instead_of,
+        } => (
+            true,
+            "PodNftables",
+            with_fallback(
+                format!(
+                    "{prefixes} banned prefixes dropped by the node agents inside the network \
+                     namespace of each selected pod"
+                ),
+                instead_of,
+            ),
+        ),
         Enforcement::NoBackend => (
             false,
             "NoUsableBackend",
             "none of spec.enforcement.backends can enforce bans of this policy".to_owned(),
+        ),
+        Enforcement::PodNftablesAgentOff { instead_of } => (
+            false,
+            POD_NFTABLES_AGENT_OFF,
+            with_fallback(
+                "PodNftables needs the pod nftables agent: install the chart with \
+                 nodeSensors.podNftables.enabled=true"
+                    .to_owned(),
+                instead_of,
+            ),
         ),
     };
     let cap = active_bans >= max_active_bans as usize;
@@ -320,6 +374,27 @@ pub fn ban_condition(previous: &[Condition], state: BanEnforcement, now: Timesta
         ),
     };
     condition(previous, ENFORCED, status, reason, message, None, now)
+}
+
+/// The `Enforced` condition of a ban of a policy whose bans the pod nftables agents drop.
+pub fn pod_nftables_ban_condition(
+    previous: &[Condition],
+    state: BanEnforcement,
+    now: Timestamp,
+) -> Condition {
+    match state {
+        BanEnforcement::Enforced => condition(
+            previous,
+            ENFORCED,
+            true,
+            "PodNftables",
+            "dropped by the node agents inside the network namespace of each pod of the policy"
+                .to_owned(),
+            None,
+            now,
+        ),
+        other => ban_condition(previous, other, now),
+    }
 }
 
 /// True when writing `desired` would change what `previous` says.
