@@ -350,9 +350,11 @@ async fn start(
         metrics.clone(),
         guards.clone(),
         reporter.clone(),
-        Some(hooks),
-        tls.ca_pem.clone(),
-        args.nodes.pod_nftables_agent,
+        policy::controller::Settings {
+            hooks: Some(hooks),
+            intake_ca: tls.ca_pem.clone(),
+            pod_nftables_agent: args.nodes.pod_nftables_agent,
+        },
         watches.clone(),
     );
     tasks.spawn(

@@ -132,6 +132,17 @@ pub fn pod_to_policy(pod: &PartialObjectMeta<Pod>) -> Option<ObjectRef<PortSentr
     Some(ObjectRef::new(name).within(&pod.namespace()?))
 }
 
+/// What the policy controller is told at start besides its client and watches.
+#[derive(Debug)]
+pub struct Settings {
+    /// Alert hooks of expiries.
+    pub hooks: Option<crate::hooks::Hooks>,
+    /// PEM CA bundle of the report intake's certificate, rendered into sensor ConfigMaps.
+    pub intake_ca: crate::tls::CaBundle,
+    /// The pod nftables agent runs on the nodes: the `PodNftables` backend enforces.
+    pub pod_nftables_agent: bool,
+}
+
 /// Runs the controller until the process ends (signals are main's: it stops every task,
 /// then releases the Lease).
 pub async fn run(
@@ -139,11 +150,14 @@ pub async fn run(
     metrics: Arc<Metrics>,
     guards: Arc<RwLock<Guards>>,
     reporter: Reporter,
-    hooks: Option<crate::hooks::Hooks>,
-    intake_ca: crate::tls::CaBundle,
-    pod_nftables_agent: bool,
+    settings: Settings,
     shared: Watches,
 ) {
+    let Settings {
+        hooks,
+        intake_ca,
+        pod_nftables_agent,
+    } = settings;
     // Lists read from etcd (the default semantic), not the API server's watch cache: after
     // an API server restart a cached list can name a resourceVersion the watch then refuses
     // as expired, forever (seen in tests/tests/operator.rs).
