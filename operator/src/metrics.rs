@@ -206,6 +206,11 @@ impl Metrics {
         }
     }
 
+    /// Counts a ban (hand-made or kept) refused because its source is protected.
+    pub fn ban_refused(&self, why: crate::enforce::bans::Protection) {
+        self.bans_refused.with_label_values(&[why.as_str()]).inc();
+    }
+
     /// Counts an alert hook delivery: `delivered`, `failed`, `refused` (forbidden target) or
     /// `dropped` (queue full).
     pub fn hook_delivery(&self, result: &'static str) {

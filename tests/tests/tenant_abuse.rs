@@ -521,12 +521,12 @@ async fn hand_made_bans_of_a_tenant_reach_nothing_outside_its_namespace() {
             .unwrap();
     }
     for name in ["ten", "dns"] {
-        let (bans, name) = (bans.clone(), name.to_owned());
+        let (bans, owned) = (bans.clone(), name.to_owned());
         wait_for(
             Duration::from_secs(30),
             &format!("ban {name} Enforced=False ProtectedSource"),
             move || {
-                let (bans, name) = (bans.clone(), name.clone());
+                let (bans, name) = (bans.clone(), owned.clone());
                 async move {
                     let ban = bans.get(&name).await?;
                     Ok(ban.status.unwrap_or_default().conditions.iter().any(|c| {
@@ -540,7 +540,28 @@ async fn hand_made_bans_of_a_tenant_reach_nothing_outside_its_namespace() {
         )
         .await
         .unwrap();
+        // The refusal is visible on the ban and counted, once per ban.
+        wait_event(
+            &client,
+            namespace,
+            name,
+            "BanRefused",
+            "source is protected",
+        )
+        .await;
     }
+    let counted: f64 = operator
+        .metrics()
+        .await
+        .unwrap()
+        .lines()
+        .filter(|line| line.starts_with("portsentry_operator_bans_refused_total{"))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert!(
+        counted >= 2.0,
+        "hand-made protected bans counted: {counted}"
+    );
     // A legitimate detection in the same run bans and quarantines the tenant's own scanner.
     let (status, body) = post_as(plane, &operator, namespace, "web-0", &["10.250.2.20"]).await;
     assert_eq!(status, 200, "{body}");

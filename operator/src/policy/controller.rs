@@ -524,6 +524,25 @@ async fn reconcile_policy(
     context
         .metrics
         .policy_state(key, plan.active_bans, plan.enforcement.is_safe());
+    // One Event per refused ban, about the ban (events of one object and reason are
+    // aggregated by the recorder, so one about the policy would show only the first).
+    for (ban, why) in &plan.refused {
+        context.metrics.ban_refused(*why);
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "BanRefused".to_owned(),
+            note: Some(format!(
+                "never enforced by PortSentryPolicy {}: its source is protected ({})",
+                policy.name_any(),
+                why.as_str()
+            )),
+            action: "Reconcile".to_owned(),
+            secondary: Some(policy.object_ref(&())),
+        };
+        if let Err(error) = context.recorder.publish(&event, ban).await {
+            warn!(%error, "could not publish event");
+        }
+    }
     write_ban_statuses(&ban_api, plan.ban_conditions).await?;
     Ok(Action::requeue(plan.requeue_after))
 }

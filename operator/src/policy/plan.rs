@@ -5,7 +5,8 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use jiff::Timestamp;
 use k8s_openapi::{
-    api::networking::v1::NetworkPolicy, apimachinery::pkg::apis::meta::v1::Condition,
+    api::{core::v1::ObjectReference, networking::v1::NetworkPolicy},
+    apimachinery::pkg::apis::meta::v1::Condition,
 };
 use kube::{Resource, ResourceExt};
 use portsentry_crds::{Backend, PolicyKind, PolicyStatus, PortSentryBan, PortSentryPolicy};
@@ -65,6 +66,9 @@ pub struct Plan {
     pub conditions: Vec<Condition>,
     /// Server-side apply body of the policy's status.
     pub status: StatusApply<PolicyStatus>,
+    /// Bans refused since the last reconcile because their source is protected: (the ban,
+    /// why); each gets a Warning Event.
+    pub refused: Vec<(ObjectReference, bans::Protection)>,
     /// Bans whose `Enforced` condition changes: (name, new condition).
     pub ban_conditions: Vec<(String, Condition)>,
     /// `Some(now enforced)` when the policy's Enforced condition flips (or is first set).
@@ -228,6 +232,20 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
             .map(|(ban, until)| (&**ban, *until)),
         now,
     );
+    // Bans newly marked protected (a hand-made ban of an infrastructure address, say): each
+    // gets one Warning Event and one count, when its condition changes.
+    let refused = active
+        .iter()
+        .zip(&protection)
+        .filter_map(|(ban, why)| Some((ban, (*why)?)))
+        .filter(|(ban, _)| {
+            ban_conditions.iter().any(|(changed, condition)| {
+                *changed == ban.name_any()
+                    && condition.reason == portsentry_crds::PROTECTED_SOURCE_REASON
+            })
+        })
+        .map(|(ban, why)| (ban.object_ref(&()), why))
+        .collect();
     let ban_conditions = [ban_conditions, expired_conditions].concat();
     let lifted = sorted
         .remembered
@@ -252,6 +270,7 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
         conditions,
         status,
         ban_conditions,
+        refused,
         requeue_after,
     })
 }
@@ -585,6 +604,21 @@ mod tests {
             .map(|(_, c)| c.reason.as_str())
             .collect();
         assert_eq!(reasons, vec!["ProtectedSource", "ProtectedSource"]);
+    }
+
+    #[test]
+    fn a_newly_protected_ban_is_reported_once_as_refused() {
+        let mut world = World::new(vec![ban("web", "127.0.0.1", None)]);
+        let first = world.plan(T0);
+        assert_eq!(first.refused.len(), 1);
+        assert_eq!(first.refused[0].1, bans::Protection::Loopback);
+        let mut marked = (*world.bans[0]).clone();
+        marked.status = Some(status::ban_status(first.ban_conditions[0].1.clone()));
+        world.bans = vec![Arc::new(marked)];
+        assert!(
+            world.plan(T0 + 5).refused.is_empty(),
+            "no second event or count"
+        );
     }
 
     #[test]
