@@ -1001,7 +1001,7 @@ async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> O
 
 /// A namespace where every ingress is denied but the app and decoy ports (so the
 /// NetworkPolicy backend could never enforce there), protected by a PortSentryPolicy whose
-/// only backend is PodNftables, with two pods.
+/// backends are NetworkPolicy then PodNftables (so it falls back), with two pods.
 const FORTRESS: &str = "fortress";
 const FORTRESS_DECOYS: &str = "31337,40421,40423";
 /// The table the pod agent keeps in each pod's network namespace.
@@ -1050,7 +1050,7 @@ async fn fortress_pods() -> Vec<Pod> {
                     "podSelector": {"matchLabels": {"app": "web"}},
                     "decoys": {"tcp": decoys},
                     "detection": {"scanTrigger": 2, "ignore": [format!("{MONITOR}/32")]},
-                    "enforcement": {"backends": ["PodNftables"]},
+                    "enforcement": {"backends": ["NetworkPolicy", "PodNftables"]},
                 },
             }))?;
             Api::<PortSentryPolicy>::namespaced(client.clone(), FORTRESS)
@@ -1191,6 +1191,30 @@ async fn pod_nftables_drops_an_outside_scanner_at_every_pod_of_the_policy_despit
         names,
         ["allow-web", "default-deny"],
         "no NetworkPolicy was generated: the drop is PodNftables'"
+    );
+    // The policy says which backend enforces, and why not the first.
+    let policy =
+        Api::<PortSentryPolicy>::namespaced(node.control_plane().client().unwrap(), FORTRESS)
+            .get("web")
+            .await
+            .unwrap();
+    let enforced = policy
+        .status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Enforced")
+        .expect("an Enforced condition");
+    assert_eq!(
+        (enforced.status.as_str(), enforced.reason.as_str()),
+        ("True", "PodNftables"),
+        "{enforced:?}"
+    );
+    assert!(
+        enforced.message.contains("NetworkPolicy refused")
+            && enforced.message.contains("default-deny"),
+        "{}",
+        enforced.message
     );
     for address in [&one, &two] {
         assert!(
@@ -1350,7 +1374,9 @@ async fn pod_nftables_restores_a_flushed_table_and_enforces_in_a_replacement_pod
         let start = Instant::now();
         let mut back = None;
         while start.elapsed() < Duration::from_secs(10) {
-            if pod_table(&pods[1]).is_some_and(|t| t.contains(banned)) {
+            // `flush table` empties the chains but keeps the sets' elements: back means the
+            // drop rule matching the address set is there again.
+            if pod_table(&pods[1]).is_some_and(|t| t.contains(banned) && t.contains("@bans4")) {
                 back = Some(start.elapsed());
                 break;
             }
