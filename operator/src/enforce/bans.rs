@@ -147,9 +147,18 @@ pub struct Guards {
     /// kube-system, the operator's namespace and the chart's `protectedNamespaces`: their
     /// pods are never banned nor quarantined.
     pub protected_namespaces: std::collections::BTreeSet<String>,
+    /// The cluster's pod ranges (nodes' `spec.podCIDRs`): a source inside is a pod, which a
+    /// NetworkPolicy `ipBlock` does not reliably match.
+    pub pod_nets: Vec<IpNet>,
 }
 
 impl Guards {
+    /// True when `source` lies inside the cluster's pod ranges (it is, or may be, a pod).
+    pub fn is_pod_source(&self, source: &SourcePrefix) -> bool {
+        let net = source.network();
+        self.pod_nets.iter().any(|pods| pods.contains(&net))
+    }
+
     /// Why `source` may never be banned, if it may not (see [`protected`]); then the
     /// cluster's infrastructure: pods of protected namespaces, the DNS, Services, and the
     /// chart's protected prefixes.

@@ -84,6 +84,13 @@ pub async fn discover_guards(client: &Client, settings: &GuardSettings) -> Resul
             .flatten()
             .map(|a| a.address.as_str()),
     );
+    let pod_nets = nodes
+        .items
+        .iter()
+        .filter_map(|n| n.spec.as_ref()?.pod_cidrs.as_ref())
+        .flatten()
+        .filter_map(|cidr| cidr.parse::<IpNet>().ok())
+        .collect();
     let service = Api::<Service>::namespaced(client.clone(), "default")
         .get_opt("kubernetes")
         .await?;
@@ -134,6 +141,7 @@ pub async fn discover_guards(client: &Client, settings: &GuardSettings) -> Resul
         dns_addrs: cluster_ips(&dns.items),
         protected_nets: settings.protected_nets.clone(),
         protected_namespaces: settings.protected_namespaces.clone(),
+        pod_nets,
     })
 }
 

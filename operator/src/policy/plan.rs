@@ -212,11 +212,18 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
     ));
 
     let enforced = enforcement.is_safe();
-    let ban_conditions = status::ban_condition_changes(
-        active
-            .iter()
-            .map(|ban| &**ban)
-            .zip(protection.iter().copied()),
+    // Under the NetworkPolicy backend a ban of a pod address is not claimed as dropped.
+    let by_netpol = matches!(
+        enforcement,
+        Enforcement::Applied { .. } | Enforcement::NothingToEnforce
+    );
+    let (pod_sources, others): (Vec<_>, Vec<_>) = active
+        .iter()
+        .map(|ban| &**ban)
+        .zip(protection.iter().copied())
+        .partition(|(ban, _)| by_netpol && observed.guards.is_pod_source(&ban.spec.source));
+    let mut ban_conditions = status::ban_condition_changes(
+        others.into_iter(),
         enforced,
         now,
         if matches!(enforcement, Enforcement::PodNftables { .. }) {
@@ -225,6 +232,12 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
             status::ban_condition
         },
     );
+    ban_conditions.extend(status::ban_condition_changes(
+        pod_sources.into_iter(),
+        enforced,
+        now,
+        status::pod_source_ban_condition,
+    ));
     let expired_conditions = status::expired_condition_changes(
         sorted
             .remembered
@@ -695,6 +708,42 @@ mod tests {
             ("True", "PodNftables")
         );
         assert_eq!(plan.ban_conditions[0].1.reason, "PodNftables");
+    }
+
+    #[test]
+    fn a_pod_source_is_not_claimed_by_the_network_policy_backend() {
+        let mut world = World::new(vec![
+            ban("web", "10.244.1.7", None),
+            ban("web", "203.0.113.7", None),
+        ]);
+        world.guards.pod_nets = vec!["10.244.0.0/16".parse().unwrap()];
+        let plan = world.plan(T0);
+        let reason_of = |name: &str| {
+            plan.ban_conditions
+                .iter()
+                .find(|(n, _)| n.contains(name))
+                .map(|(_, c)| (c.status.clone(), c.reason.clone()))
+                .unwrap()
+        };
+        assert_eq!(
+            reason_of("10-244-1-7"),
+            ("False".into(), status::POD_SOURCE.into())
+        );
+        assert_eq!(
+            reason_of("203-0-113-7"),
+            ("True".into(), "NetworkPolicy".into())
+        );
+    }
+
+    #[test]
+    fn pod_nftables_claims_a_pod_source() {
+        let mut world = World::new(vec![ban("web", "10.244.1.7", None)]);
+        set_backends(&mut world, vec![Backend::PodNftables]);
+        world.pod_nftables_agent = true;
+        world.guards.pod_nets = vec!["10.244.0.0/16".parse().unwrap()];
+        let plan = world.plan(T0);
+        assert_eq!(plan.ban_conditions[0].1.reason, "PodNftables");
+        assert_eq!(plan.ban_conditions[0].1.status, "True");
     }
 
     #[test]
