@@ -135,6 +135,28 @@ impl Error {
     }
 
     /// A fixed label for metrics: [`Error::reason`] in snake case.
+    /// Every value [`Error::metric_label`] gives: the series are created at zero, so an error
+    /// rate reads 0, not "no data", while nothing fails.
+    pub const METRIC_LABELS: [&'static str; 17] = [
+        "kube",
+        "write_rejected",
+        "write_failed",
+        "serialization",
+        "missing_object_key",
+        "invalid_selector",
+        "time",
+        "metrics",
+        "listen",
+        "read_file",
+        "certificate",
+        "setting",
+        "serve",
+        "watch_stopped",
+        "signal",
+        "task_ended",
+        "leadership_lost",
+    ];
+
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
@@ -237,6 +259,7 @@ mod tests {
     fn metric_labels_are_fixed_words_without_object_details() {
         for error in examples() {
             let label = error.metric_label();
+            assert!(Error::METRIC_LABELS.contains(&label), "{label} not listed");
             assert!(
                 label.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
                 "{label}"

@@ -16,6 +16,9 @@ use prometheus::{
 
 use crate::{Error, Result};
 
+/// The controllers' names, the `controller` label of reconcile metrics.
+pub const CONTROLLERS: [&str; 2] = ["policy", "cluster_policy"];
+
 /// Metric handles shared by the controllers and the servers.
 #[derive(Debug)]
 pub struct Metrics {
@@ -156,6 +159,16 @@ impl Metrics {
         registry.register(Box::new(report_to_enforcement.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
+        // Bounded label sets start at zero: a rate of errors or refusals reads 0 (a dashboard
+        // panel with data, an alert that can see the first increase), not "no data".
+        for controller in CONTROLLERS {
+            for label in Error::METRIC_LABELS {
+                reconcile_errors.with_label_values(&[controller, label]);
+            }
+        }
+        for reason in crate::intake::checks::Refusal::METRIC_REASONS {
+            reports_refused.with_label_values(&[reason]);
+        }
         registry.register(Box::new(bans_active.clone()))?;
         registry.register(Box::new(bans_expired.clone()))?;
         registry.register(Box::new(policies_not_enforced.clone()))?;

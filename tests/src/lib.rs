@@ -14,6 +14,7 @@ mod node_config;
 mod node_net;
 mod operator;
 mod process;
+pub mod prometheus;
 mod wait;
 
 pub use binaries::{BUILD_HINT, Binaries, repo_root, workspace_binary};

@@ -25,7 +25,7 @@ use kube::{
 use portsentry_crds::{ClusterPortSentryPolicy, PortSentryBan, PortSentryPolicy};
 use portsentry_tests::{
     NODE_ADDRESS, NODE_NAME, Node, NodeOptions, OPERATOR, OUTSIDE_ADDRESS, POD_CIDR,
-    RELEASE_NAMESPACE, install_chart, shared_node, wait_for, wait_value,
+    RELEASE_NAMESPACE, install_chart, prometheus, shared_node, wait_for, wait_value,
 };
 use std::time::Instant;
 use tokio::sync::OnceCell;
@@ -1416,4 +1416,136 @@ async fn pod_nftables_restores_a_flushed_table_and_enforces_in_a_replacement_pod
     bans.delete("by-hand", &DeleteParams::default())
         .await
         .unwrap();
+}
+
+// --- Prometheus: the chart's scrape settings, alert rules and dashboard on a real server ---
+
+/// The chart's monitoring objects as `helm template` renders them for this release (the
+/// cluster serving monitoring.coreos.com/v1, as with prometheus-operator installed).
+fn rendered_monitoring(node: &Node) -> Vec<serde_json::Value> {
+    let output = node
+        .control_plane()
+        .helm()
+        .unwrap()
+        .args(["template", portsentry_tests::RELEASE])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/portsentry"))
+        .args(["--namespace", RELEASE_NAMESPACE])
+        .args(["--api-versions", "monitoring.coreos.com/v1"])
+        .args(["--set", "metrics.serviceMonitor.enabled=true"])
+        .args(["--set", "metrics.prometheusRule.enabled=true"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    portsentry_tests::parse_documents(&String::from_utf8_lossy(&output.stdout))
+        .unwrap()
+        .into_iter()
+        .map(|object| serde_json::to_value(object).unwrap())
+        .collect()
+}
+
+/// Every panel query of the shipped Grafana dashboard.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/portsentry/files/dashboard.json"
+    ))
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    fn walk(panels: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        for panel in panels.as_array().into_iter().flatten() {
+            walk(&panel["panels"], out);
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                if let Some(expr) = target["expr"].as_str() {
+                    let title = panel["title"].as_str().unwrap_or_default().to_owned();
+                    out.push((title, expr.to_owned()));
+                }
+            }
+        }
+    }
+    let mut queries = Vec::new();
+    walk(&dashboard["panels"], &mut queries);
+    assert!(!queries.is_empty(), "the dashboard has panel queries");
+    queries
+}
+
+/// Prometheus scrapes the operator (ServiceMonitor) and the injected sidecar (PodMonitor) at
+/// their pods' addresses with the labels prometheus-operator gives them, with the chart's
+/// rules; the scan alert fires after an nmap scan; every dashboard panel query then parses
+/// and returns data. Intervals are 1 s instead of the chart's 30 s (the only change to what
+/// is rendered). Debian's Prometheus has no Kubernetes discovery: the targets are found by
+/// the test from the monitors' selectors and port names (`prometheus::scrape_jobs`).
+#[tokio::test]
+async fn prometheus_scrapes_the_chart_targets_fires_the_scan_alert_and_every_dashboard_panel_has_data()
+ {
+    let node = chart_node().await;
+    let address = pod_address(shop_pod().await);
+    let documents = rendered_monitoring(node);
+    let client = node.control_plane().client().unwrap();
+    let jobs = prometheus::scrape_jobs(&documents, &client, "1s")
+        .await
+        .unwrap();
+    let rules = prometheus::rule_file(&documents).unwrap();
+    let server = prometheus::Prometheus::start(node.netns(), jobs, &rules, "1s").unwrap();
+
+    // Both kinds of target are up.
+    let up = wait_until(Duration::from_secs(60), || {
+        let up = server.query("up == 1").unwrap_or_default();
+        let jobs: Vec<&str> = up
+            .iter()
+            .filter_map(|s| s["metric"]["job"].as_str())
+            .collect();
+        jobs.contains(&OPERATOR) && jobs.iter().any(|j| j.ends_with("-sensors"))
+    })
+    .await;
+    assert!(
+        up.is_some(),
+        "operator and sidecar targets up; targets: {}\n{}",
+        server
+            .get("/api/v1/targets")
+            .map(|(_, b)| b)
+            .unwrap_or_default(),
+        server.log_tail()
+    );
+
+    // A scan fires PortSentryScanDetected for the shop's pod.
+    let attacker = "10.237.0.70";
+    let (after, _) = scan_until_dropped(node, attacker, &address, DECOYS).await;
+    eprintln!("scan dropped after {after:?}");
+    let fired = wait_until(Duration::from_secs(60), || {
+        server.alerts().unwrap_or_default().iter().any(|alert| {
+            alert["labels"]["alertname"] == "PortSentryScanDetected"
+                && alert["labels"]["namespace"] == SHOP
+                && alert["state"] == "firing"
+        })
+    })
+    .await;
+    assert!(
+        fired.is_some(),
+        "PortSentryScanDetected never fired: {:?}",
+        server.alerts()
+    );
+    eprintln!("scan dropped -> PortSentryScanDetected firing: {fired:?}");
+
+    // Every dashboard panel has data (rates need two scrapes after the scan).
+    let queries = dashboard_queries();
+    let mut empty = Vec::new();
+    let all = wait_until(Duration::from_secs(30), || {
+        empty = queries
+            .iter()
+            .filter(|(_, expr)| server.query(expr).map_or(true, |r| r.is_empty()))
+            .map(|(title, expr)| format!("{title}: {expr}"))
+            .collect();
+        empty.is_empty()
+    })
+    .await;
+    for (title, expr) in &queries {
+        server
+            .query(expr)
+            .unwrap_or_else(|e| panic!("panel {title}: Prometheus refuses {expr}: {e}"));
+    }
+    assert!(all.is_some(), "panels without data: {empty:#?}");
 }

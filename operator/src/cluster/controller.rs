@@ -62,7 +62,7 @@ use crate::{
 };
 
 /// Label value of this controller in metrics.
-pub const CONTROLLER: &str = "cluster_policy";
+pub const CONTROLLER: &str = crate::metrics::CONTROLLERS[1];
 /// Wait after a failed reconcile.
 const RETRY: Duration = Duration::from_secs(5);
 

@@ -108,6 +108,21 @@ impl Refusal {
     }
 
     /// A fixed word for the `reason` label of the refused-reports metric.
+    /// Every value [`Refusal::metric_reason`] gives (series created at zero).
+    pub const METRIC_REASONS: [&'static str; 11] = [
+        "missing_token",
+        "invalid_token",
+        "not_a_sensor",
+        "not_injected_sensor",
+        "rate_limited",
+        "body_too_large",
+        "too_many_detections",
+        "malformed",
+        "invalid",
+        "policy_not_found",
+        "not_governed",
+    ];
+
     pub fn metric_reason(&self) -> &'static str {
         match self {
             Refusal::MissingToken => "missing_token",
@@ -526,6 +541,27 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn every_refusal_reason_is_listed_for_the_zeroed_series() {
+        let all = [
+            Refusal::MissingToken,
+            Refusal::InvalidToken,
+            Refusal::NotASensor,
+            Refusal::NotInjected(String::new()),
+            Refusal::RateLimited {
+                retry_after: Duration::from_secs(1),
+            },
+            Refusal::BodyTooLarge,
+            Refusal::TooManyDetections(1),
+            Refusal::Malformed(String::new()),
+            Refusal::Invalid(String::new()),
+            Refusal::PolicyNotFound,
+            Refusal::NotGoverned,
+        ];
+        let reasons: Vec<&str> = all.iter().map(Refusal::metric_reason).collect();
+        assert_eq!(reasons, Refusal::METRIC_REASONS);
+    }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -55,7 +55,7 @@ use crate::{
 };
 
 /// Label value of this controller in metrics.
-pub const CONTROLLER: &str = "policy";
+pub const CONTROLLER: &str = crate::metrics::CONTROLLERS[0];
 /// Wait after a failed reconcile.
 pub const RETRY: Duration = Duration::from_secs(5);
 /// Ban status writes in flight at once.
@@ -87,6 +87,8 @@ pub struct Context {
     pub intake_ca: crate::tls::CaBundle,
     /// The pod nftables agent runs on the nodes: the `PodNftables` backend enforces.
     pub pod_nftables_agent: bool,
+    /// Which other policy layers the cluster serves (rediscovered every 30 s).
+    pub policy_layers: tokio::sync::Mutex<crate::policy::layers::Served>,
 }
 
 impl std::fmt::Debug for Context {
@@ -206,6 +208,7 @@ pub async fn run(
         hooks,
         intake_ca,
         pod_nftables_agent,
+        policy_layers: Default::default(),
     });
     // The generated NetworkPolicies need no `owns` watch of their own: the NetworkPolicy
     // watch above reconciles every policy of their namespace, their owner included.
@@ -387,6 +390,26 @@ async fn reconcile_policy(
     let bans_now = context.bans.state();
     let policies_now = context.policies.state();
 
+    // Other policy layers that may select the pods (none served: one discovery read each).
+    let layer_objects =
+        crate::policy::layers::observe(client, &context.policy_layers, &namespace).await?;
+    let namespace_labels = if layer_objects.is_empty() {
+        Default::default()
+    } else {
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+            .get(&namespace)
+            .await?
+            .labels()
+            .clone()
+    };
+    let other_layers: Vec<String> = layer_objects
+        .iter()
+        .filter(|o| {
+            crate::policy::layers::may_select(o, &namespace, &namespace_labels, &selected_pods)
+        })
+        .map(|o| o.name.clone())
+        .collect();
+
     // Plan.
     let plan = plan::plan(&Observed {
         policy,
@@ -397,6 +420,7 @@ async fn reconcile_policy(
         guards: &guards,
         sensors,
         pod_nftables_agent: context.pod_nftables_agent,
+        other_layers: &other_layers,
         now: Timestamp::now(),
     })?;
 

@@ -2,6 +2,7 @@
 //! and the status conditions both policy kinds report.
 
 pub mod controller;
+pub mod layers;
 pub mod plan;
 pub mod status;
 pub mod widen;

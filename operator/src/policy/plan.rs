@@ -42,6 +42,9 @@ pub struct Observed<'a> {
     /// The pod nftables agent runs on the nodes (chart `nodeSensors.podNftables.enabled`):
     /// the `PodNftables` backend can enforce.
     pub pod_nftables_agent: bool,
+    /// Objects of other policy layers that may select the policy's pods (see
+    /// [`crate::policy::layers`]).
+    pub other_layers: &'a [String],
     pub now: Timestamp,
 }
 
@@ -143,6 +146,7 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
         &rules.enforcement.backends,
         decision,
         outranked_by,
+        observed.other_layers,
         banned.len(),
         observed.pod_nftables_agent,
     );
@@ -296,6 +300,7 @@ fn choose_backend(
     backends: &[Backend],
     decision: widen::Decision,
     outranked_by: Vec<String>,
+    other_layers: &[String],
     prefixes: usize,
     pod_nftables_agent: bool,
 ) -> Enforcement {
@@ -304,6 +309,9 @@ fn choose_backend(
         match backend {
             Backend::NetworkPolicy => {
                 let attempt = match &decision {
+                    _ if !other_layers.is_empty() => Enforcement::OtherLayers {
+                        objects: other_layers.to_vec(),
+                    },
                     _ if !outranked_by.is_empty() => Enforcement::Yielded {
                         to: outranked_by.clone(),
                     },
@@ -347,6 +355,10 @@ fn refusal_note(refusal: &Enforcement) -> String {
         Enforcement::Yielded { to } => status::fallback_note(
             widen::OVERLAPPING_POLICIES,
             &format!("older overlapping policies: {}", to.join(", ")),
+        ),
+        Enforcement::OtherLayers { objects } => status::fallback_note(
+            crate::policy::layers::OTHER_POLICY_LAYERS,
+            &status::other_layers_message(objects),
         ),
         _ => "NetworkPolicy could not enforce".to_owned(),
     }
@@ -428,6 +440,7 @@ mod tests {
         guards: Guards,
         sensors: status::SensorCount,
         pod_nftables_agent: bool,
+        other_layers: Vec<String>,
     }
 
     impl World {
@@ -442,6 +455,7 @@ mod tests {
                 guards: Guards::default(),
                 sensors: status::SensorCount::default(),
                 pod_nftables_agent: false,
+                other_layers: Vec::new(),
             }
         }
 
@@ -455,6 +469,7 @@ mod tests {
                 guards: &self.guards,
                 sensors: self.sensors,
                 pod_nftables_agent: self.pod_nftables_agent,
+                other_layers: &self.other_layers,
                 now: at(now),
             })
             .unwrap()
@@ -744,6 +759,32 @@ mod tests {
         let plan = world.plan(T0);
         assert_eq!(plan.ban_conditions[0].1.reason, "PodNftables");
         assert_eq!(plan.ban_conditions[0].1.status, "True");
+    }
+
+    #[test]
+    fn another_policy_layer_on_the_pods_refuses_network_policy_and_names_it() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        world.other_layers = vec!["CiliumNetworkPolicy/shop/lock".into()];
+        let plan = world.plan(T0);
+        assert!(plan.apply.is_empty(), "no NetworkPolicy is generated");
+        let enforced = plan.conditions.iter().find(|c| c.type_ == status::ENFORCED);
+        let enforced = enforced.unwrap();
+        assert_eq!(enforced.status, "False");
+        assert_eq!(enforced.reason, "OtherPolicyLayers");
+        assert!(enforced.message.contains("CiliumNetworkPolicy/shop/lock"));
+    }
+
+    #[test]
+    fn another_policy_layer_falls_back_to_pod_nftables() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        set_backends(
+            &mut world,
+            vec![Backend::NetworkPolicy, Backend::PodNftables],
+        );
+        world.pod_nftables_agent = true;
+        world.other_layers = vec!["AdminNetworkPolicy/deny-all".into()];
+        let plan = world.plan(T0);
+        assert!(matches!(plan.enforcement, Enforcement::PodNftables { .. }));
     }
 
     #[test]

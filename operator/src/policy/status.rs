@@ -29,6 +29,9 @@ pub enum Enforcement {
     Refused { existing: Vec<String> },
     /// Older PortSentryPolicies protect some of the same pods; they enforce there.
     Yielded { to: Vec<String> },
+    /// Policies of another layer (AdminNetworkPolicy, Cilium, Calico) may select the pods;
+    /// an allow-all-except NetworkPolicy could widen what they restrict.
+    OtherLayers { objects: Vec<String> },
     /// The NetworkPolicy backend could not enforce (`instead_of`: its refusal), so the
     /// next backend does: the node agents drop the bans inside each selected pod's own
     /// network namespace.
@@ -92,6 +95,21 @@ pub fn condition(
 /// Reason of `Enforced=False` when the policy relies on PodNftables and the agent is off.
 pub const POD_NFTABLES_AGENT_OFF: &str = "PodNftablesAgentNotInstalled";
 
+/// Why the NetworkPolicy backend refuses beside other policy layers, naming (some of) them.
+pub fn other_layers_message(objects: &[String]) -> String {
+    let shown: Vec<&str> = objects.iter().take(10).map(String::as_str).collect();
+    let more = objects.len().saturating_sub(shown.len());
+    let mut message = format!(
+        "not enforcing with NetworkPolicy: policies of another layer may select these pods, and \
+         an allow-all-except NetworkPolicy could widen what they restrict: {}",
+        shown.join(", ")
+    );
+    if more > 0 {
+        message.push_str(&format!(" and {more} more"));
+    }
+    message
+}
+
 fn with_fallback(message: String, instead_of: &Option<String>) -> String {
     match instead_of {
         Some(refusal) => format!("{message}; {refusal}"),
@@ -148,6 +166,11 @@ pub fn policy_conditions(
                 ),
                 instead_of,
             ),
+        ),
+        Enforcement::OtherLayers { objects } => (
+            false,
+            crate::policy::layers::OTHER_POLICY_LAYERS,
+            other_layers_message(objects),
         ),
         Enforcement::NoBackend => (
             false,

@@ -1,0 +1,354 @@
+//! Policy layers beside NetworkPolicy that an allow-all-except NetworkPolicy could widen:
+//! AdminNetworkPolicy/BaselineAdminNetworkPolicy, Cilium and Calico policies.
+//!
+//! Any NetworkPolicy selecting a pod overrides a BaselineAdminNetworkPolicy for it (and an
+//! ANP `Pass` hands the decision to NetworkPolicies); Cilium and Calico add NetworkPolicy
+//! allows to their own. So where one of these may select the policy's pods, the NetworkPolicy
+//! backend refuses (`OtherPolicyLayers`). [`may_select`] is the pure decision: selectors are
+//! evaluated where their language is Kubernetes' (ANP/BANP subjects, Cilium's
+//! `endpointSelector` on pod labels); anything else (Calico's selector language, Cilium's
+//! namespace pseudo-labels) is assumed to select. [`observe`] reads what the cluster serves.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ApiResource, DynamicObject, ListParams},
+    core::{Selector, SelectorExt},
+    discovery::{self, Scope},
+};
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use crate::Result;
+
+/// Reason of `Enforced=False` when another policy layer may select the pods.
+pub const OTHER_POLICY_LAYERS: &str = "OtherPolicyLayers";
+
+/// The kinds looked for: (API group, kind).
+pub const KINDS: [(&str, &str); 6] = [
+    ("policy.networking.k8s.io", "AdminNetworkPolicy"),
+    ("policy.networking.k8s.io", "BaselineAdminNetworkPolicy"),
+    ("cilium.io", "CiliumNetworkPolicy"),
+    ("cilium.io", "CiliumClusterwideNetworkPolicy"),
+    ("crd.projectcalico.org", "NetworkPolicy"),
+    ("crd.projectcalico.org", "GlobalNetworkPolicy"),
+];
+
+/// One object of another policy layer, as far as selection goes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerObject {
+    /// `Kind/name` or `Kind/namespace/name`, as status messages name it.
+    pub name: String,
+    /// Its namespace, for namespaced kinds (they select only there).
+    pub namespace: Option<String>,
+    pub selects: Selects,
+}
+
+/// What an object's selector says, in the terms this module can evaluate.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Selects {
+    /// Pods by namespace labels and pod labels (ANP/BANP `subject`, Cilium endpoints).
+    Pods {
+        namespaces: Option<LabelSelector>,
+        pods: Option<LabelSelector>,
+    },
+    /// Not evaluated here: assumed to select every pod it can reach.
+    Anything,
+}
+
+fn selector(value: &Value) -> Option<LabelSelector> {
+    serde_json::from_value(value.clone()).ok()
+}
+
+/// Reads `object` of `kind` (one of [`KINDS`]).
+pub fn layer_object(kind: &str, object: &DynamicObject) -> LayerObject {
+    let namespace = object.namespace();
+    let name = match &namespace {
+        Some(ns) => format!("{kind}/{ns}/{}", object.name_any()),
+        None => format!("{kind}/{}", object.name_any()),
+    };
+    let spec = &object.data["spec"];
+    let selects = match kind {
+        "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy" => {
+            let subject = &spec["subject"];
+            if let Some(namespaces) = subject.get("namespaces") {
+                match selector(namespaces) {
+                    Some(ns) => Selects::Pods {
+                        namespaces: Some(ns),
+                        pods: None,
+                    },
+                    None => Selects::Anything,
+                }
+            } else if let Some(pods) = subject.get("pods") {
+                match (
+                    selector(&pods["namespaceSelector"]),
+                    selector(&pods["podSelector"]),
+                ) {
+                    (Some(ns), Some(p)) => Selects::Pods {
+                        namespaces: Some(ns),
+                        pods: Some(p),
+                    },
+                    _ => Selects::Anything,
+                }
+            } else {
+                Selects::Anything
+            }
+        }
+        "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy" => {
+            // Keys naming Cilium's pseudo-labels (namespace labels, reserved identities) are
+            // not pod labels: such a selector is assumed to select.
+            let plain = spec["endpointSelector"]
+                .to_string()
+                .split('"')
+                .all(|token| !token.contains("io.cilium") && !token.contains("reserved:"));
+            match selector(&spec["endpointSelector"]) {
+                Some(pods) if plain => Selects::Pods {
+                    namespaces: None,
+                    pods: Some(strip_source_prefix(pods)),
+                },
+                _ => Selects::Anything,
+            }
+        }
+        _ => Selects::Anything,
+    };
+    LayerObject {
+        name,
+        namespace,
+        selects,
+    }
+}
+
+/// Cilium accepts `k8s:app` for the pod label `app`.
+fn strip_source_prefix(mut selector: LabelSelector) -> LabelSelector {
+    let strip = |key: &str| key.strip_prefix("k8s:").unwrap_or(key).to_owned();
+    if let Some(labels) = selector.match_labels.take() {
+        selector.match_labels = Some(labels.into_iter().map(|(k, v)| (strip(&k), v)).collect());
+    }
+    for expression in selector.match_expressions.iter_mut().flatten() {
+        expression.key = strip(&expression.key);
+    }
+    selector
+}
+
+fn matches(selector: &Option<LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    match selector {
+        None => true,
+        Some(selector) => Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels)),
+    }
+}
+
+/// Whether `object` may select any of `pods` (labels) in namespace `namespace` (labels
+/// `namespace_labels`). With no pods selected yet, a layer that could select pods created
+/// later in the namespace counts: the check must hold for pods created after it.
+pub fn may_select(
+    object: &LayerObject,
+    namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    pods: &[BTreeMap<String, String>],
+) -> bool {
+    if object
+        .namespace
+        .as_deref()
+        .is_some_and(|ns| ns != namespace)
+    {
+        return false;
+    }
+    match &object.selects {
+        Selects::Anything => true,
+        Selects::Pods {
+            namespaces,
+            pods: pod_selector,
+        } => {
+            matches(namespaces, namespace_labels)
+                && (pods.is_empty() || pods.iter().any(|labels| matches(pod_selector, labels)))
+        }
+    }
+}
+
+/// How long a discovery of the served kinds is trusted: a CRD installed later is seen
+/// within this time.
+pub const REDISCOVER: Duration = Duration::from_secs(30);
+
+/// The kinds of [`KINDS`] the cluster served at the last discovery.
+#[derive(Debug, Default)]
+pub struct Served {
+    at: Option<Instant>,
+    kinds: Vec<(ApiResource, Scope)>,
+}
+
+async fn discover(client: &Client) -> Vec<(ApiResource, Scope)> {
+    let mut kinds = Vec::new();
+    for group_name in [
+        "policy.networking.k8s.io",
+        "cilium.io",
+        "crd.projectcalico.org",
+    ] {
+        let Ok(group) = discovery::group(client, group_name).await else {
+            continue; // not served
+        };
+        for (resource, capabilities) in group.recommended_resources() {
+            if KINDS.contains(&(group_name, resource.kind.as_str())) {
+                kinds.push((resource, capabilities.scope));
+            }
+        }
+    }
+    kinds
+}
+
+/// The objects of [`KINDS`] the cluster serves: cluster-scoped ones and those of
+/// `namespace`. Served kinds are rediscovered at most every [`REDISCOVER`]; where none is
+/// served this reads nothing.
+pub async fn observe(
+    client: &Client,
+    served: &Mutex<Served>,
+    namespace: &str,
+) -> Result<Vec<LayerObject>> {
+    let kinds = {
+        let mut served = served.lock().await;
+        if served.at.is_none_or(|at| at.elapsed() >= REDISCOVER) {
+            served.kinds = discover(client).await;
+            served.at = Some(Instant::now());
+        }
+        served.kinds.clone()
+    };
+    let mut objects = Vec::new();
+    for (resource, scope) in kinds {
+        let api: Api<DynamicObject> = match scope {
+            Scope::Cluster => Api::all_with(client.clone(), &resource),
+            Scope::Namespaced => Api::namespaced_with(client.clone(), namespace, &resource),
+        };
+        let listed = api.list(&ListParams::default()).await?;
+        objects.extend(
+            listed
+                .items
+                .iter()
+                .map(|object| layer_object(&resource.kind, object)),
+        );
+    }
+    Ok(objects)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn object(kind: &str, namespace: Option<&str>, spec: Value) -> LayerObject {
+        let mut object = DynamicObject::new(
+            "p",
+            &ApiResource {
+                group: String::new(),
+                version: "v1".into(),
+                api_version: "v1".into(),
+                kind: kind.into(),
+                plural: "x".into(),
+            },
+        );
+        object.metadata.namespace = namespace.map(str::to_owned);
+        object.data = json!({"spec": spec});
+        layer_object(kind, &object)
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_cilium_policy_selecting_the_pods_counts() {
+        let cnp = object(
+            "CiliumNetworkPolicy",
+            Some("shop"),
+            json!({"endpointSelector": {"matchLabels": {"k8s:app": "web"}}}),
+        );
+        let web = [labels(&[("app", "web")])];
+        assert!(may_select(&cnp, "shop", &BTreeMap::new(), &web));
+        assert!(!may_select(&cnp, "other", &BTreeMap::new(), &web));
+        let db = [labels(&[("app", "db")])];
+        assert!(!may_select(&cnp, "shop", &BTreeMap::new(), &db));
+    }
+
+    #[test]
+    fn a_cilium_selector_on_namespace_pseudo_labels_is_assumed_to_select() {
+        let ccnp = object(
+            "CiliumClusterwideNetworkPolicy",
+            None,
+            json!({"endpointSelector": {"matchLabels": {"k8s:io.cilium.k8s.namespace.labels.team": "a"}}}),
+        );
+        assert!(may_select(
+            &ccnp,
+            "shop",
+            &BTreeMap::new(),
+            &[labels(&[("app", "web")])]
+        ));
+    }
+
+    #[test]
+    fn an_admin_policy_selects_by_namespace_labels() {
+        let anp = object(
+            "BaselineAdminNetworkPolicy",
+            None,
+            json!({"subject": {"namespaces": {"matchLabels": {"tier": "prod"}}}}),
+        );
+        let web = [labels(&[("app", "web")])];
+        assert!(may_select(&anp, "shop", &labels(&[("tier", "prod")]), &web));
+        assert!(!may_select(&anp, "shop", &labels(&[("tier", "dev")]), &web));
+    }
+
+    #[test]
+    fn an_admin_policy_selects_by_pod_and_namespace_labels() {
+        let anp = object(
+            "AdminNetworkPolicy",
+            None,
+            json!({"subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "db"}}}}}),
+        );
+        assert!(!may_select(
+            &anp,
+            "shop",
+            &BTreeMap::new(),
+            &[labels(&[("app", "web")])]
+        ));
+        assert!(may_select(
+            &anp,
+            "shop",
+            &BTreeMap::new(),
+            &[labels(&[("app", "db")])]
+        ));
+    }
+
+    #[test]
+    fn calico_selectors_are_assumed_to_select_in_their_namespace() {
+        let calico = object(
+            "NetworkPolicy",
+            Some("shop"),
+            json!({"selector": "app == 'db'"}),
+        );
+        assert!(may_select(
+            &calico,
+            "shop",
+            &BTreeMap::new(),
+            &[labels(&[("app", "web")])]
+        ));
+        assert!(!may_select(&calico, "other", &BTreeMap::new(), &[]));
+        let global = object("GlobalNetworkPolicy", None, json!({"selector": "all()"}));
+        assert!(may_select(&global, "other", &BTreeMap::new(), &[]));
+    }
+
+    #[test]
+    fn a_layer_that_could_select_pods_created_later_counts_before_any_exists() {
+        let cnp = object(
+            "CiliumNetworkPolicy",
+            Some("shop"),
+            json!({"endpointSelector": {"matchLabels": {"app": "web"}}}),
+        );
+        assert!(may_select(&cnp, "shop", &BTreeMap::new(), &[]));
+    }
+}
