@@ -10,7 +10,8 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
-use kube::{Api, api::ListParams};
+use kube::{Api, ResourceExt, api::ListParams};
+use portsentry_operator::labels::SENSOR_LABEL;
 use portsentry_tests::{
     Node, NodeOptions, OUTSIDE_ADDRESS, apply_documents, install_chart, parse_documents, wait_value,
 };
@@ -113,11 +114,20 @@ async fn up(state: PathBuf) -> Result<()> {
                 .list(&ListParams::default().labels("app=web"))
                 .await
                 .ok()?;
+            for pod in &list.items {
+                // Admitted before the webhook answered (its failurePolicy is Ignore): no
+                // sensor. The Deployment makes a new pod, which the webhook injects.
+                if pod.labels().get(SENSOR_LABEL).map(String::as_str) != Some("injected") {
+                    let _ = pods.delete(&pod.name_any(), &Default::default()).await;
+                }
+            }
             list.items.into_iter().find(|pod| {
-                pod.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                pod.labels().get(SENSOR_LABEL).map(String::as_str) == Some("injected")
+                    && pod
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
             })
         }
     })
