@@ -568,7 +568,13 @@ async fn reconcile_policy(
         }
     }
     write_ban_statuses(&ban_api, plan.ban_conditions).await?;
-    Ok(Action::requeue(plan.requeue_after))
+    // Other policy layers are listed, not watched: look again soon where the cluster has them.
+    let requeue_after = if crate::policy::layers::any_served(&context.policy_layers).await {
+        plan.requeue_after.min(crate::policy::layers::REDISCOVER)
+    } else {
+        plan.requeue_after
+    };
+    Ok(Action::requeue(requeue_after))
 }
 
 /// Deletes the sensor ConfigMaps this policy controls but no longer renders (a skipped-decoy

@@ -200,6 +200,12 @@ async fn discover(client: &Client) -> Vec<(ApiResource, Scope)> {
     kinds
 }
 
+/// True when the last discovery found any of [`KINDS`] served: their objects are not
+/// watched, so a policy is then reconciled at least every [`REDISCOVER`].
+pub async fn any_served(served: &Mutex<Served>) -> bool {
+    !served.lock().await.kinds.is_empty()
+}
+
 /// The objects of [`KINDS`] the cluster serves: cluster-scoped ones and those of
 /// `namespace`. Served kinds are rediscovered at most every [`REDISCOVER`]; where none is
 /// served this reads nothing.
