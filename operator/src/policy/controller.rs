@@ -43,7 +43,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     Error, Result,
-    enforce::bans::Guards,
+    enforce::{bans::Guards, netpol},
     inject, labels,
     metrics::Metrics,
     policy::{
@@ -245,7 +245,8 @@ async fn reconcile(policy: Arc<PortSentryPolicy>, context: Arc<Context>) -> Resu
         policy.name_any()
     );
     let started = Instant::now();
-    let result = reconcile_policy(&policy, &context, &key)
+    let mut generated_current = false;
+    let result = reconcile_policy(&policy, &context, &key, &mut generated_current)
         .instrument(info_span!("reconcile", policy = %key))
         .await;
     if let Err(error) = &result {
@@ -253,8 +254,25 @@ async fn reconcile(policy: Arc<PortSentryPolicy>, context: Arc<Context>) -> Resu
             context.client.clone(),
             &policy.namespace().unwrap_or_default(),
         );
-        let previous = policy.status.as_ref();
-        report_failure(&api, &context.recorder, policy.as_ref(), previous, error).await;
+        let mut previous = policy.status.clone();
+        if !generated_current {
+            let withdrawn = withdraw(&context, &policy, error).await;
+            previous = status::withdrawn(
+                previous.as_ref(),
+                withdrawn,
+                policy.metadata.generation,
+                Timestamp::now(),
+            )
+            .or(previous);
+        }
+        report_failure(
+            &api,
+            &context.recorder,
+            policy.as_ref(),
+            previous.as_ref(),
+            error,
+        )
+        .await;
     }
     context.metrics.reconciled(CONTROLLER, started.elapsed());
     forget_deleted_policies(&context);
@@ -316,6 +334,63 @@ pub async fn report_failure<K>(
     }
 }
 
+/// Deletes the NetworkPolicies generated for `policy` after a reconcile failed before
+/// bringing them up to date: a generated allow-all-except policy is only safe while the
+/// never-widen check that allowed it still holds, and a failing reconcile no longer checks
+/// (a default-deny or another policy layer added meanwhile would be widened). Withdrawing
+/// one never widens: the check let it exist only where no other NetworkPolicy can select
+/// its pods, so without it they receive what they did before it. Returns how many went;
+/// failures are logged (the retry withdraws again).
+async fn withdraw(context: &Context, policy: &PortSentryPolicy, error: &Error) -> usize {
+    let (Some(namespace), Some(uid)) = (policy.namespace(), policy.uid()) else {
+        return 0;
+    };
+    let api = Api::<NetworkPolicy>::namespaced(context.client.clone(), &namespace);
+    let listed = match api
+        .list_metadata(&ListParams::default().labels(&netpol::label_selector(&policy.name_any())))
+        .await
+    {
+        Ok(listed) => listed.items,
+        Err(list_error) => {
+            warn!(%list_error, "could not list generated NetworkPolicies to withdraw");
+            return 0;
+        }
+    };
+    let mut withdrawn = 0;
+    for object in listed {
+        let controlled = object
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.controller == Some(true) && r.uid == uid);
+        if !controlled {
+            continue;
+        }
+        let name = object.name_any();
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => withdrawn += 1,
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(delete_error) => warn!(%delete_error, network_policy = %name, "could not withdraw"),
+        }
+    }
+    if withdrawn > 0 {
+        warn!(withdrawn, %error, "generated NetworkPolicies withdrawn: the reconcile failed");
+        let note = format!(
+            "{withdrawn} generated NetworkPolicies withdrawn until the policy reconciles again: {error}"
+        );
+        publish(
+            context,
+            policy,
+            EventType::Warning,
+            status::WITHDRAWN,
+            note.chars().take(MAX_EVENT_NOTE).collect(),
+        )
+        .await;
+    }
+    withdrawn
+}
+
 /// Longest Event note the API server accepts (events.k8s.io/v1: 1 KiB).
 const MAX_EVENT_NOTE: usize = 1024;
 
@@ -336,10 +411,14 @@ fn forget_deleted_policies(context: &Context) {
 }
 
 /// One pass of the pipeline: observe, plan (pure), apply, report.
+///
+/// `generated_current` becomes true once the generated NetworkPolicies are what this pass
+/// planned: a failure after that leaves them in place.
 async fn reconcile_policy(
     policy: &PortSentryPolicy,
     context: &Context,
     key: &str,
+    generated_current: &mut bool,
 ) -> Result<Action> {
     let namespace = policy
         .namespace()
@@ -359,7 +438,6 @@ async fn reconcile_policy(
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace)
         .list(&ListParams::default().labels_from(&selector))
         .await?;
-    let selected_pods: Vec<_> = pods.items.iter().map(|p| p.labels().clone()).collect();
     // Injected pods were selected by the policy at admission, so the selected pods (a full
     // list: statuses included) cover its sensors, as they cover their ConfigMaps below; a
     // pod relabelled out of the selector stops counting.
@@ -402,25 +480,17 @@ async fn reconcile_policy(
             .labels()
             .clone()
     };
-    let other_layers: Vec<String> = layer_objects
-        .iter()
-        .filter(|o| {
-            crate::policy::layers::may_select(o, &namespace, &namespace_labels, &selected_pods)
-        })
-        .map(|o| o.name.clone())
-        .collect();
-
     // Plan.
     let plan = plan::plan(&Observed {
         policy,
         bans: &bans_now,
-        selected_pods: &selected_pods,
         network_policies: &network_policies,
         policies: &policies_now,
         guards: &guards,
         sensors,
         pod_nftables_agent: context.pod_nftables_agent,
-        other_layers: &other_layers,
+        layers: &layer_objects,
+        namespace_labels: &namespace_labels,
         now: Timestamp::now(),
     })?;
 
@@ -472,6 +542,7 @@ async fn reconcile_policy(
             }
         }
     }
+    *generated_current = true;
     // The sensors' ConfigMaps: injected pods carry this policy's annotation and were
     // selected by it at admission, so the selected pods cover them. Each carries the intake's
     // CA bundle (`ca.crt`), which the sidecar's `--report-ca-file` reads.

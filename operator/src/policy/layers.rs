@@ -24,7 +24,7 @@ use kube::{
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::Result;
+use crate::{Result, policy::selectors::can_select_together};
 
 /// Reason of `Enforced=False` when another policy layer may select the pods.
 pub const OTHER_POLICY_LAYERS: &str = "OtherPolicyLayers";
@@ -142,14 +142,13 @@ fn matches(selector: &Option<LabelSelector>, labels: &BTreeMap<String, String>) 
     }
 }
 
-/// Whether `object` may select any of `pods` (labels) in namespace `namespace` (labels
-/// `namespace_labels`). With no pods selected yet, a layer that could select pods created
-/// later in the namespace counts: the check must hold for pods created after it.
+/// Whether `object` may select a pod that `pod_selector` selects in namespace `namespace`
+/// (labels `namespace_labels`): one that exists or one created later.
 pub fn may_select(
     object: &LayerObject,
     namespace: &str,
     namespace_labels: &BTreeMap<String, String>,
-    pods: &[BTreeMap<String, String>],
+    pod_selector: &LabelSelector,
 ) -> bool {
     if object
         .namespace
@@ -162,11 +161,41 @@ pub fn may_select(
         Selects::Anything => true,
         Selects::Pods {
             namespaces,
-            pods: pod_selector,
+            pods: theirs,
         } => {
             matches(namespaces, namespace_labels)
-                && (pods.is_empty() || pods.iter().any(|labels| matches(pod_selector, labels)))
+                && theirs
+                    .as_ref()
+                    .is_none_or(|theirs| can_select_together(&[theirs, pod_selector]))
         }
+    }
+}
+
+/// The names of those of `objects` that may select a pod `pod_selector` selects in
+/// `namespace` (see [`may_select`]).
+pub fn selecting(
+    objects: &[LayerObject],
+    namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    pod_selector: &LabelSelector,
+) -> Vec<String> {
+    objects
+        .iter()
+        .filter(|o| may_select(o, namespace, namespace_labels, pod_selector))
+        .map(|o| o.name.clone())
+        .collect()
+}
+
+/// Stands for the objects of a kind the operator may not list: assumed to select.
+fn unreadable(resource: &ApiResource, scope: Scope, namespace: &str) -> LayerObject {
+    let namespace = matches!(scope, Scope::Namespaced).then(|| namespace.to_owned());
+    LayerObject {
+        name: format!(
+            "{}/* (not readable: grant the operator list on {}.{})",
+            resource.kind, resource.plural, resource.group
+        ),
+        namespace,
+        selects: Selects::Anything,
     }
 }
 
@@ -228,13 +257,22 @@ pub async fn observe(
             Scope::Cluster => Api::all_with(client.clone(), &resource),
             Scope::Namespaced => Api::namespaced_with(client.clone(), namespace, &resource),
         };
-        let listed = api.list(&ListParams::default()).await?;
-        objects.extend(
-            listed
-                .items
-                .iter()
-                .map(|object| layer_object(&resource.kind, object)),
-        );
+        match api.list(&ListParams::default()).await {
+            Ok(listed) => objects.extend(
+                listed
+                    .items
+                    .iter()
+                    .map(|object| layer_object(&resource.kind, object)),
+            ),
+            // Its CRD went after discovery: not served any more.
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            // Not readable (the chart grants it; a hand-made role may not): what cannot be
+            // read may select.
+            Err(kube::Error::Api(status)) if status.code == 403 => {
+                objects.push(unreadable(&resource, scope, namespace));
+            }
+            Err(error) => return Err(error.into()),
+        }
     }
     Ok(objects)
 }
@@ -268,6 +306,13 @@ mod tests {
             .collect()
     }
 
+    fn pods(pairs: &[(&str, &str)]) -> LabelSelector {
+        LabelSelector {
+            match_labels: Some(labels(pairs)),
+            match_expressions: None,
+        }
+    }
+
     #[test]
     fn a_cilium_policy_selecting_the_pods_counts() {
         let cnp = object(
@@ -275,10 +320,10 @@ mod tests {
             Some("shop"),
             json!({"endpointSelector": {"matchLabels": {"k8s:app": "web"}}}),
         );
-        let web = [labels(&[("app", "web")])];
+        let web = pods(&[("app", "web")]);
         assert!(may_select(&cnp, "shop", &BTreeMap::new(), &web));
         assert!(!may_select(&cnp, "other", &BTreeMap::new(), &web));
-        let db = [labels(&[("app", "db")])];
+        let db = pods(&[("app", "db")]);
         assert!(!may_select(&cnp, "shop", &BTreeMap::new(), &db));
     }
 
@@ -293,7 +338,7 @@ mod tests {
             &ccnp,
             "shop",
             &BTreeMap::new(),
-            &[labels(&[("app", "web")])]
+            &pods(&[("app", "web")])
         ));
     }
 
@@ -304,7 +349,7 @@ mod tests {
             None,
             json!({"subject": {"namespaces": {"matchLabels": {"tier": "prod"}}}}),
         );
-        let web = [labels(&[("app", "web")])];
+        let web = pods(&[("app", "web")]);
         assert!(may_select(&anp, "shop", &labels(&[("tier", "prod")]), &web));
         assert!(!may_select(&anp, "shop", &labels(&[("tier", "dev")]), &web));
     }
@@ -320,13 +365,13 @@ mod tests {
             &anp,
             "shop",
             &BTreeMap::new(),
-            &[labels(&[("app", "web")])]
+            &pods(&[("app", "web")])
         ));
         assert!(may_select(
             &anp,
             "shop",
             &BTreeMap::new(),
-            &[labels(&[("app", "db")])]
+            &pods(&[("app", "db")])
         ));
     }
 
@@ -341,20 +386,35 @@ mod tests {
             &calico,
             "shop",
             &BTreeMap::new(),
-            &[labels(&[("app", "web")])]
+            &pods(&[("app", "web")])
         ));
-        assert!(!may_select(&calico, "other", &BTreeMap::new(), &[]));
+        assert!(!may_select(
+            &calico,
+            "other",
+            &BTreeMap::new(),
+            &LabelSelector::default()
+        ));
         let global = object("GlobalNetworkPolicy", None, json!({"selector": "all()"}));
-        assert!(may_select(&global, "other", &BTreeMap::new(), &[]));
+        assert!(may_select(
+            &global,
+            "other",
+            &BTreeMap::new(),
+            &LabelSelector::default()
+        ));
     }
 
     #[test]
-    fn a_layer_that_could_select_pods_created_later_counts_before_any_exists() {
+    fn a_layer_that_could_select_a_pod_created_later_counts() {
         let cnp = object(
             "CiliumNetworkPolicy",
             Some("shop"),
-            json!({"endpointSelector": {"matchLabels": {"app": "web"}}}),
+            json!({"endpointSelector": {"matchLabels": {"tier": "front"}}}),
         );
-        assert!(may_select(&cnp, "shop", &BTreeMap::new(), &[]));
+        assert!(may_select(
+            &cnp,
+            "shop",
+            &BTreeMap::new(),
+            &pods(&[("app", "web")])
+        ));
     }
 }

@@ -4,5 +4,6 @@
 pub mod controller;
 pub mod layers;
 pub mod plan;
+pub mod selectors;
 pub mod status;
 pub mod widen;

@@ -9,7 +9,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::Condition,
 };
 use kube::{Resource, ResourceExt};
-use portsentry_crds::{Backend, PolicyKind, PolicyStatus, PortSentryBan, PortSentryPolicy};
+use portsentry_crds::{Action, Backend, PolicyKind, PolicyStatus, PortSentryBan, PortSentryPolicy};
 
 use crate::{
     Error, Result,
@@ -17,6 +17,7 @@ use crate::{
     enforce::memory,
     enforce::netpol,
     enforce::prefixes::BannedPrefixes,
+    policy::layers::{self, LayerObject},
     policy::status::{self, Enforcement, StatusApply},
     policy::widen,
 };
@@ -30,8 +31,6 @@ pub struct Observed<'a> {
     pub policy: &'a PortSentryPolicy,
     /// Bans of any policy (only this policy's, in its namespace, are used).
     pub bans: &'a [Arc<PortSentryBan>],
-    /// Labels of the pods the policy selects.
-    pub selected_pods: &'a [BTreeMap<String, String>],
     /// Every NetworkPolicy of the namespace, ours included.
     pub network_policies: &'a [NetworkPolicy],
     /// PortSentryPolicies (any namespace; only the policy's own is used), itself included.
@@ -42,9 +41,10 @@ pub struct Observed<'a> {
     /// The pod nftables agent runs on the nodes (chart `nodeSensors.podNftables.enabled`):
     /// the `PodNftables` backend can enforce.
     pub pod_nftables_agent: bool,
-    /// Objects of other policy layers that may select the policy's pods (see
-    /// [`crate::policy::layers`]).
-    pub other_layers: &'a [String],
+    /// Objects of other policy layers in the namespace or cluster-wide (see
+    /// [`crate::policy::layers`]), and the labels of the namespace they select by.
+    pub layers: &'a [LayerObject],
+    pub namespace_labels: &'a BTreeMap<String, String>,
     pub now: Timestamp,
 }
 
@@ -80,11 +80,57 @@ pub struct Plan {
     pub requeue_after: Duration,
 }
 
-fn rival(policy: &PortSentryPolicy) -> widen::Rival<'_> {
+/// What the NetworkPolicy backend would come to for `policy` on its own (before precedence
+/// between PortSentryPolicies): refused by other policy layers or NetworkPolicies, or not.
+fn network_policy_alone(
+    policy: &PortSentryPolicy,
+    namespace: &str,
+    observed: &Observed<'_>,
+) -> Option<Enforcement> {
+    let other_layers = layers::selecting(
+        observed.layers,
+        namespace,
+        observed.namespace_labels,
+        &policy.spec.pod_selector,
+    );
+    if !other_layers.is_empty() {
+        return Some(Enforcement::OtherLayers {
+            objects: other_layers,
+        });
+    }
+    let uid = policy.metadata.uid.as_deref().unwrap_or_default();
+    match widen::decide(uid, &policy.spec.pod_selector, observed.network_policies) {
+        widen::Decision::Refuse { existing } => Some(Enforcement::Refused { existing }),
+        widen::Decision::Enforce => None,
+    }
+}
+
+/// `policy` as a rival in precedence: whether, on its own, it would generate NetworkPolicies
+/// (its NetworkPolicy backend unrefused and listed before any other that enforces).
+fn rival<'a>(
+    policy: &'a PortSentryPolicy,
+    namespace: &str,
+    observed: &Observed<'_>,
+) -> widen::Rival<'a> {
+    let refused = network_policy_alone(policy, namespace, observed).is_some();
+    let generates = policy
+        .spec
+        .rules
+        .enforcement
+        .backends
+        .iter()
+        .find_map(|backend| match backend {
+            Backend::NetworkPolicy if !refused => Some(true),
+            Backend::PodNftables if observed.pod_nftables_agent => Some(false),
+            _ => None,
+        })
+        .unwrap_or(false);
     widen::Rival {
         name: policy.metadata.name.as_deref().unwrap_or_default(),
         created: policy.metadata.creation_timestamp.as_ref().map(|t| t.0),
         pod_selector: &policy.spec.pod_selector,
+        bans: policy.spec.rules.response.action == Action::Ban,
+        generates,
     }
 }
 
@@ -138,15 +184,21 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
         .policies
         .iter()
         .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()))
-        .map(|p| rival(p))
+        .map(|p| rival(p, &namespace, observed))
         .collect();
-    let outranked_by = widen::outranked_by(&rival(policy), &neighbours, observed.selected_pods);
-    let decision = widen::decide(&uid, observed.selected_pods, observed.network_policies);
+    let outranked_by = widen::outranked_by(&rival(policy, &namespace, observed), &neighbours);
+    let network_policy = match network_policy_alone(policy, &namespace, observed) {
+        Some(refusal) => refusal,
+        None if !outranked_by.is_empty() => Enforcement::Yielded { to: outranked_by },
+        None if banned.is_empty() => Enforcement::NothingToEnforce,
+        None => Enforcement::Applied {
+            objects: 0,
+            prefixes: banned.len(),
+        },
+    };
     let enforcement = choose_backend(
         &rules.enforcement.backends,
-        decision,
-        outranked_by,
-        observed.other_layers,
+        network_policy,
         banned.len(),
         observed.pod_nftables_agent,
     );
@@ -292,15 +344,12 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
     })
 }
 
-/// The first of `backends` (in the policy's order) that can enforce: NetworkPolicy unless it
-/// would widen access or an older overlapping policy enforces there, then PodNftables when
-/// its agent runs. NodeNftables never serves a namespaced policy. With none, the most
-/// telling refusal.
+/// The first of `backends` (in the policy's order) that can enforce: NetworkPolicy when
+/// `network_policy` (its verdict: applied, or why not) is safe, then PodNftables when its
+/// agent runs. NodeNftables never serves a namespaced policy. With none, the first refusal.
 fn choose_backend(
     backends: &[Backend],
-    decision: widen::Decision,
-    outranked_by: Vec<String>,
-    other_layers: &[String],
+    network_policy: Enforcement,
     prefixes: usize,
     pod_nftables_agent: bool,
 ) -> Enforcement {
@@ -308,26 +357,10 @@ fn choose_backend(
     for backend in backends {
         match backend {
             Backend::NetworkPolicy => {
-                let attempt = match &decision {
-                    _ if !other_layers.is_empty() => Enforcement::OtherLayers {
-                        objects: other_layers.to_vec(),
-                    },
-                    _ if !outranked_by.is_empty() => Enforcement::Yielded {
-                        to: outranked_by.clone(),
-                    },
-                    widen::Decision::Refuse { existing } => Enforcement::Refused {
-                        existing: existing.clone(),
-                    },
-                    widen::Decision::Enforce if prefixes == 0 => Enforcement::NothingToEnforce,
-                    widen::Decision::Enforce => Enforcement::Applied {
-                        objects: 0,
-                        prefixes,
-                    },
-                };
-                if attempt.is_safe() {
-                    return attempt;
+                if network_policy.is_safe() {
+                    return network_policy;
                 }
-                refused.get_or_insert(attempt);
+                refused.get_or_insert(network_policy.clone());
             }
             Backend::PodNftables => {
                 let instead_of = refused.as_ref().map(refusal_note);
@@ -357,7 +390,7 @@ fn refusal_note(refusal: &Enforcement) -> String {
             &format!("older overlapping policies: {}", to.join(", ")),
         ),
         Enforcement::OtherLayers { objects } => status::fallback_note(
-            crate::policy::layers::OTHER_POLICY_LAYERS,
+            layers::OTHER_POLICY_LAYERS,
             &status::other_layers_message(objects),
         ),
         _ => "NetworkPolicy could not enforce".to_owned(),
@@ -434,13 +467,12 @@ mod tests {
     struct World {
         policy: Arc<PortSentryPolicy>,
         bans: Vec<Arc<PortSentryBan>>,
-        pods: Vec<BTreeMap<String, String>>,
         network_policies: Vec<NetworkPolicy>,
         policies: Vec<Arc<PortSentryPolicy>>,
         guards: Guards,
         sensors: status::SensorCount,
         pod_nftables_agent: bool,
-        other_layers: Vec<String>,
+        layers: Vec<LayerObject>,
     }
 
     impl World {
@@ -450,12 +482,11 @@ mod tests {
                 policies: vec![policy.clone()],
                 policy,
                 bans,
-                pods: vec![labels(&[("app", "web")])],
                 network_policies: Vec::new(),
                 guards: Guards::default(),
                 sensors: status::SensorCount::default(),
                 pod_nftables_agent: false,
-                other_layers: Vec::new(),
+                layers: Vec::new(),
             }
         }
 
@@ -463,16 +494,25 @@ mod tests {
             plan(&Observed {
                 policy: &self.policy,
                 bans: &self.bans,
-                selected_pods: &self.pods,
                 network_policies: &self.network_policies,
                 policies: &self.policies,
                 guards: &self.guards,
                 sensors: self.sensors,
                 pod_nftables_agent: self.pod_nftables_agent,
-                other_layers: &self.other_layers,
+                layers: &self.layers,
+                namespace_labels: &BTreeMap::new(),
                 now: at(now),
             })
             .unwrap()
+        }
+    }
+
+    /// An object of another policy layer whose selector is not evaluated (as Calico's).
+    fn layer(name: &str) -> LayerObject {
+        LayerObject {
+            name: name.into(),
+            namespace: None,
+            selects: layers::Selects::Anything,
         }
     }
 
@@ -764,7 +804,7 @@ mod tests {
     #[test]
     fn another_policy_layer_on_the_pods_refuses_network_policy_and_names_it() {
         let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
-        world.other_layers = vec!["CiliumNetworkPolicy/shop/lock".into()];
+        world.layers = vec![layer("CiliumNetworkPolicy/shop/lock")];
         let plan = world.plan(T0);
         assert!(plan.apply.is_empty(), "no NetworkPolicy is generated");
         let enforced = plan.conditions.iter().find(|c| c.type_ == status::ENFORCED);
@@ -782,7 +822,7 @@ mod tests {
             vec![Backend::NetworkPolicy, Backend::PodNftables],
         );
         world.pod_nftables_agent = true;
-        world.other_layers = vec!["AdminNetworkPolicy/deny-all".into()];
+        world.layers = vec![layer("AdminNetworkPolicy/deny-all")];
         let plan = world.plan(T0);
         assert!(matches!(plan.enforcement, Enforcement::PodNftables { .. }));
     }
@@ -870,6 +910,78 @@ mod tests {
             plan.enforcement,
             Enforcement::Yielded {
                 to: vec!["web".into()]
+            }
+        );
+    }
+
+    /// `world` with an older policy `old` on the same pods, changed by `change`.
+    fn with_older_policy(world: &mut World, change: impl FnOnce(&mut PortSentryPolicy)) {
+        let mut older = (*policy("old", T0 - 5000)).clone();
+        change(&mut older);
+        world.policies = vec![Arc::new(older), world.policy.clone()];
+    }
+
+    #[test]
+    fn an_older_alerting_policy_takes_no_bans_from_a_younger_one() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        with_older_policy(&mut world, |old| {
+            old.spec.rules.response.action = Action::Alert;
+        });
+        assert!(matches!(
+            world.plan(T0).enforcement,
+            Enforcement::Applied { .. }
+        ));
+    }
+
+    #[test]
+    fn an_older_policy_enforcing_with_pod_nftables_takes_no_bans_from_a_younger_one() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        world.pod_nftables_agent = true;
+        with_older_policy(&mut world, |old| {
+            old.spec.rules.enforcement.backends = vec![Backend::PodNftables];
+        });
+        assert!(matches!(
+            world.plan(T0).enforcement,
+            Enforcement::Applied { .. }
+        ));
+    }
+
+    #[test]
+    fn an_older_policy_refused_by_another_layer_takes_no_bans_from_a_younger_one() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        with_older_policy(&mut world, |old| {
+            old.spec.pod_selector = LabelSelector {
+                match_labels: Some(labels(&[("role", "legacy")])),
+                match_expressions: None,
+            };
+        });
+        // A Cilium policy on legacy database pods: it may select the older policy's pods,
+        // never the younger one's (app=web).
+        world.layers = vec![LayerObject {
+            name: "CiliumNetworkPolicy/shop/legacy-db".into(),
+            namespace: Some("shop".into()),
+            selects: layers::Selects::Pods {
+                namespaces: None,
+                pods: Some(LabelSelector {
+                    match_labels: Some(labels(&[("role", "legacy"), ("app", "db")])),
+                    match_expressions: None,
+                }),
+            },
+        }];
+        assert!(matches!(
+            world.plan(T0).enforcement,
+            Enforcement::Applied { .. }
+        ));
+    }
+
+    #[test]
+    fn an_older_policy_that_enforces_with_network_policy_still_takes_precedence() {
+        let mut world = World::new(vec![ban("web", "203.0.113.7", None)]);
+        with_older_policy(&mut world, |_| {});
+        assert_eq!(
+            world.plan(T0).enforcement,
+            Enforcement::Yielded {
+                to: vec!["old".into()]
             }
         );
     }

@@ -92,6 +92,12 @@ pub fn condition(
     }
 }
 
+/// Reason of `Enforced=True` when generated NetworkPolicies hold the bans.
+pub const NETWORK_POLICY_APPLIED: &str = "NetworkPolicyApplied";
+/// Reason of `Enforced=True` when the NetworkPolicy backend would enforce but no ban is in
+/// force.
+pub const NO_ACTIVE_BANS: &str = "NoActiveBans";
+
 /// Reason of `Enforced=False` when the policy relies on PodNftables and the agent is off.
 pub const POD_NFTABLES_AGENT_OFF: &str = "PodNftablesAgentNotInstalled";
 
@@ -129,12 +135,12 @@ pub fn policy_conditions(
     let (enforced, reason, message) = match enforcement {
         Enforcement::Applied { objects, prefixes } => (
             true,
-            "NetworkPolicyApplied",
+            NETWORK_POLICY_APPLIED,
             format!("{prefixes} banned prefixes in {objects} generated NetworkPolicies"),
         ),
         Enforcement::NothingToEnforce => (
             true,
-            "NoActiveBans",
+            NO_ACTIVE_BANS,
             "no ban is in force; generated NetworkPolicies appear with the first".to_owned(),
         ),
         Enforcement::Refused { existing } => (
@@ -281,6 +287,44 @@ pub fn failed_status(
     status.conditions.retain(|c| c.type_ != READY);
     status.conditions.insert(0, ready);
     status
+}
+
+/// Reason of `Enforced=False` while a failing policy's generated NetworkPolicies are
+/// withdrawn (and of the Warning Event saying so).
+pub const WITHDRAWN: &str = "NetworkPoliciesWithdrawn";
+
+/// `previous` with `Enforced=False` ([`WITHDRAWN`]) where it said the generated
+/// NetworkPolicies enforce, or where `withdrawn` of them were just deleted because the
+/// reconcile failed; `None` when nothing it says changes (PodNftables enforces without them,
+/// or the NetworkPolicy backend was refused anyway).
+pub fn withdrawn(
+    previous: Option<&PolicyStatus>,
+    withdrawn: usize,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Option<PolicyStatus> {
+    let mut status = previous.cloned().unwrap_or_default();
+    let by_network_policy = status.conditions.iter().any(|c| {
+        c.type_ == ENFORCED && matches!(c.reason.as_str(), NETWORK_POLICY_APPLIED | NO_ACTIVE_BANS)
+    });
+    if !by_network_policy && withdrawn == 0 {
+        return None;
+    }
+    let enforced = condition(
+        &status.conditions,
+        ENFORCED,
+        false,
+        WITHDRAWN,
+        format!(
+            "the reconcile failed (see Ready): {withdrawn} generated NetworkPolicies withdrawn \
+             rather than left unchecked; bans are enforced again once it succeeds"
+        ),
+        generation,
+        now,
+    );
+    status.conditions.retain(|c| c.type_ != ENFORCED);
+    status.conditions.push(enforced);
+    Some(status)
 }
 
 /// Longest condition message written (the API allows 32768; a user reads the first lines).
@@ -701,6 +745,39 @@ mod tests {
         let failed = failed_status(None, "InvalidSelector", "bad".into(), Some(1), at(100));
         assert_eq!(failed.conditions.len(), 1);
         assert_eq!(failed.conditions[0].type_, READY);
+    }
+
+    fn status_enforced_by(reason: &str) -> PolicyStatus {
+        PolicyStatus {
+            conditions: vec![condition(
+                &[],
+                ENFORCED,
+                true,
+                reason,
+                String::new(),
+                Some(1),
+                at(50),
+            )],
+            ..PolicyStatus::default()
+        }
+    }
+
+    #[test]
+    fn withdrawn_network_policies_make_enforced_false() {
+        let before = status_enforced_by(NETWORK_POLICY_APPLIED);
+        let after = withdrawn(Some(&before), 2, Some(1), at(100)).unwrap();
+        let enforced = find(&after.conditions, ENFORCED);
+        assert_eq!(
+            (enforced.status.as_str(), enforced.reason.as_str()),
+            ("False", WITHDRAWN)
+        );
+        assert!(enforced.message.contains("2 generated NetworkPolicies"));
+    }
+
+    #[test]
+    fn a_failure_under_pod_nftables_leaves_enforced_alone() {
+        let before = status_enforced_by("PodNftables");
+        assert_eq!(withdrawn(Some(&before), 0, Some(1), at(100)), None);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The never-widen rule: a generated allow-all-except-bans policy is only safe when no other
-//! NetworkPolicy selects the same pods for ingress (policies are additive and allow-only).
+//! NetworkPolicy can select the same pods for ingress (policies are additive and allow-only).
 
 use std::collections::BTreeMap;
 
@@ -8,7 +8,7 @@ use k8s_openapi::{
 };
 use kube::core::{Selector, SelectorExt};
 
-use crate::{Error, Result, enforce::netpol};
+use crate::{Error, Result, enforce::netpol, policy::selectors::can_select_together};
 
 /// Reason of `Enforced=False` when other NetworkPolicies select the protected pods.
 pub const EXISTING_NETWORK_POLICIES: &str = "ExistingNetworkPolicies";
@@ -16,9 +16,10 @@ pub const EXISTING_NETWORK_POLICIES: &str = "ExistingNetworkPolicies";
 /// Whether the generated policies may be applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// No other ingress policy selects the pods: enforcing only narrows.
+    /// No other ingress policy can select the pods: enforcing only narrows.
     Enforce,
-    /// These NetworkPolicies (sorted names) select the pods for ingress; enforcing would widen.
+    /// These NetworkPolicies (sorted names) can select the pods for ingress; enforcing
+    /// would widen them.
     Refuse { existing: Vec<String> },
 }
 
@@ -38,39 +39,32 @@ pub fn restricts_ingress(policy: &NetworkPolicy) -> bool {
     }
 }
 
-fn selects_every_pod(selector: Option<&LabelSelector>) -> bool {
-    selector.is_none_or(|s| {
-        s.match_labels.as_ref().is_none_or(BTreeMap::is_empty)
-            && s.match_expressions.as_ref().is_none_or(Vec::is_empty)
-    })
+/// True when `policy` can select a pod that `pod_selector` selects, one that exists or one
+/// created later (a policy without a pod selector selects every pod).
+pub fn can_select_with(policy: &NetworkPolicy, pod_selector: &LabelSelector) -> bool {
+    let every = LabelSelector::default();
+    let theirs = policy
+        .spec
+        .as_ref()
+        .and_then(|s| s.pod_selector.as_ref())
+        .unwrap_or(&every);
+    can_select_together(&[theirs, pod_selector])
 }
 
-/// True when `policy` selects a pod with `labels`. A selector that cannot be read is taken
-/// to select everything: doubt must never lead to widening.
-pub fn selects(policy: &NetworkPolicy, labels: &BTreeMap<String, String>) -> bool {
-    let selector = policy.spec.as_ref().and_then(|s| s.pod_selector.as_ref());
-    match selector {
-        None => true,
-        Some(selector) => matches(selector, labels).unwrap_or(true),
-    }
-}
-
-/// Decides whether the policy owned by `owner_uid` may enforce, given every NetworkPolicy of
-/// its namespace and the labels of the pods it selects. Any other policy restricting ingress
-/// that selects one of those pods (or every pod, including pods not yet created) refuses.
+/// Decides whether the policy owned by `owner_uid`, protecting the pods `pod_selector`
+/// selects, may enforce, given every NetworkPolicy of its namespace. Any other policy
+/// restricting ingress that can select one of those pods, now or once created (the
+/// generated policy covers a new pod the moment it exists), refuses.
 pub fn decide(
     owner_uid: &str,
-    selected_pods: &[BTreeMap<String, String>],
+    pod_selector: &LabelSelector,
     network_policies: &[NetworkPolicy],
 ) -> Decision {
     let mut existing: Vec<String> = network_policies
         .iter()
         .filter(|np| !netpol::is_controlled_by(np, owner_uid))
         .filter(|np| restricts_ingress(np))
-        .filter(|np| {
-            selects_every_pod(np.spec.as_ref().and_then(|s| s.pod_selector.as_ref()))
-                || selected_pods.iter().any(|labels| selects(np, labels))
-        })
+        .filter(|np| can_select_with(np, pod_selector))
         .map(|np| np.metadata.name.clone().unwrap_or_default())
         .collect();
     if existing.is_empty() {
@@ -90,11 +84,22 @@ pub struct Rival<'a> {
     pub name: &'a str,
     pub created: Option<jiff::Timestamp>,
     pub pod_selector: &'a LabelSelector,
+    /// Its response action is `Ban` (not `Alert` or `Hook`): it precedes those that only
+    /// record or notify, whatever their age.
+    pub bans: bool,
+    /// Left alone, it would enforce with generated NetworkPolicies: the NetworkPolicy backend
+    /// comes before any other that enforces in its `backends`, and is neither refused
+    /// (other NetworkPolicies, other policy layers) nor missing.
+    pub generates: bool,
 }
 
 impl Rival<'_> {
-    /// Older first, then by name: a total order every reconcile agrees on.
+    /// Banning policies first, then older first, then by name: a total order every
+    /// reconcile agrees on.
     fn precedes(&self, other: &Rival<'_>) -> bool {
+        if self.bans != other.bans {
+            return self.bans;
+        }
         match (self.created, other.created) {
             (Some(a), Some(b)) if a != b => a < b,
             (Some(_), None) => true,
@@ -102,26 +107,39 @@ impl Rival<'_> {
             _ => self.name < other.name,
         }
     }
+
+    fn overlaps(&self, other: &Rival<'_>) -> bool {
+        can_select_together(&[self.pod_selector, other.pod_selector])
+    }
 }
 
-/// The policies `ours` yields to: those that precede it and select one of its pods (or
-/// every pod). Two generated allow-all-except policies on one pod would re-allow each
-/// other's bans, so only the first in precedence enforces there; deciding by the policies
-/// themselves (not by which generated objects exist yet) keeps the outcome stable.
-pub fn outranked_by(
-    ours: &Rival<'_>,
-    rivals: &[Rival<'_>],
-    selected_pods: &[BTreeMap<String, String>],
-) -> Vec<String> {
-    let mut names: Vec<String> = rivals
+/// The policies `ours` yields to: those that precede it, can select one of its pods (now or
+/// once created), and themselves enforce with generated NetworkPolicies there. Two
+/// generated allow-all-except policies on one pod would re-allow each other's bans, so only
+/// the first in precedence enforces there; a policy that enforces nothing with
+/// NetworkPolicy (refused, listing another backend first, or itself yielding) takes no bans
+/// from anyone. Deciding by the policies themselves (not by which generated objects exist
+/// yet) keeps the outcome stable.
+pub fn outranked_by(ours: &Rival<'_>, rivals: &[Rival<'_>]) -> Vec<String> {
+    let mut ordered: Vec<&Rival<'_>> = rivals.iter().filter(|r| r.name != ours.name).collect();
+    ordered.sort_by(|a, b| {
+        if a.precedes(b) {
+            std::cmp::Ordering::Less
+        } else {
+            std::cmp::Ordering::Greater
+        }
+    });
+    // Which of them enforce with NetworkPolicies, in precedence order: one that yields
+    // itself generates nothing.
+    let mut enforcing: Vec<&Rival<'_>> = Vec::new();
+    for rival in ordered {
+        if rival.generates && !enforcing.iter().any(|e| e.overlaps(rival)) {
+            enforcing.push(rival);
+        }
+    }
+    let mut names: Vec<String> = enforcing
         .iter()
-        .filter(|r| r.name != ours.name && r.precedes(ours))
-        .filter(|r| {
-            selects_every_pod(Some(r.pod_selector))
-                || selected_pods
-                    .iter()
-                    .any(|labels| matches(r.pod_selector, labels).unwrap_or(true))
-        })
+        .filter(|r| r.precedes(ours) && r.overlaps(ours))
         .map(|r| r.name.to_owned())
         .collect();
     names.sort();
@@ -196,7 +214,7 @@ mod tests {
     #[test]
     fn no_other_policies_means_enforce() {
         assert_eq!(
-            decide(OURS, &[labels(&[("app", "web")])], &[]),
+            decide(OURS, &selector(&[("app", "web")]), &[]),
             Decision::Enforce
         );
     }
@@ -209,7 +227,7 @@ mod tests {
             Some(&["Ingress"]),
         )];
         assert_eq!(
-            decide(OURS, &[labels(&[("app", "web")])], &others),
+            decide(OURS, &selector(&[("app", "web")]), &others),
             Decision::Refuse {
                 existing: vec!["allow-lb".into()]
             }
@@ -220,7 +238,7 @@ mod tests {
     fn a_policy_without_policy_types_restricts_ingress() {
         let others = [np("legacy", selector(&[("app", "web")]), None)];
         assert!(matches!(
-            decide(OURS, &[labels(&[("app", "web")])], &others),
+            decide(OURS, &selector(&[("app", "web")]), &others),
             Decision::Refuse { .. }
         ));
     }
@@ -229,7 +247,7 @@ mod tests {
     fn an_egress_only_policy_does_not_matter() {
         let others = [np("egress", selector(&[("app", "web")]), Some(&["Egress"]))];
         assert_eq!(
-            decide(OURS, &[labels(&[("app", "web")])], &others),
+            decide(OURS, &selector(&[("app", "web")]), &others),
             Decision::Enforce
         );
     }
@@ -238,20 +256,20 @@ mod tests {
     fn a_policy_selecting_other_pods_does_not_matter() {
         let others = [np("db", selector(&[("app", "db")]), Some(&["Ingress"]))];
         assert_eq!(
-            decide(OURS, &[labels(&[("app", "web")])], &others),
+            decide(OURS, &selector(&[("app", "web")]), &others),
             Decision::Enforce
         );
     }
 
     #[test]
-    fn a_default_deny_selecting_every_pod_refuses_even_without_pods() {
+    fn a_default_deny_selecting_every_pod_refuses() {
         let others = [np(
             "default-deny",
             LabelSelector::default(),
             Some(&["Ingress"]),
         )];
         assert!(matches!(
-            decide(OURS, &[], &others),
+            decide(OURS, &selector(&[("app", "web")]), &others),
             Decision::Refuse { .. }
         ));
     }
@@ -268,13 +286,26 @@ mod tests {
         };
         let others = [np("front", select, Some(&["Ingress"]))];
         assert!(matches!(
-            decide(OURS, &[labels(&[("tier", "front")])], &others),
+            decide(OURS, &selector(&[("tier", "front")]), &others),
             Decision::Refuse { .. }
         ));
         assert_eq!(
-            decide(OURS, &[labels(&[("tier", "back")])], &others),
+            decide(OURS, &selector(&[("tier", "back")]), &others),
             Decision::Enforce
         );
+    }
+
+    #[test]
+    fn a_policy_that_could_select_a_pod_created_later_refuses() {
+        let others = [np(
+            "front",
+            selector(&[("tier", "front")]),
+            Some(&["Ingress"]),
+        )];
+        assert!(matches!(
+            decide(OURS, &selector(&[("app", "web")]), &others),
+            Decision::Refuse { .. }
+        ));
     }
 
     #[test]
@@ -289,7 +320,7 @@ mod tests {
         };
         let others = [np("odd", select, Some(&["Ingress"]))];
         assert!(matches!(
-            decide(OURS, &[labels(&[("app", "web")])], &others),
+            decide(OURS, &selector(&[("app", "web")]), &others),
             Decision::Refuse { .. }
         ));
     }
@@ -307,7 +338,7 @@ mod tests {
             ..OwnerReference::default()
         }]);
         assert_eq!(
-            decide(OURS, &[labels(&[("app", "web")])], &[ours]),
+            decide(OURS, &selector(&[("app", "web")]), &[ours]),
             Decision::Enforce
         );
     }
@@ -325,35 +356,80 @@ mod tests {
             name,
             created: Some(jiff::Timestamp::from_second(created).unwrap()),
             pod_selector: selector,
+            bans: true,
+            generates: true,
         }
     }
 
     #[test]
     fn an_older_policy_on_the_same_pods_takes_precedence() {
         let web = selector(&[("app", "web")]);
-        let pods = [labels(&[("app", "web")])];
         let old = rival("old", 100, &web);
         let new = rival("new", 200, &web);
         let all = [old.clone(), new.clone()];
-        assert_eq!(outranked_by(&new, &all, &pods), vec!["old".to_owned()]);
-        assert!(outranked_by(&old, &all, &pods).is_empty());
+        assert_eq!(outranked_by(&new, &all), vec!["old".to_owned()]);
+        assert!(outranked_by(&old, &all).is_empty());
     }
 
     #[test]
     fn policies_created_in_the_same_second_are_ordered_by_name() {
         let web = selector(&[("app", "web")]);
-        let pods = [labels(&[("app", "web")])];
         let (a, b) = (rival("a", 100, &web), rival("b", 100, &web));
         let all = [a.clone(), b.clone()];
-        assert_eq!(outranked_by(&b, &all, &pods), vec!["a".to_owned()]);
-        assert!(outranked_by(&a, &all, &pods).is_empty());
+        assert_eq!(outranked_by(&b, &all), vec!["a".to_owned()]);
+        assert!(outranked_by(&a, &all).is_empty());
     }
 
     #[test]
     fn policies_on_disjoint_pods_do_not_rank() {
         let (web, db) = (selector(&[("app", "web")]), selector(&[("app", "db")]));
         let all = [rival("db", 100, &db), rival("web", 200, &web)];
-        assert!(outranked_by(&all[1], &all, &[labels(&[("app", "web")])]).is_empty());
+        assert!(outranked_by(&all[1], &all).is_empty());
+    }
+
+    #[test]
+    fn policies_that_could_share_a_pod_created_later_rank() {
+        let (web, front) = (selector(&[("app", "web")]), selector(&[("tier", "front")]));
+        let all = [rival("front", 100, &front), rival("web", 200, &web)];
+        assert_eq!(outranked_by(&all[1], &all), vec!["front".to_owned()]);
+    }
+
+    #[test]
+    fn an_older_policy_that_generates_nothing_takes_no_precedence() {
+        let web = selector(&[("app", "web")]);
+        let mut refused = rival("refused", 100, &web);
+        refused.generates = false;
+        let new = rival("new", 200, &web);
+        assert!(outranked_by(&new, &[refused, new.clone()]).is_empty());
+    }
+
+    #[test]
+    fn an_older_alerting_policy_yields_to_a_younger_banning_one() {
+        let web = selector(&[("app", "web")]);
+        let mut alert = rival("alert", 100, &web);
+        alert.bans = false;
+        let ban = rival("ban", 200, &web);
+        let all = [alert.clone(), ban.clone()];
+        assert!(outranked_by(&ban, &all).is_empty());
+        assert_eq!(outranked_by(&alert, &all), vec!["ban".to_owned()]);
+    }
+
+    #[test]
+    fn a_policy_that_itself_yields_takes_no_precedence() {
+        // `first` and `third` select disjoint pods; `second` overlaps both and yields to
+        // `first`, so it generates nothing and `third` enforces.
+        let (a, ab, b) = (
+            selector(&[("app", "a")]),
+            LabelSelector::default(),
+            selector(&[("app", "b")]),
+        );
+        let all = [
+            rival("first", 100, &a),
+            rival("second", 200, &ab),
+            rival("third", 300, &b),
+        ];
+        assert_eq!(outranked_by(&all[1], &all), vec!["first".to_owned()]);
+        assert!(outranked_by(&all[2], &all).is_empty());
     }
 
     // ---- A model of NetworkPolicy semantics, independent of the code under test. ----
@@ -598,10 +674,8 @@ mod tests {
                 .iter()
                 .filter(|p| model_selects(Some(&our_selector), &p.labels))
                 .collect();
-            let selected_labels: Vec<BTreeMap<String, String>> =
-                selected.iter().map(|p| p.labels.clone()).collect();
 
-            let decision = decide(OURS, &selected_labels, &existing);
+            let decision = decide(OURS, &our_selector, &existing);
             let sources: Vec<SourcePrefix> = bans.iter().map(|b| b.parse().unwrap()).collect();
             let banned = BannedPrefixes::aggregate(&sources);
             let owner = OwnerReference {
