@@ -63,6 +63,10 @@ struct Args {
         value_delimiter = ','
     )]
     protected_cidrs: Vec<ipnet::IpNet>,
+    /// The cluster's pod ranges besides the nodes' `spec.podCIDRs` (chart value `podCIDRs`):
+    /// bans inside them are pod sources, which the NetworkPolicy backend does not claim.
+    #[arg(long = "pod-cidr", env = "PORTSENTRY_POD_CIDRS", value_delimiter = ',')]
+    pod_cidrs: Vec<ipnet::IpNet>,
     /// IPv6 sources are banned as their network of this length once enough of it is banned.
     #[arg(long, env = "PORTSENTRY_IPV6_GROUP_PREFIX", default_value = "64")]
     ipv6_group_prefix: u8,
@@ -231,12 +235,15 @@ async fn start(
         );
         tasks.spawn("injection webhook", run);
     }
-    let guard_settings = enforce::guards::GuardSettings::new(
-        args.operator_addrs.clone(),
-        &args.namespace,
-        args.protected_namespaces.clone(),
-        args.protected_cidrs.clone(),
-    );
+    let guard_settings = enforce::guards::GuardSettings {
+        pod_nets: args.pod_cidrs.clone(),
+        ..enforce::guards::GuardSettings::new(
+            args.operator_addrs.clone(),
+            &args.namespace,
+            args.protected_namespaces.clone(),
+            args.protected_cidrs.clone(),
+        )
+    };
     let guards = Arc::new(RwLock::new(
         enforce::guards::discover_guards(&client, &guard_settings).await?,
     ));

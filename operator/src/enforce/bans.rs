@@ -147,16 +147,18 @@ pub struct Guards {
     /// kube-system, the operator's namespace and the chart's `protectedNamespaces`: their
     /// pods are never banned nor quarantined.
     pub protected_namespaces: std::collections::BTreeSet<String>,
-    /// The cluster's pod ranges (nodes' `spec.podCIDRs`): a source inside is a pod, which a
-    /// NetworkPolicy `ipBlock` does not reliably match.
+    /// The cluster's pod ranges (nodes' `spec.podCIDRs` and the chart's `podCIDRs`): a
+    /// source inside is a pod, which a NetworkPolicy `ipBlock` does not reliably match.
     pub pod_nets: Vec<IpNet>,
 }
 
 impl Guards {
-    /// True when `source` lies inside the cluster's pod ranges (it is, or may be, a pod).
+    /// True when `source` overlaps the cluster's pod ranges: it is, or may be, a pod, or
+    /// holds pod addresses (`10.0.0.0/8` around `10.244.0.0/16`). IPv4-mapped IPv6 counts
+    /// as the IPv4 it maps.
     pub fn is_pod_source(&self, source: &SourcePrefix) -> bool {
         let net = source.network();
-        self.pod_nets.iter().any(|pods| pods.contains(&net))
+        self.pod_nets.iter().any(|pods| overlaps(net, *pods))
     }
 
     /// Why `source` may never be banned, if it may not (see [`protected`]); then the
@@ -555,6 +557,37 @@ mod tests {
         assert_eq!(check("10.0.0.0/24"), Some(Protection::Node));
         assert_eq!(check("0.0.0.0/0"), Some(Protection::Loopback));
         assert_eq!(check("192.0.0.0/16"), Some(Protection::Ignored));
+    }
+
+    fn with_pod_range(range: &str) -> Guards {
+        Guards {
+            pod_nets: vec![range.parse().unwrap()],
+            ..Guards::default()
+        }
+    }
+
+    #[test]
+    fn a_source_inside_the_pod_ranges_is_a_pod_source() {
+        let guards = with_pod_range("10.244.0.0/16");
+        assert!(guards.is_pod_source(&prefix("10.244.3.7")));
+        assert!(!guards.is_pod_source(&prefix("203.0.113.7")));
+    }
+
+    #[test]
+    fn a_prefix_holding_pod_addresses_is_a_pod_source() {
+        let guards = with_pod_range("10.244.0.0/16");
+        assert!(guards.is_pod_source(&prefix("10.0.0.0/8")));
+    }
+
+    #[test]
+    fn an_ipv4_mapped_pod_range_or_source_counts_as_ipv4() {
+        let mapped_range = Guards {
+            pod_nets: vec!["::ffff:10.244.0.0/112".parse().unwrap()],
+            ..Guards::default()
+        };
+        assert!(mapped_range.is_pod_source(&prefix("10.244.3.7")));
+        let guards = with_pod_range("10.244.0.0/16");
+        assert!(guards.is_pod_source(&prefix("::ffff:10.244.3.7")));
     }
 
     #[test]

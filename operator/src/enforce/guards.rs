@@ -31,6 +31,10 @@ pub struct GuardSettings {
     pub protected_namespaces: BTreeSet<String>,
     /// Prefixes never banned.
     pub protected_nets: Vec<IpNet>,
+    /// The cluster's pod ranges as the chart gives them (`podCIDRs`), besides the nodes'
+    /// `spec.podCIDRs`: CNIs that allocate pod addresses themselves (Cilium's cluster pool,
+    /// Calico's IPAM) leave those empty or unused.
+    pub pod_nets: Vec<IpNet>,
 }
 
 impl GuardSettings {
@@ -52,6 +56,7 @@ impl GuardSettings {
             operator_addrs,
             protected_namespaces,
             protected_nets,
+            pod_nets: Vec::new(),
         }
     }
 }
@@ -84,13 +89,17 @@ pub async fn discover_guards(client: &Client, settings: &GuardSettings) -> Resul
             .flatten()
             .map(|a| a.address.as_str()),
     );
-    let pod_nets = nodes
+    let mut pod_nets: Vec<IpNet> = nodes
         .items
         .iter()
         .filter_map(|n| n.spec.as_ref()?.pod_cidrs.as_ref())
         .flatten()
         .filter_map(|cidr| cidr.parse::<IpNet>().ok())
+        .chain(settings.pod_nets.iter().copied())
+        .map(|net| net.trunc())
         .collect();
+    pod_nets.sort();
+    pod_nets.dedup();
     let service = Api::<Service>::namespaced(client.clone(), "default")
         .get_opt("kubernetes")
         .await?;

@@ -128,7 +128,8 @@ pub fn desired(
         .collect()
 }
 
-fn pod_addresses(pod: &Pod) -> Vec<IpAddr> {
+/// The addresses of `pod` (`status.podIPs` and `status.podIP`).
+pub fn pod_addresses(pod: &Pod) -> Vec<IpAddr> {
     let Some(status) = &pod.status else {
         return Vec::new();
     };

@@ -74,6 +74,9 @@ pub struct Context {
     pub bans: Store<PortSentryBan>,
     /// The shared ban watch, to wait for `bans`' first list (any number of waiters).
     pub ban_watch: crate::shared::Shared<PortSentryBan>,
+    /// The shared (trimmed) pod watch: which bans are of pod addresses, which pod quarantine
+    /// would isolate.
+    pub pod_watch: crate::shared::Shared<Pod>,
     /// Every NetworkPolicy, kept by the watch that re-evaluates policies when one changes:
     /// the never-widen check reads it without a list call per reconcile.
     pub network_policies: Store<NetworkPolicy>,
@@ -203,6 +206,7 @@ pub async fn run(
         policies: store,
         bans,
         ban_watch: shared.bans.clone(),
+        pod_watch: shared.pods.clone(),
         network_policies,
         network_policies_ready: tokio::sync::Mutex::new(()),
         hooks,
@@ -433,6 +437,11 @@ async fn reconcile_policy(
         .ready()
         .await
         .map_err(|_| Error::WatchStopped("PortSentryBan"))?;
+    context
+        .pod_watch
+        .ready()
+        .await
+        .map_err(|_| Error::WatchStopped("Pod"))?;
     let selector = Selector::try_from(policy.spec.pod_selector.clone())
         .map_err(|e| Error::InvalidSelector(e.to_string()))?;
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace)
@@ -466,6 +475,7 @@ async fn reconcile_policy(
         .map(|g| g.clone())
         .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
     let bans_now = context.bans.state();
+    let pods_now = context.pod_watch.store().state();
     let policies_now = context.policies.state();
 
     // Other policy layers that may select the pods (none served: one discovery read each).
@@ -490,6 +500,7 @@ async fn reconcile_policy(
         sensors,
         pod_nftables_agent: context.pod_nftables_agent,
         layers: &layer_objects,
+        pods: &pods_now,
         namespace_labels: &namespace_labels,
         now: Timestamp::now(),
     })?;

@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod layers;
 pub mod plan;
+pub mod pod_sources;
 pub mod selectors;
 pub mod status;
 pub mod widen;

@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use jiff::Timestamp;
 use k8s_openapi::{
-    api::{core::v1::ObjectReference, networking::v1::NetworkPolicy},
+    api::{
+        core::v1::{ObjectReference, Pod},
+        networking::v1::NetworkPolicy,
+    },
     apimachinery::pkg::apis::meta::v1::Condition,
 };
 use kube::{Resource, ResourceExt};
@@ -18,6 +21,7 @@ use crate::{
     enforce::netpol,
     enforce::prefixes::BannedPrefixes,
     policy::layers::{self, LayerObject},
+    policy::pod_sources,
     policy::status::{self, Enforcement, StatusApply},
     policy::widen,
 };
@@ -41,6 +45,9 @@ pub struct Observed<'a> {
     /// The pod nftables agent runs on the nodes (chart `nodeSensors.podNftables.enabled`):
     /// the `PodNftables` backend can enforce.
     pub pod_nftables_agent: bool,
+    /// Every pod of the cluster (as the shared watch trims them): which bans are of pod
+    /// addresses, and which pod quarantine would isolate.
+    pub pods: &'a [Arc<Pod>],
     /// Objects of other policy layers in the namespace or cluster-wide (see
     /// [`crate::policy::layers`]), and the labels of the namespace they select by.
     pub layers: &'a [LayerObject],
@@ -268,32 +275,44 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
     ));
 
     let enforced = enforcement.is_safe();
-    // Under the NetworkPolicy backend a ban of a pod address is not claimed as dropped.
-    let by_netpol = matches!(
-        enforcement,
-        Enforcement::Applied { .. } | Enforcement::NothingToEnforce
-    );
-    let (pod_sources, others): (Vec<_>, Vec<_>) = active
+    // Bans of pod addresses are never claimed by the NetworkPolicy backend: each says who
+    // drops it, if anyone (PodNftables as the chosen backend claims them with the rest).
+    let by_pod_nftables = matches!(enforcement, Enforcement::PodNftables { .. });
+    let pods_by_address = pod_sources::by_address(observed.pods);
+    let (pod_bans, others): (Vec<_>, Vec<_>) = active
         .iter()
         .map(|ban| &**ban)
         .zip(protection.iter().copied())
-        .partition(|(ban, _)| by_netpol && observed.guards.is_pod_source(&ban.spec.source));
+        .partition(|(ban, _)| {
+            !by_pod_nftables && pod_sources::is_pod_source(ban, observed.guards, &pods_by_address)
+        });
     let mut ban_conditions = status::ban_condition_changes(
         others.into_iter(),
         enforced,
         now,
-        if matches!(enforcement, Enforcement::PodNftables { .. }) {
+        if by_pod_nftables {
             status::pod_nftables_ban_condition
         } else {
             status::ban_condition
         },
     );
-    ban_conditions.extend(status::ban_condition_changes(
-        pod_sources.into_iter(),
-        enforced,
-        now,
-        status::pod_source_ban_condition,
-    ));
+    ban_conditions.extend(pod_bans.into_iter().filter_map(|(ban, protected)| {
+        let by = pod_sources::enforced_by(
+            ban,
+            policy,
+            observed.pod_nftables_agent,
+            observed.guards,
+            &pods_by_address,
+            observed.network_policies,
+        );
+        let previous = ban
+            .status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default();
+        let desired = pod_sources::condition(previous, protected, &by, now);
+        status::differs(previous, &desired).then(|| (ban.name_any(), desired))
+    }));
     let expired_conditions = status::expired_condition_changes(
         sorted
             .remembered
@@ -473,6 +492,7 @@ mod tests {
         sensors: status::SensorCount,
         pod_nftables_agent: bool,
         layers: Vec<LayerObject>,
+        pods: Vec<Arc<Pod>>,
     }
 
     impl World {
@@ -487,6 +507,7 @@ mod tests {
                 sensors: status::SensorCount::default(),
                 pod_nftables_agent: false,
                 layers: Vec::new(),
+                pods: Vec::new(),
             }
         }
 
@@ -500,6 +521,7 @@ mod tests {
                 sensors: self.sensors,
                 pod_nftables_agent: self.pod_nftables_agent,
                 layers: &self.layers,
+                pods: &self.pods,
                 namespace_labels: &BTreeMap::new(),
                 now: at(now),
             })
@@ -782,12 +804,115 @@ mod tests {
         };
         assert_eq!(
             reason_of("10-244-1-7"),
-            ("False".into(), status::POD_SOURCE.into())
+            ("False".into(), pod_sources::POD_SOURCE.into())
         );
         assert_eq!(
             reason_of("203-0-113-7"),
             ("True".into(), "NetworkPolicy".into())
         );
+    }
+
+    fn pod(namespace: &str, name: &str, ip: &str) -> Arc<Pod> {
+        Arc::new(Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(namespace.into()),
+                labels: Some(labels(&[("app", "scanner")])),
+                ..ObjectMeta::default()
+            },
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                pod_ip: Some(ip.into()),
+                ..Default::default()
+            }),
+            ..Pod::default()
+        })
+    }
+
+    fn ban_condition_of(plan: &Plan, source: &str) -> (String, String, String) {
+        let name = source.replace(['.', ':'], "-");
+        plan.ban_conditions
+            .iter()
+            .find(|(n, _)| n.ends_with(&name))
+            .map(|(_, c)| (c.status.clone(), c.reason.clone(), c.message.clone()))
+            .unwrap()
+    }
+
+    fn with_quarantine(world: &mut World) {
+        let mut policy = (*world.policy).clone();
+        policy.spec.rules.response.quarantine = true;
+        world.policy = Arc::new(policy);
+        world.policies = vec![world.policy.clone()];
+    }
+
+    #[test]
+    fn a_pod_address_outside_the_known_pod_ranges_is_still_a_pod_source() {
+        let mut world = World::new(vec![ban("web", "10.0.7.7", None)]);
+        world.pods = vec![pod("shop", "scanner", "10.0.7.7")];
+        let (status, reason, _) = ban_condition_of(&world.plan(T0), "10.0.7.7");
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "PodSource"));
+    }
+
+    #[test]
+    fn a_pod_source_beside_network_policy_is_claimed_by_a_listed_pod_nftables() {
+        let mut world = World::new(vec![
+            ban("web", "10.244.1.7", None),
+            ban("web", "203.0.113.7", None),
+        ]);
+        set_backends(
+            &mut world,
+            vec![Backend::NetworkPolicy, Backend::PodNftables],
+        );
+        world.pod_nftables_agent = true;
+        world.guards.pod_nets = vec!["10.244.0.0/16".parse().unwrap()];
+        let plan = world.plan(T0);
+        assert!(matches!(plan.enforcement, Enforcement::Applied { .. }));
+        let (status, reason, _) = ban_condition_of(&plan, "10.244.1.7");
+        assert_eq!((status.as_str(), reason.as_str()), ("True", "PodNftables"));
+        let (_, reason, _) = ban_condition_of(&plan, "203.0.113.7");
+        assert_eq!(reason, "NetworkPolicy");
+    }
+
+    #[test]
+    fn a_scanning_pod_of_the_namespace_is_claimed_by_quarantine() {
+        let mut world = World::new(vec![ban("web", "10.244.1.7", None)]);
+        with_quarantine(&mut world);
+        world.pods = vec![pod("shop", "scanner", "10.244.1.7")];
+        let (status, reason, message) = ban_condition_of(&world.plan(T0), "10.244.1.7");
+        assert_eq!((status.as_str(), reason.as_str()), ("True", "Quarantine"));
+        assert!(message.contains("shop/scanner"), "{message}");
+    }
+
+    #[test]
+    fn a_scanning_pod_of_another_namespace_is_not_claimed_by_quarantine() {
+        let mut world = World::new(vec![ban("web", "10.244.1.7", None)]);
+        with_quarantine(&mut world);
+        world.pods = vec![pod("lab", "scanner", "10.244.1.7")];
+        let (status, reason, message) = ban_condition_of(&world.plan(T0), "10.244.1.7");
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "PodSource"));
+        assert!(message.contains("lab/scanner"), "{message}");
+    }
+
+    #[test]
+    fn quarantine_does_not_claim_a_pod_another_egress_policy_selects() {
+        let mut world = World::new(vec![ban("web", "10.244.1.7", None)]);
+        with_quarantine(&mut world);
+        world.pods = vec![pod("shop", "scanner", "10.244.1.7")];
+        world.network_policies.push(NetworkPolicy {
+            metadata: ObjectMeta {
+                name: Some("allow-egress".into()),
+                namespace: Some("shop".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(k8s_openapi::api::networking::v1::NetworkPolicySpec {
+                pod_selector: Some(LabelSelector::default()),
+                policy_types: Some(vec!["Egress".into()]),
+                egress: Some(vec![Default::default()]),
+                ..Default::default()
+            }),
+        });
+        let (status, _, message) = ban_condition_of(&world.plan(T0), "10.244.1.7");
+        assert_eq!(status, "False");
+        assert!(message.contains("allow-egress"), "{message}");
     }
 
     #[test]

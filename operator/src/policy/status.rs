@@ -464,34 +464,6 @@ pub fn pod_nftables_ban_condition(
     }
 }
 
-/// Reason of `Enforced=False` on a ban of a pod address under the NetworkPolicy backend.
-pub const POD_SOURCE: &str = "PodSource";
-
-/// The `Enforced` condition of a ban whose source is inside the cluster's pod ranges, under
-/// the NetworkPolicy backend: its `ipBlock` except is written, but CNIs do not reliably
-/// match pod addresses with `ipBlock`, so it is not claimed as dropped.
-pub fn pod_source_ban_condition(
-    previous: &[Condition],
-    state: BanEnforcement,
-    now: Timestamp,
-) -> Condition {
-    match state {
-        BanEnforcement::Enforced => condition(
-            previous,
-            ENFORCED,
-            false,
-            POD_SOURCE,
-            "the source is inside the cluster's pod ranges, which a NetworkPolicy ipBlock does \
-             not reliably match: not blocked by the NetworkPolicy backend; list PodNftables \
-             among spec.enforcement.backends (or use response.quarantine) to stop a scanning pod"
-                .to_owned(),
-            None,
-            now,
-        ),
-        other => ban_condition(previous, other, now),
-    }
-}
-
 /// True when writing `desired` would change what `previous` says.
 pub fn differs(previous: &[Condition], desired: &Condition) -> bool {
     !previous.iter().any(|c| {
