@@ -8,3 +8,6 @@ pub mod pod_sources;
 pub mod selectors;
 pub mod status;
 pub mod widen;
+
+#[cfg(test)]
+mod tests;
