@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use futures::FutureExt;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::{
     Api, Client,
@@ -64,9 +63,9 @@ async fn control_plane() -> &'static ControlPlane {
         .unwrap()
 }
 
-/// `Enforced` of policy `web` as (status, reason, message).
-async fn enforced(client: &Client) -> Option<(String, String, String)> {
-    let policy = Api::<PortSentryPolicy>::namespaced(client.clone(), NAMESPACE)
+/// `Enforced` of policy `web` of `namespace` as (status, reason, message).
+async fn enforced(client: &Client, namespace: &str) -> Option<(String, String, String)> {
+    let policy = Api::<PortSentryPolicy>::namespaced(client.clone(), namespace)
         .get("web")
         .await
         .ok()?;
@@ -78,23 +77,24 @@ async fn enforced(client: &Client) -> Option<(String, String, String)> {
     Some((c.status, c.reason, c.message))
 }
 
-async fn wait_enforced(client: &Client, status: &'static str, reason: &'static str) -> String {
-    wait_for(WAIT, &format!("Enforced={status} ({reason})"), || {
-        let client = client.clone();
-        async move {
-            Ok(enforced(&client)
-                .await
-                .is_some_and(|(s, r, _)| s == status && r == reason))
-        }
-        .boxed()
+/// Waits until policy `web` of `namespace` is `Enforced=status` with `reason`; its message.
+async fn wait_enforced_in(client: &Client, namespace: &str, status: &str, reason: &str) -> String {
+    wait_for(WAIT, &format!("Enforced={status} ({reason})"), || async {
+        Ok(enforced(client, namespace)
+            .await
+            .is_some_and(|(s, r, _)| s == status && r == reason))
     })
     .await
     .unwrap();
-    enforced(client).await.unwrap().2
+    enforced(client, namespace).await.unwrap().2
 }
 
-async fn generated(client: &Client) -> usize {
-    Api::<NetworkPolicy>::namespaced(client.clone(), NAMESPACE)
+async fn wait_enforced(client: &Client, status: &str, reason: &str) -> String {
+    wait_enforced_in(client, NAMESPACE, status, reason).await
+}
+
+async fn generated(client: &Client, namespace: &str) -> usize {
+    Api::<NetworkPolicy>::namespaced(client.clone(), namespace)
         .list(&ListParams::default())
         .await
         .unwrap()
@@ -151,7 +151,7 @@ spec: {{priority: 10, subject: {{namespaces: {{matchLabels: {{tier: other}}}}}}}
 
     // Layers that select other pods or namespaces leave the backend enforcing.
     wait_enforced(&client, "True", "NetworkPolicyApplied").await;
-    assert_eq!(generated(&client).await, 1);
+    assert_eq!(generated(&client, NAMESPACE).await, 1);
 
     // One that selects the pods refuses it, names itself, and the generated policy goes.
     let lock: DynamicObject = serde_json::from_value(json!({
@@ -174,7 +174,7 @@ spec: {{priority: 10, subject: {{namespaces: {{matchLabels: {{tier: other}}}}}}}
         "{message}"
     );
     assert_eq!(
-        generated(&client).await,
+        generated(&client, NAMESPACE).await,
         0,
         "no allow-all-except policy beside it"
     );
@@ -193,5 +193,108 @@ spec: {{priority: 10, subject: {{namespaces: {{matchLabels: {{tier: other}}}}}}}
     // Deleted: the backend enforces again.
     cnp.delete("lock", &DeleteParams::default()).await.unwrap();
     wait_enforced(&client, "True", "NetworkPolicyApplied").await;
-    assert_eq!(generated(&client).await, 1);
+    assert_eq!(generated(&client, NAMESPACE).await, 1);
+}
+
+/// A minimal CRD of Calico's namespaced NetworkPolicy.
+const CALICO_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: networkpolicies.crd.projectcalico.org}
+spec:
+  group: crd.projectcalico.org
+  scope: Namespaced
+  names: {kind: NetworkPolicy, plural: networkpolicies, singular: networkpolicy}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+"#;
+
+/// Namespace `namespace` with pod `web-0`, policy `web` listing `backends` and one ban; then
+/// an operator (returned: it runs until dropped).
+async fn policy_with_a_ban(namespace: &str, backends: &str) -> (Client, Operator) {
+    let plane = control_plane().await;
+    let client = plane.client().unwrap();
+    install_crds(&client, Duration::from_secs(60))
+        .await
+        .unwrap();
+    plane.ensure_namespace(namespace).await.unwrap();
+    let objects = parse_documents(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-0, namespace: {namespace}, labels: {{app: web}}}}
+spec: {{containers: [{{name: web, image: busybox}}]}}
+---
+apiVersion: portsentry.io/v1alpha1
+kind: PortSentryPolicy
+metadata: {{name: web, namespace: {namespace}}}
+spec:
+  podSelector: {{matchLabels: {{app: web}}}}
+  decoys: {{tcp: [31337]}}
+  enforcement: {{backends: {backends}}}
+---
+apiVersion: portsentry.io/v1alpha1
+kind: PortSentryBan
+metadata: {{name: web-203-0-113-9, namespace: {namespace}}}
+spec: {{source: 203.0.113.9, policy: {{kind: PortSentryPolicy, name: web}}}}
+"#
+    ))
+    .unwrap();
+    apply_documents(&client, &objects, namespace).await.unwrap();
+    let operator = Operator::start(plane, OperatorSettings::new(&format!("lease-{namespace}")))
+        .await
+        .unwrap();
+    (client, operator)
+}
+
+#[tokio::test]
+async fn a_calico_policy_of_a_crd_installed_after_the_start_refuses_the_backend() {
+    let namespace = "late-layer";
+    let (client, _operator) = policy_with_a_ban(namespace, "[NetworkPolicy]").await;
+    wait_enforced_in(&client, namespace, "True", "NetworkPolicyApplied").await;
+
+    apply_documents(&client, &parse_documents(CALICO_CRD).unwrap(), "default")
+        .await
+        .unwrap();
+    let calico: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "crd.projectcalico.org/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "tiered", "namespace": namespace},
+        "spec": {"selector": "app == 'db'", "order": 100},
+    }))
+    .unwrap();
+    let api = portsentry_tests::wait_result(WAIT, "the Calico CRD served", || async {
+        Ok(Some(
+            portsentry_tests::api_for(&client, &calico, namespace).await?,
+        ))
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    api.create(&PostParams::default(), &calico).await.unwrap();
+    // Calico's selector language is not evaluated: it may select the pods.
+    let message = wait_enforced_in(&client, namespace, "False", "OtherPolicyLayers").await;
+    eprintln!(
+        "Calico CRD installed after the start: object created -> OtherPolicyLayers in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        message.contains(&format!("NetworkPolicy/{namespace}/tiered")),
+        "{message}"
+    );
+    assert_eq!(generated(&client, namespace).await, 0);
+}
+
+#[tokio::test]
+async fn pod_nftables_without_its_agent_says_which_chart_value_to_set() {
+    let namespace = "no-agent";
+    let (client, _operator) = policy_with_a_ban(namespace, "[PodNftables]").await;
+    let message =
+        wait_enforced_in(&client, namespace, "False", "PodNftablesAgentNotInstalled").await;
+    assert!(
+        message.contains("nodeSensors.podNftables.enabled=true"),
+        "{message}"
+    );
 }

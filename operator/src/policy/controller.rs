@@ -91,7 +91,7 @@ pub struct Context {
     /// The pod nftables agent runs on the nodes: the `PodNftables` backend enforces.
     pub pod_nftables_agent: bool,
     /// Which other policy layers the cluster serves (rediscovered every 30 s).
-    pub policy_layers: tokio::sync::Mutex<crate::policy::layers::Served>,
+    pub policy_layers: Arc<tokio::sync::Mutex<crate::policy::layers::Served>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -196,6 +196,10 @@ pub async fn run(
     let readiness_changes = readiness_triggers(crate::shared::injected_events(
         shared.pods.subscribe().await,
     ));
+    // Other policy layers: kinds rediscovered every 30 s, their objects watched; any change
+    // re-evaluates every policy.
+    let policy_layers: Arc<tokio::sync::Mutex<crate::policy::layers::Served>> = Arc::default();
+    let layer_changes = crate::policy::layers::changes(client.clone(), policy_layers.clone());
     // A new intake CA bundle (a rotated --report-ca-file) re-renders every sensor ConfigMap.
     let ca_changes = crate::tls::ca_changes(intake_ca.clone());
     let context = Arc::new(Context {
@@ -212,13 +216,14 @@ pub async fn run(
         hooks,
         intake_ca,
         pod_nftables_agent,
-        policy_layers: Default::default(),
+        policy_layers,
     });
     // The generated NetworkPolicies need no `owns` watch of their own: the NetworkPolicy
     // watch above reconciles every policy of their namespace, their owner included.
     controller
         .trigger_backoff(WatchBackoff::default())
         .reconcile_all_on(ca_changes)
+        .reconcile_all_on(layer_changes)
         .watches_stream(ban_events, |ban| ban_to_policy(&ban))
         .watches_stream(netpol_events, move |np| {
             policies_in_namespace(&netpol_store, np.namespace())
@@ -650,7 +655,8 @@ async fn reconcile_policy(
         }
     }
     write_ban_statuses(&ban_api, plan.ban_conditions).await?;
-    // Other policy layers are listed, not watched: look again soon where the cluster has them.
+    // Namespace labels (which admin policies select by) are not watched: look again soon
+    // where the cluster has other layers.
     let requeue_after = if crate::policy::layers::any_served(&context.policy_layers).await {
         plan.requeue_after.min(crate::policy::layers::REDISCOVER)
     } else {

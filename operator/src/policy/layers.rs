@@ -11,18 +11,25 @@
 
 use std::{
     collections::BTreeMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use futures::StreamExt;
+
+use k8s_openapi::{
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{
     Api, Client, ResourceExt,
     api::{ApiResource, DynamicObject, ListParams},
-    core::{Selector, SelectorExt},
+    core::{PartialObjectMeta, Selector, SelectorExt},
     discovery::{self, Scope},
 };
 use serde_json::Value;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
 
 use crate::{Result, policy::selectors::can_select_together};
 
@@ -229,8 +236,134 @@ async fn discover(client: &Client) -> Vec<(ApiResource, Scope)> {
     kinds
 }
 
-/// True when the last discovery found any of [`KINDS`] served: their objects are not
-/// watched, so a policy is then reconciled at least every [`REDISCOVER`].
+/// A served kind as discovery names it (group, version, kind).
+fn key(resource: &ApiResource) -> String {
+    format!("{}/{}/{}", resource.group, resource.version, resource.kind)
+}
+
+/// How long a burst of changes to other layers' objects is gathered into one trigger.
+const GATHER: Duration = Duration::from_secs(1);
+
+/// Keeps `served` current (discovery every [`REDISCOVER`]: a CRD installed after the start
+/// is seen within it) and watches the objects of every served kind. Yields `()` when the
+/// served kinds change or an object of one is created, changed or deleted (a burst within
+/// [`GATHER`] yields once): every policy is then reconciled. Stops (and its watches with
+/// it) once the stream is dropped.
+pub fn changes(
+    client: Client,
+    served: Arc<Mutex<Served>>,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    let (sender, receiver) = mpsc::channel::<()>(1);
+    tokio::spawn(keep_watching(client, served, sender));
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await?;
+        Some(((), receiver))
+    })
+}
+
+async fn keep_watching(client: Client, served: Arc<Mutex<Served>>, changed: mpsc::Sender<()>) {
+    let (touched, mut touches) = mpsc::channel::<()>(1);
+    let (defined, mut definitions) = mpsc::channel::<()>(1);
+    let crds = tokio::spawn(watch_definitions(client.clone(), defined));
+    let mut watching: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
+    while !changed.is_closed() {
+        let kinds = discover(&client).await;
+        let keys: Vec<String> = kinds.iter().map(|(r, _)| key(r)).collect();
+        let different = {
+            let mut served = served.lock().await;
+            let before: Vec<String> = served.kinds.iter().map(|(r, _)| key(r)).collect();
+            served.kinds = kinds.clone();
+            served.at = Some(Instant::now());
+            before != keys
+        };
+        watching.retain(|key, task| {
+            let keep = keys.contains(key);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (resource, _) in kinds {
+            watching.entry(key(&resource)).or_insert_with(|| {
+                tokio::spawn(watch_kind(client.clone(), resource, touched.clone()))
+            });
+        }
+        if different && changed.send(()).await.is_err() {
+            break;
+        }
+        let next_discovery = tokio::time::sleep(REDISCOVER);
+        tokio::pin!(next_discovery);
+        loop {
+            tokio::select! {
+                () = &mut next_discovery => break,
+                // A CRD of these groups came, changed or went: discover now.
+                Some(()) = definitions.recv() => break,
+                Some(()) = touches.recv() => {}
+            }
+            tokio::time::sleep(GATHER).await;
+            while touches.try_recv().is_ok() {}
+            if changed.send(()).await.is_err() {
+                break;
+            }
+        }
+    }
+    for task in watching.values() {
+        task.abort();
+    }
+    crds.abort();
+}
+
+/// Watches CustomResourceDefinitions (names only) and touches `defined` when one of the
+/// groups of [`KINDS`] is defined, changed or removed. Without the right to watch them
+/// (a hand-made role), discovery every [`REDISCOVER`] still sees new kinds.
+async fn watch_definitions(client: Client, defined: mpsc::Sender<()>) {
+    let api: Api<PartialObjectMeta<CustomResourceDefinition>> = Api::all(client);
+    let events = watcher::watcher(api, watcher::Config::default())
+        .backoff(crate::watch::WatchBackoff::default());
+    futures::pin_mut!(events);
+    while let Some(event) = events.next().await {
+        let ours = |name: Option<&String>| {
+            name.is_some_and(|name| {
+                KINDS
+                    .iter()
+                    .any(|(group, _)| name.ends_with(&format!(".{group}")))
+            })
+        };
+        let touched = match &event {
+            Ok(watcher::Event::Apply(crd) | watcher::Event::Delete(crd)) => {
+                ours(crd.metadata.name.as_ref())
+            }
+            _ => false,
+        };
+        if touched {
+            let _ = defined.try_send(());
+        }
+    }
+}
+
+/// Watches every object of `resource`, all namespaces; each change (or error) touches
+/// `touched`.
+async fn watch_kind(client: Client, resource: ApiResource, touched: mpsc::Sender<()>) {
+    let api: Api<DynamicObject> = Api::all_with(client, &resource);
+    let events = watcher::watcher(api, watcher::Config::default())
+        .backoff(crate::watch::WatchBackoff::default());
+    futures::pin_mut!(events);
+    while let Some(event) = events.next().await {
+        // An error counts too: what cannot be read now must be looked at again (a
+        // reconcile that cannot list it fails, and withdraws its generated policies).
+        if !matches!(
+            event,
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_))
+        ) {
+            // Full: a touch is already pending, which covers this one.
+            let _ = touched.try_send(());
+        }
+    }
+}
+
+/// True when the last discovery found any of [`KINDS`] served: a policy is then reconciled
+/// at least every [`REDISCOVER`] (the labels of its namespace, which ANP/BANP subjects
+/// select by, are not watched).
 pub async fn any_served(served: &Mutex<Served>) -> bool {
     !served.lock().await.kinds.is_empty()
 }

@@ -105,8 +105,18 @@ fn network_policy_alone(
             objects: other_layers,
         });
     }
-    let uid = policy.metadata.uid.as_deref().unwrap_or_default();
-    match widen::decide(uid, &policy.spec.pod_selector, observed.network_policies) {
+    let generated_by: Vec<&str> = observed
+        .policies
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace))
+        .filter_map(|p| p.metadata.uid.as_deref())
+        .chain(policy.metadata.uid.as_deref())
+        .collect();
+    match widen::decide(
+        &generated_by,
+        &policy.spec.pod_selector,
+        observed.network_policies,
+    ) {
         widen::Decision::Refuse { existing } => Some(Enforcement::Refused { existing }),
         widen::Decision::Enforce => None,
     }

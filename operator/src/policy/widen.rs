@@ -51,18 +51,24 @@ pub fn can_select_with(policy: &NetworkPolicy, pod_selector: &LabelSelector) -> 
     can_select_together(&[theirs, pod_selector])
 }
 
-/// Decides whether the policy owned by `owner_uid`, protecting the pods `pod_selector`
-/// selects, may enforce, given every NetworkPolicy of its namespace. Any other policy
-/// restricting ingress that can select one of those pods, now or once created (the
-/// generated policy covers a new pod the moment it exists), refuses.
+/// Decides whether a policy protecting the pods `pod_selector` selects may enforce, given
+/// every NetworkPolicy of its namespace. Any policy restricting ingress that can select one
+/// of those pods, now or once created (the generated policy covers a new pod the moment it
+/// exists), refuses; those generated for the PortSentryPolicies `generated_by` (the uids of
+/// the namespace's, this one's among them) do not count: which of those enforces where is
+/// decided by precedence ([`outranked_by`]), not by which objects exist yet.
 pub fn decide(
-    owner_uid: &str,
+    generated_by: &[&str],
     pod_selector: &LabelSelector,
     network_policies: &[NetworkPolicy],
 ) -> Decision {
     let mut existing: Vec<String> = network_policies
         .iter()
-        .filter(|np| !netpol::is_controlled_by(np, owner_uid))
+        .filter(|np| {
+            !generated_by
+                .iter()
+                .any(|uid| netpol::is_controlled_by(np, uid))
+        })
         .filter(|np| restricts_ingress(np))
         .filter(|np| can_select_with(np, pod_selector))
         .map(|np| np.metadata.name.clone().unwrap_or_default())
@@ -206,7 +212,7 @@ mod tests {
     #[test]
     fn no_other_policies_means_enforce() {
         assert_eq!(
-            decide(OURS, &selector(&[("app", "web")]), &[]),
+            decide(&[OURS], &selector(&[("app", "web")]), &[]),
             Decision::Enforce
         );
     }
@@ -219,7 +225,7 @@ mod tests {
             Some(&["Ingress"]),
         )];
         assert_eq!(
-            decide(OURS, &selector(&[("app", "web")]), &others),
+            decide(&[OURS], &selector(&[("app", "web")]), &others),
             Decision::Refuse {
                 existing: vec!["allow-lb".into()]
             }
@@ -230,7 +236,7 @@ mod tests {
     fn a_policy_without_policy_types_restricts_ingress() {
         let others = [np("legacy", selector(&[("app", "web")]), None)];
         assert!(matches!(
-            decide(OURS, &selector(&[("app", "web")]), &others),
+            decide(&[OURS], &selector(&[("app", "web")]), &others),
             Decision::Refuse { .. }
         ));
     }
@@ -239,7 +245,7 @@ mod tests {
     fn an_egress_only_policy_does_not_matter() {
         let others = [np("egress", selector(&[("app", "web")]), Some(&["Egress"]))];
         assert_eq!(
-            decide(OURS, &selector(&[("app", "web")]), &others),
+            decide(&[OURS], &selector(&[("app", "web")]), &others),
             Decision::Enforce
         );
     }
@@ -248,7 +254,7 @@ mod tests {
     fn a_policy_selecting_other_pods_does_not_matter() {
         let others = [np("db", selector(&[("app", "db")]), Some(&["Ingress"]))];
         assert_eq!(
-            decide(OURS, &selector(&[("app", "web")]), &others),
+            decide(&[OURS], &selector(&[("app", "web")]), &others),
             Decision::Enforce
         );
     }
@@ -261,7 +267,7 @@ mod tests {
             Some(&["Ingress"]),
         )];
         assert!(matches!(
-            decide(OURS, &selector(&[("app", "web")]), &others),
+            decide(&[OURS], &selector(&[("app", "web")]), &others),
             Decision::Refuse { .. }
         ));
     }
@@ -278,11 +284,11 @@ mod tests {
         };
         let others = [np("front", select, Some(&["Ingress"]))];
         assert!(matches!(
-            decide(OURS, &selector(&[("tier", "front")]), &others),
+            decide(&[OURS], &selector(&[("tier", "front")]), &others),
             Decision::Refuse { .. }
         ));
         assert_eq!(
-            decide(OURS, &selector(&[("tier", "back")]), &others),
+            decide(&[OURS], &selector(&[("tier", "back")]), &others),
             Decision::Enforce
         );
     }
@@ -295,7 +301,7 @@ mod tests {
             Some(&["Ingress"]),
         )];
         assert!(matches!(
-            decide(OURS, &selector(&[("app", "web")]), &others),
+            decide(&[OURS], &selector(&[("app", "web")]), &others),
             Decision::Refuse { .. }
         ));
     }
@@ -312,7 +318,7 @@ mod tests {
         };
         let others = [np("odd", select, Some(&["Ingress"]))];
         assert!(matches!(
-            decide(OURS, &selector(&[("app", "web")]), &others),
+            decide(&[OURS], &selector(&[("app", "web")]), &others),
             Decision::Refuse { .. }
         ));
     }
@@ -330,9 +336,32 @@ mod tests {
             ..OwnerReference::default()
         }]);
         assert_eq!(
-            decide(OURS, &selector(&[("app", "web")]), &[ours]),
+            decide(&[OURS], &selector(&[("app", "web")]), &[ours]),
             Decision::Enforce
         );
+    }
+
+    #[test]
+    fn policies_generated_for_other_portsentry_policies_do_not_count() {
+        let mut theirs = np(
+            "other-portsentry-0",
+            selector(&[("app", "web")]),
+            Some(&["Ingress"]),
+        );
+        theirs.metadata.owner_references = Some(vec![OwnerReference {
+            controller: Some(true),
+            uid: "uid-other".into(),
+            ..OwnerReference::default()
+        }]);
+        let web = selector(&[("app", "web")]);
+        assert_eq!(
+            decide(&[OURS, "uid-other"], &web, std::slice::from_ref(&theirs)),
+            Decision::Enforce
+        );
+        assert!(matches!(
+            decide(&[OURS], &web, &[theirs]),
+            Decision::Refuse { .. }
+        ));
     }
 
     #[test]
