@@ -289,7 +289,8 @@ pub struct Response {
     /// Let unverified evidence (stealth probes, UDP: spoofable sources) ban. Off by default.
     #[serde(default)]
     pub ban_on_unverified: bool,
-    /// When the scanner is a pod of this cluster, label it and cut its egress until the ban ends.
+    /// When the scanner is a pod of this cluster, label it and cut its egress until the ban
+    /// ends (a namespaced policy: pods of its own namespace only).
     #[serde(default)]
     pub quarantine: bool,
     /// Most bans this policy keeps active at once; beyond it new scanners are alerted, not banned.
@@ -385,13 +386,16 @@ fn default_webhook_timeout() -> Duration {
 /// A way of turning bans into dropped traffic.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum Backend {
-    /// Generated NetworkPolicies allowing all ingress except banned prefixes (never widening).
+    /// Generated NetworkPolicies allowing all ingress except banned prefixes, never widening:
+    /// refused (`Enforced=False`, naming them) where other NetworkPolicies or other policy
+    /// layers (AdminNetworkPolicy, Cilium, Calico) may select the pods, and never claimed for
+    /// bans of pod addresses (an ipBlock does not reliably match pods).
     NetworkPolicy,
     /// nftables sets on every node, kept by the node sensors (cluster policies).
     NodeNftables,
-    /// nftables sets inside each selected pod's own network namespace, kept by the node
-    /// agent (the node-sensor DaemonSet): a true deny of external and in-cluster sources,
-    /// whatever the CNI and whatever other policy layers exist.
+    /// nftables sets inside each selected pod's own network namespace, kept by the pod
+    /// nftables agent (chart `nodeSensors.podNftables.enabled=true`): a true deny of external
+    /// and in-cluster sources, whatever the CNI and whatever other policy layers exist.
     PodNftables,
 }
 
@@ -399,7 +403,9 @@ pub enum Backend {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Enforcement {
-    /// Backends in order of preference; the next is used when one cannot enforce safely.
+    /// Backends in order of preference: the first that can enforce does, and when one
+    /// cannot (safely) it falls back to the next configured backend; the `Enforced`
+    /// condition of the policy and of each ban names the backend that enforces.
     #[serde(default = "default_backends")]
     #[schemars(length(min = 1, max = 3))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
