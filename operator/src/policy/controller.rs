@@ -264,8 +264,9 @@ async fn reconcile(policy: Arc<PortSentryPolicy>, context: Arc<Context>) -> Resu
             &policy.namespace().unwrap_or_default(),
         );
         let mut previous = policy.status.clone();
-        if !generated_current {
-            let withdrawn = withdraw(&context, &policy, error).await;
+        // Only a withdrawal that went through changes what `Enforced` says; one that failed
+        // (the API server away, say) is tried again with the retry.
+        if !generated_current && let Some(withdrawn) = withdraw(&context, &policy, error).await {
             previous = status::withdrawn(
                 previous.as_ref(),
                 withdrawn,
@@ -348,12 +349,11 @@ pub async fn report_failure<K>(
 /// never-widen check that allowed it still holds, and a failing reconcile no longer checks
 /// (a default-deny or another policy layer added meanwhile would be widened). Withdrawing
 /// one never widens: the check let it exist only where no other NetworkPolicy can select
-/// its pods, so without it they receive what they did before it. Returns how many went;
-/// failures are logged (the retry withdraws again).
-async fn withdraw(context: &Context, policy: &PortSentryPolicy, error: &Error) -> usize {
-    let (Some(namespace), Some(uid)) = (policy.namespace(), policy.uid()) else {
-        return 0;
-    };
+/// its pods, so without it they receive what they did before it. Returns how many went, or
+/// `None` when some could not be listed or deleted (logged; the retry withdraws again).
+async fn withdraw(context: &Context, policy: &PortSentryPolicy, error: &Error) -> Option<usize> {
+    let namespace = policy.namespace()?;
+    let uid = policy.uid()?;
     let api = Api::<NetworkPolicy>::namespaced(context.client.clone(), &namespace);
     let listed = match api
         .list_metadata(&ListParams::default().labels(&netpol::label_selector(&policy.name_any())))
@@ -362,10 +362,11 @@ async fn withdraw(context: &Context, policy: &PortSentryPolicy, error: &Error) -
         Ok(listed) => listed.items,
         Err(list_error) => {
             warn!(%list_error, "could not list generated NetworkPolicies to withdraw");
-            return 0;
+            return None;
         }
     };
     let mut withdrawn = 0;
+    let mut complete = true;
     for object in listed {
         let controlled = object
             .metadata
@@ -380,7 +381,10 @@ async fn withdraw(context: &Context, policy: &PortSentryPolicy, error: &Error) -
         match api.delete(&name, &DeleteParams::default()).await {
             Ok(_) => withdrawn += 1,
             Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(delete_error) => warn!(%delete_error, network_policy = %name, "could not withdraw"),
+            Err(delete_error) => {
+                warn!(%delete_error, network_policy = %name, "could not withdraw");
+                complete = false;
+            }
         }
     }
     if withdrawn > 0 {
@@ -397,7 +401,7 @@ async fn withdraw(context: &Context, policy: &PortSentryPolicy, error: &Error) -
         )
         .await;
     }
-    withdrawn
+    complete.then_some(withdrawn)
 }
 
 /// Longest Event note the API server accepts (events.k8s.io/v1: 1 KiB).

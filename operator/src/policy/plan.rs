@@ -288,7 +288,11 @@ pub fn plan(observed: &Observed<'_>) -> Result<Plan> {
     // Bans of pod addresses are never claimed by the NetworkPolicy backend: each says who
     // drops it, if anyone (PodNftables as the chosen backend claims them with the rest).
     let by_pod_nftables = matches!(enforcement, Enforcement::PodNftables { .. });
-    let pods_by_address = pod_sources::by_address(observed.pods);
+    let pods_by_address = if active.is_empty() {
+        Default::default()
+    } else {
+        pod_sources::by_address(observed.pods)
+    };
     let (pod_bans, others): (Vec<_>, Vec<_>) = active
         .iter()
         .map(|ban| &**ban)
@@ -860,6 +864,25 @@ mod tests {
         world.pods = vec![pod("shop", "scanner", "10.0.7.7")];
         let (status, reason, _) = ban_condition_of(&world.plan(T0), "10.0.7.7");
         assert_eq!((status.as_str(), reason.as_str()), ("False", "PodSource"));
+    }
+
+    #[test]
+    fn a_prefix_holding_a_pods_address_is_a_pod_source() {
+        let mut world = World::new(vec![
+            ban("web", "10.0.7.0/24", None),
+            ban("web", "10.0.8.0/24", None),
+        ]);
+        world.pods = vec![pod("shop", "scanner", "10.0.7.7")];
+        let plan = world.plan(T0);
+        let reason = |prefix: &str| {
+            plan.ban_conditions
+                .iter()
+                .find(|(n, _)| n.contains(prefix))
+                .map(|(_, c)| c.reason.clone())
+                .unwrap()
+        };
+        assert_eq!(reason("10-0-7-0"), "PodSource");
+        assert_eq!(reason("10-0-8-0"), "NetworkPolicy");
     }
 
     #[test]

@@ -57,10 +57,12 @@ pub fn by_address(pods: &[Arc<Pod>]) -> BTreeMap<IpAddr, &Pod> {
     addresses
 }
 
-/// True when `ban`'s source overlaps the cluster's pod ranges or holds a pod's address.
+/// True when `ban`'s source overlaps the cluster's pod ranges or holds a pod's address (a
+/// range lookup: addresses order by family, then numerically).
 pub fn is_pod_source(ban: &PortSentryBan, guards: &Guards, pods: &BTreeMap<IpAddr, &Pod>) -> bool {
     let net = ban.spec.source.network();
-    guards.is_pod_source(&ban.spec.source) || pods.keys().any(|a| net.contains(a))
+    guards.is_pod_source(&ban.spec.source)
+        || pods.range(net.network()..=net.broadcast()).next().is_some()
 }
 
 /// Egress NetworkPolicies of `pod`'s namespace that select it, besides quarantine's own: an
