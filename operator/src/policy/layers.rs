@@ -33,9 +33,6 @@ use tokio::sync::{Mutex, mpsc};
 
 use crate::{Result, policy::selectors::can_select_together};
 
-/// Reason of `Enforced=False` when another policy layer may select the pods.
-pub const OTHER_POLICY_LAYERS: &str = "OtherPolicyLayers";
-
 /// The kinds looked for: (API group, kind).
 pub const KINDS: [(&str, &str); 6] = [
     ("policy.networking.k8s.io", "AdminNetworkPolicy"),

@@ -423,7 +423,7 @@ fn refusal_note(refusal: &Enforcement) -> String {
             &format!("older overlapping policies: {}", to.join(", ")),
         ),
         Enforcement::OtherLayers { objects } => status::fallback_note(
-            layers::OTHER_POLICY_LAYERS,
+            status::OTHER_POLICY_LAYERS,
             &status::other_layers_message(objects),
         ),
         _ => "NetworkPolicy could not enforce".to_owned(),

@@ -101,6 +101,9 @@ pub const NO_ACTIVE_BANS: &str = "NoActiveBans";
 /// Reason of `Enforced=False` when the policy relies on PodNftables and the agent is off.
 pub const POD_NFTABLES_AGENT_OFF: &str = "PodNftablesAgentNotInstalled";
 
+/// Reason of `Enforced=False` when another policy layer may select the pods.
+pub const OTHER_POLICY_LAYERS: &str = "OtherPolicyLayers";
+
 /// Why the NetworkPolicy backend refuses beside other policy layers, naming (some of) them.
 pub fn other_layers_message(objects: &[String]) -> String {
     let shown: Vec<&str> = objects.iter().take(10).map(String::as_str).collect();
@@ -175,7 +178,7 @@ pub fn policy_conditions(
         ),
         Enforcement::OtherLayers { objects } => (
             false,
-            crate::policy::layers::OTHER_POLICY_LAYERS,
+            OTHER_POLICY_LAYERS,
             other_layers_message(objects),
         ),
         Enforcement::NoBackend => (
