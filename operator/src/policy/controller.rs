@@ -13,7 +13,7 @@
 
 use std::{
     collections::BTreeSet,
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -43,7 +43,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     Error, Result,
-    enforce::bans::Guards,
+    enforce::guards::ProtectedSet,
     inject, labels,
     metrics::Metrics,
     policy::{
@@ -66,8 +66,8 @@ pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
-    /// Addresses never banned besides each policy's ignore list; refreshed in the background.
-    pub guards: Arc<RwLock<Guards>>,
+    /// Addresses never banned besides each policy's ignore list; kept current by watches.
+    pub guards: ProtectedSet,
     /// The controller's cache of policies (precedence, forgetting deleted ones' metrics).
     pub policies: Store<PortSentryPolicy>,
     /// Every PortSentryBan, kept by a watch: no list call per reconcile.
@@ -150,7 +150,7 @@ pub struct Settings {
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
-    guards: Arc<RwLock<Guards>>,
+    guards: ProtectedSet,
     reporter: Reporter,
     settings: Settings,
     shared: Watches,
@@ -382,12 +382,16 @@ async fn reconcile_policy(
         .filter(|np| np.namespace().as_deref() == Some(namespace.as_str()))
         .map(|np| NetworkPolicy::clone(np))
         .collect();
+    let bans_now = context.bans.state();
+    let name = policy.name_any();
     let guards = context
         .guards
-        .read()
-        .map(|g| g.clone())
-        .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
-    let bans_now = context.bans.state();
+        .for_bans(bans_now.iter().map(AsRef::as_ref).filter(|b| {
+            b.namespace().as_deref() == Some(namespace.as_str())
+                && b.spec.policy.kind == PolicyKind::PortSentryPolicy
+                && b.spec.policy.name == name
+        }))
+        .await?;
     let policies_now = context.policies.state();
 
     // Other policy layers that may select the pods (none served: one discovery read each).
