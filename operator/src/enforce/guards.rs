@@ -302,7 +302,13 @@ impl ProtectedSet {
         let (slices, slice_writer) = reflector::store::<EndpointSlice>();
         let mut streams = vec![
             changes(0, Api::all(client.clone()), None, trim_node, node_writer),
-            changes(1, Api::all(client.clone()), None, trim_service, service_writer),
+            changes(
+                1,
+                Api::all(client.clone()),
+                None,
+                trim_service,
+                service_writer,
+            ),
             changes(
                 2,
                 Api::namespaced(client.clone(), "default"),
@@ -415,10 +421,13 @@ fn trim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMe
 
 fn trim_node(node: &mut Node) {
     trim_meta(&mut node.metadata, false);
-    node.spec = node.spec.take().map(|spec| k8s_openapi::api::core::v1::NodeSpec {
-        pod_cidrs: spec.pod_cidrs,
-        ..Default::default()
-    });
+    node.spec = node
+        .spec
+        .take()
+        .map(|spec| k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidrs: spec.pod_cidrs,
+            ..Default::default()
+        });
     node.status = node
         .status
         .take()
@@ -512,7 +521,12 @@ mod tests {
         };
         let services = vec![
             service("default", "kubernetes", "10.96.0.1", json!({})),
-            service("kube-system", "kube-dns", "10.96.0.10", json!({"k8s-app": "kube-dns"})),
+            service(
+                "kube-system",
+                "kube-dns",
+                "10.96.0.10",
+                json!({"k8s-app": "kube-dns"}),
+            ),
             service("shop", "web", "10.96.7.7", json!({})),
         ];
         let slices = vec![object(json!({
@@ -551,9 +565,15 @@ mod tests {
         assert_eq!(protection(&guards, "10.96.0.1"), Some("apiserver"));
         assert_eq!(protection(&guards, "10.96.0.10"), Some("cluster_dns"));
         assert_eq!(protection(&guards, "10.96.7.7"), Some("service"));
-        assert_eq!(protection(&guards, "10.244.0.5"), Some("protected_namespace"));
+        assert_eq!(
+            protection(&guards, "10.244.0.5"),
+            Some("protected_namespace")
+        );
         assert_eq!(protection(&guards, "10.244.0.6"), None);
-        assert_eq!(guards.pod_nets, vec!["10.244.0.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            guards.pod_nets,
+            vec!["10.244.0.0/24".parse::<IpNet>().unwrap()]
+        );
     }
 
     #[test]
