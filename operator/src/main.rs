@@ -341,6 +341,7 @@ async fn start(
             hooks: Some(hooks),
             intake_ca: tls.ca_pem.clone(),
             pod_nftables_agent: args.nodes.pod_nftables_agent,
+            metrics_per_port: args.webhook.sensor_metrics_per_port,
         },
         watches.clone(),
     );

@@ -1348,6 +1348,10 @@ async fn the_charts_operator_environment_parses_as_the_webhooks_arguments() {
     );
     assert!(settings.resources.requests.unwrap().contains_key("cpu"));
     assert_eq!(settings.token_expiry_seconds, 3600);
+    assert!(
+        !settings.metrics_per_port,
+        "decoy ports named in sidecar metrics by default"
+    );
 }
 
 /// A free port of 127.0.0.1 (bound and released).

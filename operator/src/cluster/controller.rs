@@ -382,7 +382,11 @@ async fn apply_sidecar_config_maps(
     let sidecars = status::count_sensors(injected.iter().map(|pod| pod.as_ref()), &reference);
     let pods: Vec<ObjectMeta> = injected.iter().map(|pod| pod.metadata.clone()).collect();
     let report_ca_pem = context.nodes.report_ca_pem.borrow().clone();
-    let wanted = inject::cluster_sensor_config_maps(policy, &pods, report_ca_pem.as_deref());
+    let extras = inject::SidecarExtras {
+        report_ca_pem: report_ca_pem.as_deref(),
+        metrics_per_port: context.nodes.sidecar.metrics_per_port,
+    };
+    let wanted = inject::cluster_sensor_config_maps(policy, &pods, extras);
     let client = &context.client;
     for config_map in &wanted {
         let namespace = config_map.namespace().unwrap_or_default();

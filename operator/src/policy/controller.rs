@@ -87,6 +87,8 @@ pub struct Context {
     pub intake_ca: crate::tls::CaBundle,
     /// The pod nftables agent runs on the nodes: the `PodNftables` backend enforces.
     pub pod_nftables_agent: bool,
+    /// Sidecars count hits per decoy port (`METRICS_PER_PORT="1"` in their ConfigMaps).
+    pub metrics_per_port: bool,
     /// Which other policy layers the cluster serves (rediscovered every 30 s).
     pub policy_layers: tokio::sync::Mutex<crate::policy::layers::Served>,
 }
@@ -143,6 +145,8 @@ pub struct Settings {
     pub intake_ca: crate::tls::CaBundle,
     /// The pod nftables agent runs on the nodes: the `PodNftables` backend enforces.
     pub pod_nftables_agent: bool,
+    /// Sidecars count hits per decoy port (`METRICS_PER_PORT="1"` in their ConfigMaps).
+    pub metrics_per_port: bool,
 }
 
 /// Runs the controller until the process ends (signals are main's: it stops every task,
@@ -159,6 +163,7 @@ pub async fn run(
         hooks,
         intake_ca,
         pod_nftables_agent,
+        metrics_per_port,
     } = settings;
     // Lists read from etcd (the default semantic), not the API server's watch cache: after
     // an API server restart a cached list can name a resourceVersion the watch then refuses
@@ -208,6 +213,7 @@ pub async fn run(
         hooks,
         intake_ca,
         pod_nftables_agent,
+        metrics_per_port,
         policy_layers: Default::default(),
     });
     // The generated NetworkPolicies need no `owns` watch of their own: the NetworkPolicy
@@ -481,8 +487,15 @@ async fn reconcile_policy(
     // CA bundle (`ca.crt`), which the sidecar's `--report-ca-file` reads.
     let config_map_api = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
     let intake_ca = context.intake_ca.borrow().clone();
-    let wanted_config_maps =
-        inject::sensor_config_maps(&namespace, policy, &pods.items, intake_ca.as_deref());
+    let wanted_config_maps = inject::sensor_config_maps(
+        &namespace,
+        policy,
+        &pods.items,
+        inject::SidecarExtras {
+            report_ca_pem: intake_ca.as_deref(),
+            metrics_per_port: context.metrics_per_port,
+        },
+    );
     for config_map in &wanted_config_maps {
         let config_map_name = config_map.name_any();
         config_map_api
