@@ -79,6 +79,7 @@ fn settings() -> Settings {
         }))
         .unwrap(),
         token_expiry_seconds: 3600,
+        metrics_per_port: false,
     }
 }
 
@@ -114,6 +115,7 @@ fn start_webhook(plane: &'static ControlPlane, port: u16) -> PolicyStores {
                 sensor_image_pull_policy: settings().image_pull_policy,
                 sensor_resources: Some(serde_json::to_string(&settings().resources).unwrap()),
                 sensor_token_expiration_seconds: 3600,
+                sensor_metrics_per_port: false,
                 report_url: settings().report_url,
             };
             let metrics = std::sync::Arc::new(Metrics::new().unwrap());
