@@ -7,7 +7,7 @@ use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::Duration,
 };
 
@@ -73,9 +73,6 @@ struct Args {
     /// Addresses of one such network banned before the next bans the network.
     #[arg(long, env = "PORTSENTRY_IPV6_GROUP_AFTER", default_value = "4")]
     ipv6_group_after: usize,
-    /// How often node, API server, Service and protected pods' addresses are re-read.
-    #[arg(long, default_value = "30", value_name = "SECONDS")]
-    guard_refresh_secs: u64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -244,18 +241,8 @@ async fn start(
             args.protected_cidrs.clone(),
         )
     };
-    let guards = Arc::new(RwLock::new(
-        enforce::guards::discover_guards(&client, &guard_settings).await?,
-    ));
-    tasks.spawn_infallible(
-        "protected-address refresher",
-        enforce::guards::refresh_guards(
-            client.clone(),
-            guards.clone(),
-            guard_settings,
-            Duration::from_secs(args.guard_refresh_secs.max(1)),
-        ),
-    );
+    let guards = enforce::guards::ProtectedSet::discover(client.clone(), guard_settings).await?;
+    tasks.spawn_infallible("protected-address watches", guards.clone().follow());
     let identity = args
         .instance
         .clone()
@@ -361,6 +348,7 @@ async fn start(
             hooks: Some(hooks),
             intake_ca: tls.ca_pem.clone(),
             pod_nftables_agent: args.nodes.pod_nftables_agent,
+            metrics_per_port: args.webhook.sensor_metrics_per_port,
         },
         watches.clone(),
     );

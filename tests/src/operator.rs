@@ -142,7 +142,6 @@ impl Operator {
             format!("--instance={}", settings.identity),
             format!("--lease-name={}", settings.lease_name),
             format!("--lease-duration-secs={}", settings.lease_duration_secs),
-            "--guard-refresh-secs=5".to_owned(),
         ];
         let report_url = format!("https://{host}:{report_port}/v1/reports");
         // What injected sidecars are told (used only with the webhook on).

@@ -79,6 +79,7 @@ fn settings() -> Settings {
         }))
         .unwrap(),
         token_expiry_seconds: 3600,
+        metrics_per_port: false,
     }
 }
 
@@ -114,6 +115,7 @@ fn start_webhook(plane: &'static ControlPlane, port: u16) -> PolicyStores {
                 sensor_image_pull_policy: settings().image_pull_policy,
                 sensor_resources: Some(serde_json::to_string(&settings().resources).unwrap()),
                 sensor_token_expiration_seconds: 3600,
+                sensor_metrics_per_port: false,
                 report_url: settings().report_url,
             };
             let metrics = std::sync::Arc::new(Metrics::new().unwrap());
@@ -1349,6 +1351,10 @@ async fn the_charts_operator_environment_parses_as_the_webhooks_arguments() {
     );
     assert!(settings.resources.requests.unwrap().contains_key("cpu"));
     assert_eq!(settings.token_expiry_seconds, 3600);
+    assert!(
+        !settings.metrics_per_port,
+        "decoy ports named in sidecar metrics by default"
+    );
 }
 
 /// A free port of 127.0.0.1 (bound and released).

@@ -730,3 +730,238 @@ async fn a_cluster_ban_on_one_namespaces_evidence_quarantines_elsewhere_only_onc
     );
     wait_quarantined(&client, "abuse-c3", "scanner").await;
 }
+
+/// A hand-made ban `name` of `source` in `namespace` for policy `web`.
+fn hand_made(namespace: &str, name: &str, source: &str) -> PortSentryBan {
+    serde_json::from_value(json!({
+        "apiVersion": "portsentry.io/v1alpha1", "kind": "PortSentryBan",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"source": source, "policy": {"kind": "PortSentryPolicy", "name": "web"}},
+    }))
+    .unwrap()
+}
+
+/// Waits until ban `namespace/name` says `Enforced=False ProtectedSource` naming `why`.
+async fn wait_refused(client: &Client, namespace: &str, name: &str, why: &str) {
+    let bans = Api::<PortSentryBan>::namespaced(client.clone(), namespace);
+    let (name, why) = (name.to_owned(), format!("({why})"));
+    wait_for(
+        Duration::from_secs(30),
+        &format!("ban {name} Enforced=False ProtectedSource {why}"),
+        move || {
+            let (bans, name, why) = (bans.clone(), name.clone(), why.clone());
+            async move {
+                let ban = bans.get(&name).await?;
+                Ok(ban.status.unwrap_or_default().conditions.iter().any(|c| {
+                    c.type_ == "Enforced"
+                        && c.status == "False"
+                        && c.reason == "ProtectedSource"
+                        && c.message.contains(&why)
+                }))
+            }
+            .boxed()
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn hand_made_bans_of_each_kind_of_infrastructure_are_refused_on_the_ban_with_an_event_and_a_metric()
+ {
+    let plane = control_plane().await.unwrap();
+    let client = plane.client().unwrap();
+    let namespace = "abuse-handmade";
+    tenant(plane, namespace, json!({"banDuration": "1h"}))
+        .await
+        .unwrap();
+    plane.ensure_namespace("portsentry-system").await.unwrap();
+    let [dns_pod, dns, operator_pod, node, service, apiserver] =
+        infrastructure(&client, namespace).await;
+    // A second API server endpoint, as an HA control plane lists it.
+    let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "kubernetes-abuse", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.250.4.13"]}],
+        "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(client.clone(), "default")
+        .patch(
+            "kubernetes-abuse",
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(slice),
+        )
+        .await
+        .unwrap();
+    let operator = Operator::start(
+        plane,
+        OperatorSettings {
+            extra_args: vec!["--protected-cidr=198.51.100.0/24".to_owned()],
+            ..OperatorSettings::new("lease-abuse-handmade")
+        },
+    )
+    .await
+    .unwrap();
+    let cases = [
+        ("kube-system-pod", dns_pod.as_str(), "protected_namespace"),
+        ("cluster-dns", dns.as_str(), "cluster_dns"),
+        ("operator-pod", operator_pod.as_str(), "protected_namespace"),
+        ("node", node.as_str(), "node"),
+        ("service", service.as_str(), "service"),
+        ("apiserver-service", apiserver.as_str(), "apiserver"),
+        ("apiserver-endpoint", "10.250.4.13", "apiserver"),
+        ("protected-cidr", "198.51.100.7", "protected_cidr"),
+    ];
+    let bans = Api::<PortSentryBan>::namespaced(client.clone(), namespace);
+    for (name, source, _) in cases {
+        bans.create(&PostParams::default(), &hand_made(namespace, name, source))
+            .await
+            .unwrap();
+    }
+    for (name, _, why) in cases {
+        wait_refused(&client, namespace, name, why).await;
+        wait_event(&client, namespace, name, "BanRefused", why).await;
+    }
+    for (_, _, why) in cases {
+        let series = format!(r#"portsentry_operator_bans_refused_total{{reason="{why}"}}"#);
+        let counted = operator.metric(&series).await.unwrap();
+        assert!(counted >= 1.0, "{series}: {counted}");
+    }
+    // None of them is excepted in the generated NetworkPolicies.
+    let generated = Api::<NetworkPolicy>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=portsentry-operator"))
+        .await
+        .unwrap();
+    let text = serde_json::to_string(&generated.items).unwrap();
+    for (name, source, _) in cases {
+        assert!(!text.contains(&format!("\"{source}/")), "{name}: {text}");
+    }
+}
+
+/// Every `Enforced` verdict (`status/reason`) ban `namespace/name` carries, in order, from
+/// before it exists: a watch sees each status write, none coalesced away.
+fn record_verdicts(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use kube::runtime::watcher;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let api = Api::<PortSentryBan>::namespaced(client.clone(), namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let events = watcher::watcher(api, config);
+        futures::pin_mut!(events);
+        while let Some(Ok(event)) = futures::StreamExt::next(&mut events).await {
+            if let watcher::Event::Apply(ban) | watcher::Event::InitApply(ban) = event {
+                for c in ban.status.unwrap_or_default().conditions {
+                    let verdict = format!("{}/{}", c.status, c.reason);
+                    let mut seen = record.lock().unwrap();
+                    if c.type_ == "Enforced" && seen.last() != Some(&verdict) {
+                        seen.push(verdict);
+                    }
+                }
+            }
+        }
+    });
+    seen
+}
+
+#[tokio::test]
+async fn a_ban_made_right_after_a_service_or_node_of_its_address_is_refused_from_its_first_verdict()
+{
+    let plane = control_plane().await.unwrap();
+    let client = plane.client().unwrap();
+    let namespace = "abuse-race";
+    tenant(plane, namespace, json!({"banDuration": "1h"}))
+        .await
+        .unwrap();
+    let _operator = start_operator(plane, "lease-abuse-race").await;
+    // The operator runs and has judged a ban already: its protected set is loaded.
+    let bans = Api::<PortSentryBan>::namespaced(client.clone(), namespace);
+    bans.create(
+        &PostParams::default(),
+        &hand_made(namespace, "warm-up", "203.0.113.60"),
+    )
+    .await
+    .unwrap();
+    let bans_w = bans.clone();
+    wait_for(Duration::from_secs(30), "warm-up ban judged", move || {
+        let bans = bans_w.clone();
+        async move {
+            let ban = bans.get("warm-up").await?;
+            Ok(!ban.status.unwrap_or_default().conditions.is_empty())
+        }
+        .boxed()
+    })
+    .await
+    .unwrap();
+
+    let service_verdicts = record_verdicts(&client, namespace, "new-service");
+    let node_verdicts = record_verdicts(&client, namespace, "new-node");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A Service, then at once a ban of its ClusterIP.
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "fresh", "namespace": namespace},
+        "spec": {"ports": [{"port": 80}]},
+    });
+    let created = Api::<Service>::namespaced(client.clone(), namespace)
+        .patch(
+            "fresh",
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(service),
+        )
+        .await
+        .unwrap();
+    let cluster_ip = created.spec.unwrap().cluster_ip.unwrap();
+    bans.create(
+        &PostParams::default(),
+        &hand_made(namespace, "new-service", &cluster_ip),
+    )
+    .await
+    .unwrap();
+    // A Node, then at once a ban of its address.
+    let nodes = Api::<Node>::all(client.clone());
+    nodes
+        .patch(
+            "abuse-race-node",
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "v1", "kind": "Node", "metadata": {"name": "abuse-race-node"},
+            })),
+        )
+        .await
+        .unwrap();
+    let status =
+        json!({"status": {"addresses": [{"type": "InternalIP", "address": "10.250.5.12"}]}});
+    nodes
+        .patch_status(
+            "abuse-race-node",
+            &PatchParams::default(),
+            &Patch::Merge(status),
+        )
+        .await
+        .unwrap();
+    bans.create(
+        &PostParams::default(),
+        &hand_made(namespace, "new-node", "10.250.5.12"),
+    )
+    .await
+    .unwrap();
+
+    wait_refused(&client, namespace, "new-service", "service").await;
+    wait_refused(&client, namespace, "new-node", "node").await;
+    // Let any later verdict arrive, then: refused from the first verdict on, never enforced.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (name, verdicts) in [
+        ("new-service", service_verdicts),
+        ("new-node", node_verdicts),
+    ] {
+        let verdicts = verdicts.lock().unwrap().clone();
+        assert_eq!(verdicts, ["False/ProtectedSource"], "{name}");
+    }
+}

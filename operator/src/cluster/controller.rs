@@ -16,7 +16,7 @@
 //! ```
 
 use std::{
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -50,7 +50,7 @@ use crate::{
         nodes::{self, NodeSensors},
         plan::{Observed, plan},
     },
-    enforce::bans::Guards,
+    enforce::guards::ProtectedSet,
     inject, labels,
     metrics::Metrics,
     policy::{
@@ -70,7 +70,8 @@ const RETRY: Duration = Duration::from_secs(5);
 pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
-    pub guards: Arc<RwLock<Guards>>,
+    /// Addresses never banned; kept current by watches.
+    pub guards: ProtectedSet,
     pub nodes: NodeSensors,
     /// Events of failed reconciles.
     pub recorder: Recorder,
@@ -123,7 +124,7 @@ fn sidecar_config_selector() -> String {
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
-    guards: Arc<RwLock<Guards>>,
+    guards: ProtectedSet,
     nodes: NodeSensors,
     reporter: Reporter,
     shared: Watches,
@@ -303,9 +304,11 @@ async fn reconcile_policy(
     let bans_now = ban_api.list(&ListParams::default()).await?.items;
     let guards = context
         .guards
-        .read()
-        .map(|g| g.clone())
-        .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
+        .for_bans(bans_now.iter().filter(|b| {
+            b.spec.policy.kind == PolicyKind::ClusterPortSentryPolicy
+                && b.spec.policy.name == policy.name_any()
+        }))
+        .await?;
     let plan = plan(&Observed {
         policy,
         bans: &bans_now,
@@ -379,7 +382,11 @@ async fn apply_sidecar_config_maps(
     let sidecars = status::count_sensors(injected.iter().map(|pod| pod.as_ref()), &reference);
     let pods: Vec<ObjectMeta> = injected.iter().map(|pod| pod.metadata.clone()).collect();
     let report_ca_pem = context.nodes.report_ca_pem.borrow().clone();
-    let wanted = inject::cluster_sensor_config_maps(policy, &pods, report_ca_pem.as_deref());
+    let extras = inject::SidecarExtras {
+        report_ca_pem: report_ca_pem.as_deref(),
+        metrics_per_port: context.nodes.sidecar.metrics_per_port,
+    };
+    let wanted = inject::cluster_sensor_config_maps(policy, &pods, extras);
     let client = &context.client;
     for config_map in &wanted {
         let namespace = config_map.namespace().unwrap_or_default();

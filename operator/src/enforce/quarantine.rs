@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::Duration,
 };
 
@@ -187,7 +187,7 @@ pub fn egress_policy(namespace: &str) -> NetworkPolicy {
 pub async fn run(
     client: Client,
     shared: Watches,
-    guards: Arc<RwLock<Guards>>,
+    guards: crate::enforce::guards::ProtectedSet,
     operator_namespace: String,
 ) {
     let changed = Arc::new(Notify::new());
@@ -224,10 +224,7 @@ pub async fn run(
                     .collect(),
                 operator_namespace: operator_namespace.clone(),
             };
-            let guards = guards
-                .read()
-                .map(|g| g.clone())
-                .unwrap_or_else(|p| p.into_inner().clone());
+            let guards = guards.snapshot();
             if let Err(error) = pass(&client, &bans, &quarantining, &guards, &pods).await {
                 warn!(%error, "quarantine pass failed");
             }

@@ -160,6 +160,18 @@ pub fn build_config_map(
     }
 }
 
+/// What the operator adds to every sidecar's ConfigMap besides its policy's rules: set by
+/// the chart (the operator's flags), never by a policy's author.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SidecarExtras<'a> {
+    /// PEM CA bundle of the intake's certificate (key `ca.crt`).
+    pub report_ca_pem: Option<&'a str>,
+    /// `METRICS_PER_PORT="1"`: `hits_total` per decoy port (chart value
+    /// `sensor.metricsPerPort`). Off by default: a per-port series names a decoy port to
+    /// anyone who can reach the sidecar's metrics port.
+    pub metrics_per_port: bool,
+}
+
 /// Every sensor ConfigMap a namespaced policy needs in its namespace: the base one (no skipped
 /// decoys) always, so a pod admitted next finds it, and one per distinct skipped set among
 /// `pods` the webhook injected for this policy (their [`CONFIG_MAP_ANNOTATION`] is exactly the
@@ -169,7 +181,7 @@ pub fn sensor_config_maps(
     namespace: &str,
     policy: &PortSentryPolicy,
     pods: &[Pod],
-    report_ca_pem: Option<&str>,
+    extras: SidecarExtras<'_>,
 ) -> Vec<ConfigMap> {
     let governing = Governing {
         kind: PolicyKind::PortSentryPolicy,
@@ -181,7 +193,7 @@ pub fn sensor_config_maps(
         &governing,
         policy.controller_owner_ref(&()),
         pods.iter().map(|pod| &pod.metadata),
-        report_ca_pem,
+        extras,
     )
 }
 
@@ -199,7 +211,7 @@ pub fn sensor_config_maps(
 pub fn cluster_sensor_config_maps(
     policy: &ClusterPortSentryPolicy,
     pods: &[ObjectMeta],
-    report_ca_pem: Option<&str>,
+    extras: SidecarExtras<'_>,
 ) -> Vec<ConfigMap> {
     let governing = Governing {
         kind: PolicyKind::ClusterPortSentryPolicy,
@@ -221,7 +233,7 @@ pub fn cluster_sensor_config_maps(
     by_namespace
         .into_iter()
         .flat_map(|(namespace, pods)| {
-            config_maps_for(namespace, &governing, owner.clone(), pods, report_ca_pem)
+            config_maps_for(namespace, &governing, owner.clone(), pods, extras)
         })
         .collect()
 }
@@ -233,7 +245,7 @@ fn config_maps_for<'a>(
     governing: &Governing<'_>,
     owner: Option<OwnerReference>,
     pods: impl IntoIterator<Item = &'a ObjectMeta>,
-    report_ca_pem: Option<&str>,
+    extras: SidecarExtras<'_>,
 ) -> Vec<ConfigMap> {
     let reference = governing.reference();
     let mut sets: BTreeMap<String, Vec<Skipped>> =
@@ -271,8 +283,16 @@ fn config_maps_for<'a>(
                 &reference,
                 governing.rules,
                 &skipped,
-                report_ca_pem,
+                extras.report_ca_pem,
             );
+            if extras.metrics_per_port
+                && let Some(config) = config_map
+                    .data
+                    .as_mut()
+                    .and_then(|data| data.get_mut("portsentry.conf"))
+            {
+                config.push_str("METRICS_PER_PORT=\"1\"\n");
+            }
             config_map.metadata.owner_references = owner.clone().map(|o| vec![o]);
             config_map
         })

@@ -44,6 +44,10 @@ pub struct Settings {
     pub resources: ResourceRequirements,
     /// Lifetime of the projected token; the kubelet renews it at 80%.
     pub token_expiry_seconds: i64,
+    /// Sidecars count `hits_total` per decoy port (`METRICS_PER_PORT="1"` in their
+    /// ConfigMaps; chart value `sensor.metricsPerPort`). Off by default: anyone who can reach
+    /// a sidecar's metrics port would read which ports are decoys.
+    pub metrics_per_port: bool,
 }
 
 impl Default for Settings {
@@ -55,6 +59,7 @@ impl Default for Settings {
             report_url: "https://portsentry-operator.portsentry-system.svc:8443/v1/reports".into(),
             resources: ResourceRequirements::default(),
             token_expiry_seconds: 3600,
+            metrics_per_port: false,
         }
     }
 }

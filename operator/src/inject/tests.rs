@@ -385,7 +385,7 @@ fn names(config_maps: &[ConfigMap]) -> Vec<String> {
 
 #[test]
 fn sensor_config_maps_always_include_the_base_one_owned_by_the_policy() {
-    let config_maps = sensor_config_maps(NS, &owned_web_policy(), &[], None);
+    let config_maps = sensor_config_maps(NS, &owned_web_policy(), &[], SidecarExtras::default());
     assert_eq!(names(&config_maps), ["portsentry-sensor-web"]);
     let owner = &config_maps[0].metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(
@@ -401,7 +401,7 @@ fn sensor_config_maps_always_include_the_base_one_owned_by_the_policy() {
 #[test]
 fn sensor_config_maps_render_a_pods_skipped_decoys_out_of_its_config() {
     let pod = admitted(&pod(&[("app", "web")], &[(8080, "TCP")]));
-    let config_maps = sensor_config_maps(NS, &owned_web_policy(), &[pod], None);
+    let config_maps = sensor_config_maps(NS, &owned_web_policy(), &[pod], SidecarExtras::default());
     assert_eq!(config_maps.len(), 2);
     let hashed = config_maps
         .iter()
@@ -411,11 +411,64 @@ fn sensor_config_maps_render_a_pods_skipped_decoys_out_of_its_config() {
     assert!(config.contains("TCP_PORTS=\"1,31337\""), "{config}");
 }
 
+/// The `METRICS_PER_PORT` lines of each ConfigMap's `portsentry.conf`.
+fn metrics_per_port_lines(config_maps: &[ConfigMap]) -> Vec<Vec<String>> {
+    config_maps
+        .iter()
+        .map(|c| {
+            c.data.as_ref().unwrap()["portsentry.conf"]
+                .lines()
+                .filter(|line| line.starts_with("METRICS_PER_PORT"))
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn sidecar_configs_name_no_decoy_port_in_metrics_unless_the_chart_turns_it_on() {
+    let pods = [admitted(&pod(&[("app", "web")], &[(8080, "TCP")]))];
+    let off = sensor_config_maps(NS, &owned_web_policy(), &pods, SidecarExtras::default());
+    assert_eq!(off.len(), 2);
+    assert!(metrics_per_port_lines(&off).iter().all(Vec::is_empty));
+    let on = SidecarExtras {
+        metrics_per_port: true,
+        ..SidecarExtras::default()
+    };
+    let on = sensor_config_maps(NS, &owned_web_policy(), &pods, on);
+    assert!(
+        metrics_per_port_lines(&on)
+            .iter()
+            .all(|lines| lines == &["METRICS_PER_PORT=\"1\"".to_owned()])
+    );
+}
+
+#[test]
+fn a_cluster_policys_sidecar_configs_follow_the_same_metrics_setting() {
+    let pods = [admitted_by_cluster(&pod(&[], &[]))];
+    let policy = owned_cluster_policy();
+    let off = cluster_sensor_config_maps(&policy, &pods, SidecarExtras::default());
+    assert_eq!(metrics_per_port_lines(&off), [Vec::<String>::new()]);
+    let on = SidecarExtras {
+        metrics_per_port: true,
+        ..SidecarExtras::default()
+    };
+    assert_eq!(
+        metrics_per_port_lines(&cluster_sensor_config_maps(&policy, &pods, on)),
+        [vec!["METRICS_PER_PORT=\"1\"".to_owned()]]
+    );
+}
+
 #[test]
 fn sensor_config_maps_share_one_config_map_per_skipped_set() {
     let one = admitted(&pod(&[("app", "web")], &[(8080, "TCP")]));
     let two = admitted(&pod(&[("app", "web")], &[(8080, "TCP"), (9000, "TCP")]));
-    let config_maps = sensor_config_maps(NS, &owned_web_policy(), &[one, two], None);
+    let config_maps = sensor_config_maps(
+        NS,
+        &owned_web_policy(),
+        &[one, two],
+        SidecarExtras::default(),
+    );
     assert_eq!(config_maps.len(), 2);
 }
 
@@ -430,7 +483,7 @@ fn sensor_config_maps_are_named_as_the_webhook_annotated_the_pods() {
         .iter()
         .map(|p| p.annotations()[CONFIG_MAP_ANNOTATION].clone())
         .collect();
-    let config_maps = sensor_config_maps(NS, &owned_web_policy(), &pods, None);
+    let config_maps = sensor_config_maps(NS, &owned_web_policy(), &pods, SidecarExtras::default());
     assert_eq!(
         names(&config_maps).into_iter().collect::<BTreeSet<_>>(),
         annotated
@@ -441,9 +494,9 @@ fn sensor_config_maps_are_named_as_the_webhook_annotated_the_pods() {
 fn a_skip_specific_config_map_no_pod_uses_any_more_is_stale() {
     let policy = owned_web_policy();
     let pod = admitted(&pod(&[("app", "web")], &[(8080, "TCP")]));
-    let with_pod = sensor_config_maps(NS, &policy, &[pod], None);
+    let with_pod = sensor_config_maps(NS, &policy, &[pod], SidecarExtras::default());
     let existing: Vec<ObjectMeta> = with_pod.iter().map(|c| c.metadata.clone()).collect();
-    let without_pod = sensor_config_maps(NS, &policy, &[], None);
+    let without_pod = sensor_config_maps(NS, &policy, &[], SidecarExtras::default());
     let uid = policy.metadata.uid.as_deref().unwrap();
     let stale = stale_config_maps(uid, &without_pod, &existing);
     let skip_specific: Vec<String> = names(&with_pod)
@@ -488,7 +541,8 @@ fn a_cluster_policy_renders_config_maps_only_in_namespaces_with_pods_it_injected
     let injected = admitted_by_cluster(&pod(&[], &[]));
     let mut not_injected = pod(&[], &[]).metadata;
     not_injected.namespace = Some("other".into());
-    let config_maps = cluster_sensor_config_maps(&policy, &[injected, not_injected], None);
+    let config_maps =
+        cluster_sensor_config_maps(&policy, &[injected, not_injected], SidecarExtras::default());
     let placed: Vec<(String, String)> = config_maps
         .iter()
         .map(|c| (c.namespace().unwrap(), c.name_any()))
@@ -497,7 +551,7 @@ fn a_cluster_policy_renders_config_maps_only_in_namespaces_with_pods_it_injected
         placed,
         [(NS.to_owned(), "portsentry-sensor-cluster-edge".to_owned())]
     );
-    assert!(cluster_sensor_config_maps(&policy, &[], None).is_empty());
+    assert!(cluster_sensor_config_maps(&policy, &[], SidecarExtras::default()).is_empty());
 }
 
 #[test]
@@ -507,7 +561,14 @@ fn a_cluster_policys_config_maps_are_owned_by_it_and_named_as_the_webhook_annota
         admitted_by_cluster(&pod(&[], &[])),
         admitted_by_cluster(&pod(&[], &[(8080, "TCP")])),
     ];
-    let config_maps = cluster_sensor_config_maps(&policy, &pods, Some("PEM"));
+    let config_maps = cluster_sensor_config_maps(
+        &policy,
+        &pods,
+        SidecarExtras {
+            report_ca_pem: Some("PEM"),
+            ..SidecarExtras::default()
+        },
+    );
     let annotated: BTreeSet<String> = pods
         .iter()
         .map(|p| p.annotations.as_ref().unwrap()[CONFIG_MAP_ANNOTATION].clone())
@@ -534,17 +595,24 @@ fn a_cluster_policys_config_maps_are_stale_where_its_last_pod_is_gone() {
     let skipping = admitted_by_cluster(&pod(&[], &[(8080, "TCP")]));
     let mut elsewhere = plain.clone();
     elsewhere.namespace = Some("other".into());
-    let before =
-        cluster_sensor_config_maps(&policy, &[plain.clone(), skipping, elsewhere.clone()], None);
+    let before = cluster_sensor_config_maps(
+        &policy,
+        &[plain.clone(), skipping, elsewhere.clone()],
+        SidecarExtras::default(),
+    );
     let existing: Vec<ObjectMeta> = before.iter().map(|c| c.metadata.clone()).collect();
     // The pod that skipped 8080 is gone: its ConfigMap is stale, the base one stays.
-    let wanted = cluster_sensor_config_maps(&policy, &[plain.clone(), elsewhere], None);
+    let wanted = cluster_sensor_config_maps(
+        &policy,
+        &[plain.clone(), elsewhere],
+        SidecarExtras::default(),
+    );
     let stale = stale_config_maps_by_namespace(uid, &wanted, &existing);
     assert_eq!(stale.len(), 1);
     assert_eq!(stale[0].0, NS);
     assert_ne!(stale[0].1, "portsentry-sensor-cluster-edge");
     // The only pod of "other" is gone too: its base ConfigMap goes as well.
-    let wanted = cluster_sensor_config_maps(&policy, &[plain], None);
+    let wanted = cluster_sensor_config_maps(&policy, &[plain], SidecarExtras::default());
     let stale = stale_config_maps_by_namespace(uid, &wanted, &existing);
     assert!(stale.contains(&(
         "other".to_owned(),
@@ -557,10 +625,11 @@ fn a_cluster_policys_config_maps_are_stale_where_its_last_pod_is_gone() {
 fn config_maps_of_other_owners_are_never_stale() {
     let policy = owned_web_policy();
     let pod = admitted(&pod(&[("app", "web")], &[(8080, "TCP")]));
-    let mut existing: Vec<ObjectMeta> = sensor_config_maps(NS, &policy, &[pod], None)
-        .into_iter()
-        .map(|c| c.metadata)
-        .collect();
+    let mut existing: Vec<ObjectMeta> =
+        sensor_config_maps(NS, &policy, &[pod], SidecarExtras::default())
+            .into_iter()
+            .map(|c| c.metadata)
+            .collect();
     // One owned by another policy, one whose owner is not its controller, one unowned.
     existing[0].owner_references.as_mut().unwrap()[0].uid = "another-uid".into();
     existing[1].owner_references.as_mut().unwrap()[0].controller = None;

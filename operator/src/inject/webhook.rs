@@ -403,6 +403,15 @@ pub struct WebhookArgs {
         default_value = "3600"
     )]
     pub sensor_token_expiration_seconds: i64,
+    /// Sidecars count hits per decoy port (`METRICS_PER_PORT="1"`): off by default, since a
+    /// per-port series names a decoy to anyone who reaches the sidecar's metrics port.
+    #[arg(
+        long,
+        env = "PORTSENTRY_SENSOR_METRICS_PER_PORT",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub sensor_metrics_per_port: bool,
     /// Where sensors POST their reports.
     #[arg(
         long,
@@ -436,6 +445,7 @@ impl WebhookArgs {
             report_url: self.report_url.clone(),
             resources,
             token_expiry_seconds: self.sensor_token_expiration_seconds,
+            metrics_per_port: self.sensor_metrics_per_port,
         })
     }
 }
@@ -773,6 +783,20 @@ mod tests {
         ]);
         let settings = cli.webhook.settings().unwrap();
         assert!(settings.resources.limits.unwrap().contains_key("memory"));
+    }
+
+    #[test]
+    fn sidecars_count_hits_per_decoy_port_only_when_the_operator_is_told_to() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            webhook: WebhookArgs,
+        }
+        let default = Cli::parse_from(["operator"]).webhook.settings().unwrap();
+        assert!(!default.metrics_per_port);
+        let on = Cli::parse_from(["operator", "--sensor-metrics-per-port=true"]);
+        assert!(on.webhook.settings().unwrap().metrics_per_port);
     }
 
     #[test]

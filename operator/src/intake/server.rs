@@ -10,7 +10,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -44,7 +44,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Error, Result,
-    enforce::bans::{self, Guards},
+    enforce::bans,
     hooks::{self, Hooks},
     http::{self, Bodies, BodyError, Limits as HttpLimits},
     intake::checks::{
@@ -216,7 +216,7 @@ pub fn ban_object(write: &BanWrite, namespace: &str) -> PortSentryBan {
 pub struct Intake {
     client: Client,
     metrics: Arc<Metrics>,
-    guards: Arc<RwLock<Guards>>,
+    guards: crate::enforce::guards::ProtectedSet,
     limiter: Mutex<RateLimiter>,
     /// Keyed by client address: charged only when a token must be reviewed.
     review_limiter: Mutex<RateLimiter>,
@@ -253,7 +253,7 @@ impl Intake {
     pub fn new(
         client: Client,
         metrics: Arc<Metrics>,
-        guards: Arc<RwLock<Guards>>,
+        guards: crate::enforce::guards::ProtectedSet,
         leader: watch::Receiver<bool>,
         settings: Settings,
         bans: &Shared<PortSentryBan>,
@@ -631,11 +631,7 @@ impl Intake {
                 .cloned()
                 .or_else(|| stored.get(name).map(|s| (*s).clone()))
         };
-        let guards = self
-            .guards
-            .read()
-            .map(|g| g.clone())
-            .unwrap_or_else(|p| p.into_inner().clone());
+        let guards = self.guards.snapshot();
         let (outcomes, mut writes) =
             intake::judge_report(admitted, &policy_name, rules, &guards, lookup, active, now)?;
         for write in &mut writes {

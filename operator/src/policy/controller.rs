@@ -13,7 +13,7 @@
 
 use std::{
     collections::BTreeSet,
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -43,7 +43,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     Error, Result,
-    enforce::{bans::Guards, netpol},
+    enforce::{guards::ProtectedSet, netpol},
     inject, labels,
     metrics::Metrics,
     policy::{
@@ -66,8 +66,8 @@ pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
-    /// Addresses never banned besides each policy's ignore list; refreshed in the background.
-    pub guards: Arc<RwLock<Guards>>,
+    /// Addresses never banned besides each policy's ignore list; kept current by watches.
+    pub guards: ProtectedSet,
     /// The controller's cache of policies (precedence, forgetting deleted ones' metrics).
     pub policies: Store<PortSentryPolicy>,
     /// Every PortSentryBan, kept by a watch: no list call per reconcile.
@@ -90,6 +90,8 @@ pub struct Context {
     pub intake_ca: crate::tls::CaBundle,
     /// The pod nftables agent runs on the nodes: the `PodNftables` backend enforces.
     pub pod_nftables_agent: bool,
+    /// Sidecars count hits per decoy port (`METRICS_PER_PORT="1"` in their ConfigMaps).
+    pub metrics_per_port: bool,
     /// Which other policy layers the cluster serves (rediscovered every 30 s).
     pub policy_layers: Arc<tokio::sync::Mutex<crate::policy::layers::Served>>,
 }
@@ -146,6 +148,8 @@ pub struct Settings {
     pub intake_ca: crate::tls::CaBundle,
     /// The pod nftables agent runs on the nodes: the `PodNftables` backend enforces.
     pub pod_nftables_agent: bool,
+    /// Sidecars count hits per decoy port (`METRICS_PER_PORT="1"` in their ConfigMaps).
+    pub metrics_per_port: bool,
 }
 
 /// Runs the controller until the process ends (signals are main's: it stops every task,
@@ -153,7 +157,7 @@ pub struct Settings {
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
-    guards: Arc<RwLock<Guards>>,
+    guards: ProtectedSet,
     reporter: Reporter,
     settings: Settings,
     shared: Watches,
@@ -162,6 +166,7 @@ pub async fn run(
         hooks,
         intake_ca,
         pod_nftables_agent,
+        metrics_per_port,
     } = settings;
     // Lists read from etcd (the default semantic), not the API server's watch cache: after
     // an API server restart a cached list can name a resourceVersion the watch then refuses
@@ -216,6 +221,7 @@ pub async fn run(
         hooks,
         intake_ca,
         pod_nftables_agent,
+        metrics_per_port,
         policy_layers,
     });
     // The generated NetworkPolicies need no `owns` watch of their own: the NetworkPolicy
@@ -478,12 +484,16 @@ async fn reconcile_policy(
         .filter(|np| np.namespace().as_deref() == Some(namespace.as_str()))
         .map(|np| NetworkPolicy::clone(np))
         .collect();
+    let bans_now = context.bans.state();
+    let name = policy.name_any();
     let guards = context
         .guards
-        .read()
-        .map(|g| g.clone())
-        .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
-    let bans_now = context.bans.state();
+        .for_bans(bans_now.iter().map(AsRef::as_ref).filter(|b| {
+            b.namespace().as_deref() == Some(namespace.as_str())
+                && b.spec.policy.kind == PolicyKind::PortSentryPolicy
+                && b.spec.policy.name == name
+        }))
+        .await?;
     let pods_now = context.pod_watch.store().state();
     let policies_now = context.policies.state();
 
@@ -568,8 +578,15 @@ async fn reconcile_policy(
     // CA bundle (`ca.crt`), which the sidecar's `--report-ca-file` reads.
     let config_map_api = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
     let intake_ca = context.intake_ca.borrow().clone();
-    let wanted_config_maps =
-        inject::sensor_config_maps(&namespace, policy, &pods.items, intake_ca.as_deref());
+    let wanted_config_maps = inject::sensor_config_maps(
+        &namespace,
+        policy,
+        &pods.items,
+        inject::SidecarExtras {
+            report_ca_pem: intake_ca.as_deref(),
+            metrics_per_port: context.metrics_per_port,
+        },
+    );
     for config_map in &wanted_config_maps {
         let config_map_name = config_map.name_any();
         config_map_api
