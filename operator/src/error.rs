@@ -93,6 +93,17 @@ pub enum Error {
     /// This replica stopped leading; it exits so that it restarts as a follower.
     #[error("leadership lost: {0} (the replica exits; another takes over)")]
     LeadershipLost(&'static str),
+    /// Objects the cleanup waited for were still there when its patience ran out.
+    #[error(
+        "{what} still present after {}s: {} (see why with kubectl describe; \
+         `helm uninstall --no-hooks` skips this cleanup)",
+        waited.as_secs(), left.join(", ")
+    )]
+    NotGone {
+        what: &'static str,
+        left: Vec<String>,
+        waited: std::time::Duration,
+    },
 }
 
 /// What the API server said (its message and reason), or the client's error.
@@ -131,13 +142,14 @@ impl Error {
             Error::Signal { .. } => "SignalUnavailable",
             Error::TaskEnded { .. } => "TaskEnded",
             Error::LeadershipLost(_) => "LeadershipLost",
+            Error::NotGone { .. } => "NotGone",
         }
     }
 
     /// A fixed label for metrics: [`Error::reason`] in snake case.
     /// Every value [`Error::metric_label`] gives: the series are created at zero, so an error
     /// rate reads 0, not "no data", while nothing fails.
-    pub const METRIC_LABELS: [&'static str; 17] = [
+    pub const METRIC_LABELS: [&'static str; 18] = [
         "kube",
         "write_rejected",
         "write_failed",
@@ -155,6 +167,7 @@ impl Error {
         "signal",
         "task_ended",
         "leadership_lost",
+        "not_gone",
     ];
 
     pub fn metric_label(&self) -> &'static str {
@@ -179,6 +192,7 @@ impl Error {
             Error::Signal { .. } => "signal",
             Error::TaskEnded { .. } => "task_ended",
             Error::LeadershipLost(_) => "leadership_lost",
+            Error::NotGone { .. } => "not_gone",
         }
     }
 
@@ -252,6 +266,11 @@ mod tests {
             },
             Error::WatchStopped("ban"),
             Error::LeadershipLost("lease taken by my-secret-name"),
+            Error::NotGone {
+                what: "the operator's pods",
+                left: vec!["my-secret-name".into()],
+                waited: std::time::Duration::from_secs(60),
+            },
         ]
     }
 

@@ -40,7 +40,9 @@ pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 /// [`COMPONENT_LABEL`] of sensor ConfigMaps rendered by the operator.
 pub const SENSOR_CONFIG_COMPONENT: &str = sensor_config!();
 /// Label marking the node-sensor DaemonSet's pods (in the operator's namespace).
-pub const NODE_SENSOR_LABEL: (&str, &str) = (COMPONENT_LABEL, "node-sensor");
+pub const NODE_SENSOR_LABEL: (&str, &str) = (COMPONENT_LABEL, NODE_SENSOR_COMPONENT);
+/// [`COMPONENT_LABEL`] of the node sensors' objects.
+pub const NODE_SENSOR_COMPONENT: &str = "node-sensor";
 
 /// Label naming the namespaced policy a generated NetworkPolicy belongs to (bounded value).
 pub const POLICY_LABEL: &str = "portsentry.io/policy";
@@ -77,6 +79,18 @@ pub const SENSOR_CONFIG_SELECTOR: &str = concat!(
     sensor_config!()
 );
 
+/// Label selector of everything the operator generates (what `cleanup` removes).
+pub const GENERATED_SELECTOR: &str = concat!(managed_by!(), "=", manager!());
+/// Label selector of the node sensors' DaemonSets, ConfigMaps and pods.
+pub const NODE_SENSOR_SELECTOR: &str = concat!(
+    managed_by!(),
+    "=",
+    manager!(),
+    ",",
+    component!(),
+    "=node-sensor"
+);
+
 /// Audience of the sensors' projected service account tokens, which the intake's
 /// TokenReviews ask the API server to check.
 pub const TOKEN_AUDIENCE: &str = "portsentry.io";
@@ -91,6 +105,11 @@ mod tests {
         assert_eq!(
             SENSOR_CONFIG_SELECTOR,
             format!("{MANAGED_BY_LABEL}={MANAGER},{COMPONENT_LABEL}={SENSOR_CONFIG_COMPONENT}")
+        );
+        assert_eq!(GENERATED_SELECTOR, format!("{MANAGED_BY_LABEL}={MANAGER}"));
+        assert_eq!(
+            NODE_SENSOR_SELECTOR,
+            format!("{MANAGED_BY_LABEL}={MANAGER},{COMPONENT_LABEL}={NODE_SENSOR_COMPONENT}")
         );
     }
 }

@@ -7,12 +7,14 @@
 //!  cluster/  ClusterPortSentryPolicy controller: plan (pure), node-sensor DaemonSets
 //!  enforce/  bans and how they are enforced: ban arithmetic, NetworkPolicies, quarantine
 //!  inject/   sidecar injection: the pure decision and patch, the admission webhook
+//!  cleanup   what the chart's pre-delete hook runs: stop the operator, remove what it generated
 //!  shared:   labels (every label/annotation/audience string), tls (CA, certificates),
 //!            watch (backoff, pod triggers), shared (one watch per kind, trimmed pods),
 //!            names, metrics, hooks, lease, server, error
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod cleanup;
 pub mod cluster;
 pub mod enforce;
 pub mod error;

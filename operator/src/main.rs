@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, runtime::events::Reporter};
 use portsentry_crds::PortSentryBan;
 use portsentry_operator::{
-    Error, Result, cluster,
+    Error, Result, cleanup, cluster,
     enforce::{self, quarantine},
     hooks::{HookSettings, Hooks},
     http,
@@ -127,6 +127,30 @@ struct Args {
     /// Node sensors of ClusterPortSentryPolicies (run by the leader's cluster controller).
     #[command(flatten)]
     nodes: cluster::nodes::NodeSensorArgs,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// What to run instead of the operator.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Stop the operator and remove what it generated: node-sensor DaemonSets, generated
+    /// NetworkPolicies, quarantine labels (the chart's pre-delete hook runs this).
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CleanupArgs {
+    /// The operator Deployment (in the operator's namespace), scaled to zero first.
+    #[arg(long)]
+    deployment: String,
+    /// Also delete the node-sensor DaemonSets (chart value `nodeSensors.enabled`).
+    #[arg(long)]
+    node_sensors: bool,
+    /// Seconds to wait for the operator's and the node sensors' pods to stop.
+    #[arg(long, default_value = "120")]
+    patience_secs: u64,
 }
 
 #[tokio::main]
@@ -141,13 +165,36 @@ async fn main() -> std::process::ExitCode {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    match run(args).await {
+    let outcome = match &args.command {
+        Some(Command::Cleanup(cleanup)) => run_cleanup(&args.namespace, cleanup).await,
+        None => run(args).await,
+    };
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            error!(%error, "operator stopped");
+            error!(%error, "stopped on an error");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Runs the cleanup and says what it removed.
+async fn run_cleanup(namespace: &str, args: &CleanupArgs) -> Result<()> {
+    let client = Client::try_default().await?;
+    let settings = cleanup::Settings {
+        namespace: namespace.to_owned(),
+        deployment: args.deployment.clone(),
+        node_sensors: args.node_sensors,
+        patience: Duration::from_secs(args.patience_secs),
+    };
+    let removed = cleanup::run(client, &settings).await?;
+    info!(
+        daemon_sets = ?removed.daemon_sets,
+        network_policies = ?removed.network_policies,
+        quarantine_labels = ?removed.quarantine_labels,
+        "cleanup done: the operator is stopped and nothing it generated is left"
+    );
+    Ok(())
 }
 
 /// Starts every task, then waits for the first to end (an error: exit non-zero) or for

@@ -227,6 +227,7 @@ fn main() -> ExitCode {
         }),
         _ => None,
     };
+    let cluster_table = ban_watch.as_ref().map(|settings| settings.table.clone());
     let options = Options {
         config,
         modes,
@@ -244,12 +245,33 @@ fn main() -> ExitCode {
         },
         ban_watch,
     };
-    match runtime.block_on(run(options)) {
+    let outcome = runtime.block_on(run(options));
+    // Nothing may write the table after it is removed: stop every task first.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    if let Some(table) = cluster_table {
+        remove_cluster_table(&table);
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("portsentry-sensor: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A node sensor that stops (uninstall, its policy deleted, a rolling update) removes the
+/// cluster bans' table: nothing else would. Its successor rebuilds it from the
+/// PortSentryBans within a second of starting.
+fn remove_cluster_table(table: &str) {
+    match portsentry_sensor::nft::remove_table(table) {
+        Ok(()) => tracing::info!(
+            table,
+            "removed nftables table inet {table}: this node no longer drops cluster bans"
+        ),
+        Err(error) => eprintln!(
+            "portsentry-sensor: cannot remove nftables table inet {table}: {error} (remove it with: nft delete table inet {table})"
+        ),
     }
 }
 

@@ -13,6 +13,7 @@ mod node_chart;
 mod node_config;
 mod node_net;
 mod operator;
+pub mod pod_netns;
 mod process;
 pub mod prometheus;
 mod wait;
@@ -26,7 +27,8 @@ pub use http_server::{HttpServer, Recorded, Reply};
 pub use manifests::{api_for, apply_documents, chart_crd_files, install_crds, parse_documents};
 pub use node::{NODE_BUILD_HINT, NODE_NAME, Node, NodeOptions, node_bin_dir, shared_node};
 pub use node_chart::{
-    IMAGES_HINT, OPERATOR, RELEASE, RELEASE_NAMESPACE, image_archives, images_dir, install_chart,
+    IMAGES_HINT, OPERATOR, RELEASE, RELEASE_NAMESPACE, image_archives, images_dir,
+    injected_ready_pod, install_chart,
 };
 pub use node_config::{CLUSTER_DOMAIN, NODE_ADDRESS, OUTSIDE_ADDRESS, POD_CIDR, SERVICE_CIDR};
 pub use operator::{

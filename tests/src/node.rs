@@ -522,6 +522,20 @@ impl Node {
         exchange(&self.net.outside, Some(source), to, request, timeout)
     }
 
+    /// `GET /` over HTTP/1.0 to `address`:`port` from outside address `source`, 800 ms
+    /// timeout: the response, or the connection's error (a dropped client's).
+    pub fn http_get_as(&self, source: &str, address: &str, port: u16) -> std::io::Result<String> {
+        let to = SocketAddr::new(address.parse().map_err(std::io::Error::other)?, port);
+        self.from_outside_as(
+            source,
+            to,
+            b"GET / HTTP/1.0\r\nHost: web\r\n\r\n",
+            Duration::from_millis(800),
+        )
+        .map_err(std::io::Error::other)?
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     /// Gives the outside namespace one more address on its link to the node (a client or
     /// attacker of its own, in the /24 of [`crate::OUTSIDE_ADDRESS`]); adding one twice is fine.
     pub fn add_outside_address(&self, address: &str) -> Result<()> {

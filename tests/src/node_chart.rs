@@ -5,10 +5,18 @@ use std::{env, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use futures::FutureExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use kube::Api;
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, ListParams},
+};
+use portsentry_operator::labels::SENSOR_LABEL;
 
-use crate::{Node, binaries::repo_root, wait::wait_for};
+use crate::{
+    Node,
+    binaries::repo_root,
+    wait::{wait_for, wait_value},
+};
 
 /// What to do when an image archive is missing; such errors end with it.
 pub const IMAGES_HINT: &str = "run `sudo tests/build-images` (host-built release binaries, \
@@ -91,4 +99,39 @@ pub async fn install_chart(node: &Node, extra: &[&str]) -> Result<()> {
     )
     .await
     .map_err(|err| err.context(node.log_tails(20)))
+}
+
+/// The first Ready pod matching `selector` that the webhook injected, within `timeout`. A pod
+/// admitted while the API server could not yet reach the webhook (its failurePolicy is
+/// Ignore: admitted without a sensor) is deleted, so that its controller makes one that the
+/// webhook injects.
+pub async fn injected_ready_pod(pods: &Api<Pod>, selector: &str, timeout: Duration) -> Result<Pod> {
+    wait_value(timeout, "an injected pod Ready", || {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default().labels(selector))
+                .await
+                .ok()?;
+            for pod in &list.items {
+                if !is_injected(pod) && pod.metadata.deletion_timestamp.is_none() {
+                    let _ = pods.delete(&pod.name_any(), &DeleteParams::default()).await;
+                }
+            }
+            list.items.into_iter().find(|pod| {
+                is_injected(pod)
+                    && pod.metadata.deletion_timestamp.is_none()
+                    && pod
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+        }
+    })
+    .await
+}
+
+fn is_injected(pod: &Pod) -> bool {
+    pod.labels().get(SENSOR_LABEL).map(String::as_str) == Some("injected")
 }

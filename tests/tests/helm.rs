@@ -1685,3 +1685,74 @@ async fn the_operators_token_cannot_take_over_a_config_map_by_adding_its_label()
         .await;
     assert!(refusal(result).contains("managed-by=portsentry-operator"));
 }
+
+fn render_cleanup(plane: &ControlPlane, sets: &[&str]) -> String {
+    let mut helm = plane.helm().unwrap();
+    helm.args(["template", "ps"])
+        .arg(chart())
+        .args(["-n", RELEASE_NAMESPACE, "--show-only"])
+        .arg("templates/cleanup.yaml");
+    for set in sets {
+        helm.args(["--set", set]);
+    }
+    let output = helm.output().unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn the_cleanup_job_is_a_pre_delete_hook_run_as_the_operator_outside_its_selector() {
+    let plane = plane().await;
+    let rendered = render_cleanup(plane, &[]);
+    let job = portsentry_tests::parse_documents(&rendered)
+        .unwrap()
+        .into_iter()
+        .find(|o| o.types.as_ref().is_some_and(|t| t.kind == "Job"))
+        .unwrap_or_else(|| panic!("no Job in:\n{rendered}"));
+    let annotations = job.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(annotations["helm.sh/hook"], "pre-delete");
+    let pod = &job.data["spec"]["template"];
+    assert_eq!(pod["spec"]["serviceAccountName"], OPERATOR_ACCOUNT);
+    assert_eq!(
+        pod["metadata"]["annotations"][labels::INJECT_ANNOTATION],
+        "false"
+    );
+    let args: Vec<&str> = pod["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(args.contains(&"cleanup"), "{args:?}");
+    assert!(
+        args.contains(&"--deployment=ps-portsentry-operator"),
+        "{args:?}"
+    );
+    assert!(args.contains(&"--node-sensors"), "{args:?}");
+    // The cleanup waits for the operator's pods: its own must not match their selector.
+    let mut helm = plane.helm().unwrap();
+    helm.args(["template", "ps"]).arg(chart()).args([
+        "-n",
+        RELEASE_NAMESPACE,
+        "--show-only",
+        "templates/deployment.yaml",
+    ]);
+    let deployment =
+        portsentry_tests::parse_documents(&String::from_utf8(run(helm).stdout).unwrap())
+            .unwrap()
+            .remove(0);
+    let selector = deployment.data["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+        .clone();
+    let job_labels = pod["metadata"]["labels"].as_object().unwrap();
+    assert!(
+        !selector.iter().all(|(k, v)| job_labels.get(k) == Some(v)),
+        "{job_labels:?} matches the operator's selector {selector:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_cleanup_job_can_be_turned_off() {
+    let rendered = render_cleanup(plane().await, &["cleanup.enabled=false"]);
+    assert!(!rendered.contains("kind: Job"), "{rendered}");
+}

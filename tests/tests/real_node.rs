@@ -25,7 +25,9 @@ use kube::{
 use portsentry_crds::{ClusterPortSentryPolicy, PortSentryBan, PortSentryPolicy};
 use portsentry_tests::{
     NODE_ADDRESS, NODE_NAME, Node, NodeOptions, OPERATOR, OUTSIDE_ADDRESS, POD_CIDR,
-    RELEASE_NAMESPACE, install_chart, prometheus, shared_node, wait_for, wait_value,
+    RELEASE_NAMESPACE, install_chart,
+    pod_netns::{POD_TABLE, nft_in_pod, pod_process, pod_table},
+    prometheus, shared_node, wait_for, wait_value,
 };
 use std::time::Instant;
 use tokio::sync::OnceCell;
@@ -399,14 +401,7 @@ async fn shop_pod() -> &'static Pod {
             .await
             .context("creating the web Deployment")?;
         let pods: Api<Pod> = Api::namespaced(client, SHOP);
-        let ready = wait_value(Duration::from_secs(120), "the shop's web pod Ready", || {
-            let pods = pods.clone();
-            async move {
-                let list = pods.list(&ListParams::default().labels("app=web")).await.ok()?;
-                list.items.into_iter().find(pod_ready)
-            }
-        })
-        .await;
+        let ready = portsentry_tests::injected_ready_pod(&pods, "app=web", Duration::from_secs(120)).await;
         ready.map_err(|err| err.context(node.log_tails(20)))
     })
     .await
@@ -482,15 +477,7 @@ fn pod_address(pod: &Pod) -> String {
 
 /// An HTTP GET of the web pod from `source` (an address of the outside namespace).
 fn get_from(node: &Node, source: &str, address: &str) -> std::io::Result<String> {
-    let to: SocketAddr = format!("{address}:{WEB_PORT}").parse().unwrap();
-    node.from_outside_as(
-        source,
-        to,
-        b"GET / HTTP/1.0\r\nHost: web\r\n\r\n",
-        Duration::from_millis(800),
-    )
-    .unwrap()
-    .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+    node.http_get_as(source, address, WEB_PORT)
 }
 
 /// `nmap -sT` of `ports` on `target` from `attacker`, started (not waited for).
@@ -1005,7 +992,6 @@ async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> O
 const FORTRESS: &str = "fortress";
 const FORTRESS_DECOYS: &str = "31337,40421,40423";
 /// The table the pod agent keeps in each pod's network namespace.
-const POD_TABLE: &str = "portsentry";
 static FORTRESS_READY: OnceCell<()> = OnceCell::const_new();
 
 /// The fortress's two Ready pods, in name order (set up once).
@@ -1095,42 +1081,6 @@ async fn ready_fortress_pods(node: &Node, count: usize) -> Vec<Pod> {
     ready
         .map_err(|err| err.context(node.log_tails(30)))
         .unwrap()
-}
-
-/// A process of `pod` on this host, found as the pod agent finds it: its cgroup names the
-/// pod's UID (the test node's kubelet uses the cgroupfs driver: `pod<uid>`).
-fn pod_process(pod: &Pod) -> Option<u32> {
-    let uid = pod.metadata.uid.as_deref()?;
-    let wanted = format!("pod{uid}");
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-                .is_ok_and(|text| text.contains(&wanted))
-        })
-        .min()
-}
-
-/// `nft ARGS` inside `pod`'s network namespace (nsenter), as the node's root sees it.
-fn nft_in_pod(pod: &Pod, args: &[&str]) -> Option<std::process::Output> {
-    let pid = pod_process(pod)?;
-    std::process::Command::new("nsenter")
-        .arg(format!("--net=/proc/{pid}/ns/net"))
-        .arg("nft")
-        .args(args)
-        .output()
-        .ok()
-}
-
-/// The pod's `portsentry` table as `nft list` prints it, if it has one.
-fn pod_table(pod: &Pod) -> Option<String> {
-    let output = nft_in_pod(pod, &["list", "table", "inet", POD_TABLE])?;
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// An HTTP GET of `address`:[`WEB_PORT`] from inside `pod`'s network namespace (an
@@ -1498,7 +1448,14 @@ async fn prometheus_scrapes_the_chart_targets_fires_the_scan_alert_and_every_das
             .iter()
             .filter_map(|s| s["metric"]["job"].as_str())
             .collect();
-        jobs.contains(&OPERATOR) && jobs.iter().any(|j| j.ends_with("-sensors"))
+        // The scanned pod's own sidecar, not just any sidecar of the node.
+        let shop_sidecar = up.iter().any(|s| {
+            s["metric"]["namespace"] == SHOP
+                && s["metric"]["job"]
+                    .as_str()
+                    .is_some_and(|j| j.ends_with("-sensors"))
+        });
+        jobs.contains(&OPERATOR) && shop_sidecar
     })
     .await;
     assert!(
@@ -1525,8 +1482,11 @@ async fn prometheus_scrapes_the_chart_targets_fires_the_scan_alert_and_every_das
     .await;
     assert!(
         fired.is_some(),
-        "PortSentryScanDetected never fired: {:?}",
-        server.alerts()
+        "PortSentryScanDetected never fired: {:?}\nalarms: {:?}\nup: {:?}\n{}",
+        server.alerts(),
+        server.query("portsentry_sensor_alarms_total"),
+        server.query("up"),
+        server.log_tail()
     );
     eprintln!("scan dropped -> PortSentryScanDetected firing: {fired:?}");
 

@@ -10,10 +10,10 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
-use kube::{Api, ResourceExt, api::ListParams};
-use portsentry_operator::labels::SENSOR_LABEL;
+use kube::Api;
 use portsentry_tests::{
-    Node, NodeOptions, OUTSIDE_ADDRESS, apply_documents, install_chart, parse_documents, wait_value,
+    Node, NodeOptions, OUTSIDE_ADDRESS, apply_documents, injected_ready_pod, install_chart,
+    parse_documents,
 };
 use serde_json::json;
 
@@ -107,31 +107,7 @@ async fn up(state: PathBuf) -> Result<()> {
         .context("applying the example workload")?;
     eprintln!("waiting for the shop's web pod (sidecar injected by the webhook) to be Ready...");
     let pods: Api<Pod> = Api::namespaced(client, NAMESPACE);
-    let pod = wait_value(Duration::from_secs(180), "the shop's web pod Ready", || {
-        let pods = pods.clone();
-        async move {
-            let list = pods
-                .list(&ListParams::default().labels("app=web"))
-                .await
-                .ok()?;
-            for pod in &list.items {
-                // Admitted before the webhook answered (its failurePolicy is Ignore): no
-                // sensor. The Deployment makes a new pod, which the webhook injects.
-                if pod.labels().get(SENSOR_LABEL).map(String::as_str) != Some("injected") {
-                    let _ = pods.delete(&pod.name_any(), &Default::default()).await;
-                }
-            }
-            list.items.into_iter().find(|pod| {
-                pod.labels().get(SENSOR_LABEL).map(String::as_str) == Some("injected")
-                    && pod
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            })
-        }
-    })
-    .await?;
+    let pod = injected_ready_pod(&pods, "app=web", Duration::from_secs(180)).await?;
     let address = pod
         .status
         .as_ref()
