@@ -186,7 +186,10 @@ impl Release {
 impl Drop for Release {
     fn drop(&mut self) {
         if let Ok(mut helm) = self.plane.helm() {
-            let _ = helm.args(["uninstall", RELEASE, "-n", SYSTEM]).output();
+            // No kubelet here runs the pre-delete cleanup Job (the uninstall suite does).
+            let _ = helm
+                .args(["uninstall", RELEASE, "-n", SYSTEM, "--no-hooks"])
+                .output();
         }
     }
 }
